@@ -1,1 +1,16 @@
-"""The ComfyUI-facing layer: node schemas, per-run state, where solver maps live on disk."""
+"""The ComfyUI-facing layer: node schemas, per-run state, how a MODEL is patched."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from .apply_node import HyCaApply
+from .calibrate_node import HyCaCalibrate
+from .inspector_node import HyCaSolverInspector
+
+
+class HyCaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [HyCaCalibrate, HyCaApply, HyCaSolverInspector]
+
+
+def comfy_entrypoint() -> ComfyExtension:
+    return HyCaExtension()

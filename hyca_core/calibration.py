@@ -1,0 +1,70 @@
+"""One-time choosing, end to end: probe trajectories in, a solver map out.
+
+Per block stream (paper section 3.3): ten indicators per channel, k-means over channels, each
+cluster's error under every pool solver on the probe's own caching schedule, the argmin (eq. 5),
+and a compact sample of the probe so that later runs can re-select and fit for their schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .clustering import DEFAULT_CLUSTERS, cluster_channels
+from .indicators import descriptor_matrix
+from .schedule import Schedule
+from .selection import compact_sample, plan_schedule, select, solver_errors
+from .solver_map import BlockMap, SolverMap
+from .solvers import POOL, TIME_VARIABLES
+from .trajectories import Trajectory
+
+
+def calibrate(
+    trajectories: dict[str, Trajectory],
+    schedule: Schedule,
+    clusters: int = DEFAULT_CLUSTERS,
+    seed: int = 0,
+    architecture: str = "",
+    fingerprint: str = "",
+    info: dict | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> SolverMap:
+    """The solver map of a probe run; ``progress(done, total)`` is called after each block."""
+    if not trajectories:
+        raise ValueError("no trajectories were recorded: did the probe run any patched block?")
+    sigmas = next(iter(trajectories.values())).sigmas
+    warmup = max(schedule.warmup, 1)
+    pool = tuple(s for s in POOL if s.history <= warmup)
+    mask = schedule.mask(len(sigmas))
+    if mask.all():
+        raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
+    plan = plan_schedule(mask, sigmas, pool=pool)
+    blocks = {}
+    for done, (key, trajectory) in enumerate(trajectories.items(), start=1):
+        if not np.array_equal(trajectory.sigmas, sigmas):
+            raise ValueError(f"block {key} was recorded on other steps than the rest")
+        blocks[key] = _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
+        if progress:
+            progress(done, len(trajectories))
+    return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
+
+
+def _block_map(values, sigmas, plan, pool, clusters, seed) -> BlockMap:
+    descriptors = descriptor_matrix(values)
+    labels = cluster_channels(descriptors, clusters, seed)
+    count = int(labels.max()) + 1
+    table = solver_errors(values, labels, plan, clusters=count)
+    choice = select(table).default
+    # every pool member's mean error, the ones not usable under this warm-up as inf
+    errors = np.full((len(POOL), len(TIME_VARIABLES), count), np.inf, dtype=np.float32)
+    errors[[POOL.index(s) for s in pool]] = table.errors.mean(axis=-1)
+    indicators = np.stack([descriptors[labels == c].mean(axis=0) for c in range(count)])
+    return BlockMap(
+        labels=labels.astype(np.int32),
+        series=compact_sample(values, sigmas, labels, clusters=count).series,
+        solver=choice.solver.astype(np.int32),
+        variable=choice.variable.astype(np.int32),
+        errors=errors,
+        indicators=indicators.astype(np.float32),
+    )

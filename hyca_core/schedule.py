@@ -1,0 +1,129 @@
+"""Which sampler steps run the full model ("all-time solving") and which are predicted.
+
+Three ways to decide, all pure:
+- `Schedule`: the fixed pattern of the paper (warm-up, then one full step every N).
+- `calibrated_mask`: the same budget of full steps, placed where a probe says prediction is hardest
+  (early steps change fastest, so gaps should grow along the trajectory).
+- `AdaptiveGate`: decided at run time from the measured error of the map's own prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Full compute during warm-up, then every `interval`-th step, then the last `final` steps.
+
+    After the last warm-up step, `interval - 1` steps are predicted between full ones, so
+    `interval=1` computes everything. The effective warm-up is at least `min_warmup` (the history
+    the map's solvers need) and at least 1: step 0 has nothing to predict from.
+    """
+
+    interval: int = 6
+    warmup: int = 3
+    final: int = 0
+
+    def __post_init__(self):
+        if self.interval < 1 or self.warmup < 0 or self.final < 0:
+            raise ValueError(f"invalid schedule {self}")
+
+    def mask(self, num_steps: int, min_warmup: int = 0) -> np.ndarray:
+        """bool (num_steps,), True = full compute."""
+        warmup = max(self.warmup, min_warmup, 1)
+        mask = np.zeros(num_steps, dtype=bool)
+        mask[:warmup] = True
+        mask[warmup - 1 :: self.interval] = True
+        mask[max(num_steps - self.final, 0) :] = True
+        return mask
+
+
+def calibrated_mask(gap_cost: np.ndarray, budget: int, min_warmup: int) -> np.ndarray:
+    """The mask with at most `budget` full steps whose total gap cost is smallest.
+
+    gap_cost: (num_steps, max_gap + 1); gap_cost[a, g] is the error of predicting the g steps
+    a+1..a+g when a is the last computed step (column 0, no gap, normally 0). Entries may be inf
+    to forbid a gap; gaps longer than max_gap are never chosen. See
+    `selection.gap_costs` for a table measured on a probe; tables of several blocks may be summed,
+    since all blocks share one mask.
+
+    The first `min_warmup` steps (at least 1) are always computed and count towards the budget.
+    Dynamic programming over the next computed step: best[j, b] is the least cost of a mask whose
+    j-th computed step after warm-up is b; O(budget * steps * max_gap).
+    """
+    num_steps, width = gap_cost.shape
+    max_gap = width - 1
+    warmup = min(max(min_warmup, 1), num_steps)
+    if budget < warmup:
+        raise ValueError(f"budget {budget} is smaller than the warm-up {warmup}")
+    extra = min(budget, num_steps) - warmup
+    last = warmup - 1
+
+    best = np.full((extra + 1, num_steps), np.inf)
+    came_from = np.zeros((extra + 1, num_steps), dtype=int)
+    best[0, last] = 0.0
+    for j in range(extra):
+        for gap in range(max_gap + 1):
+            # every earlier computed step a reaches b = a + gap + 1
+            cand = best[j, : num_steps - gap - 1] + gap_cost[: num_steps - gap - 1, gap]
+            target = best[j + 1, gap + 1 :]
+            better = cand < target
+            target[better] = cand[better]
+            came_from[j + 1, gap + 1 :][better] = np.arange(num_steps - gap - 1)[better]
+
+    # close the mask: the steps after the last computed one are predicted too
+    tail = num_steps - 1 - np.arange(num_steps)
+    tail_cost = np.full(num_steps, np.inf)
+    reachable = tail <= max_gap
+    tail_cost[reachable] = gap_cost[np.arange(num_steps)[reachable], tail[reachable]]
+    total = best + tail_cost
+    j, b = np.unravel_index(np.argmin(total), total.shape)
+    if not np.isfinite(total[j, b]):
+        raise ValueError("no mask within the budget satisfies the gap limits")
+
+    mask = np.zeros(num_steps, dtype=bool)
+    mask[:warmup] = True
+    while j > 0:
+        mask[b] = True
+        b, j = came_from[j, b], j - 1
+    return mask
+
+
+def speedup(mask: np.ndarray) -> float:
+    """Steps per full computation: the model-time speedup, ignoring the cost of prediction."""
+    return len(mask) / max(int(np.count_nonzero(mask)), 1)
+
+
+class AdaptiveGate:
+    """Compute or predict, decided by the map's measured error on a cheap probe quantity.
+
+    The node layer computes the first block fully at every step and measures the relative error
+    of what the map predicted for it. As in TeaCache/EasyCache the errors of the predicted steps
+    since the last full step add up (each feeds a drifting latent); a step is predicted only while
+    that sum stays within `tolerance`, and never more than `max_skip` steps in a row.
+    """
+
+    def __init__(self, tolerance: float, max_skip: int):
+        if tolerance < 0 or max_skip < 0:
+            raise ValueError("tolerance and max_skip must be non-negative")
+        self.tolerance = tolerance
+        self.max_skip = max_skip
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the run: the next step computes."""
+        self.accumulated = 0.0
+        self.skipped = 0
+
+    def decide(self, error: float | None, forced: bool = False) -> bool:
+        """True = compute this step fully. `error` None: no prediction possible (too little
+        history); `forced`: the schedule demands a full step (warm-up, final steps)."""
+        total = self.accumulated + (error if error is not None else np.inf)
+        if forced or self.skipped >= self.max_skip or not total <= self.tolerance:
+            self.accumulated, self.skipped = 0.0, 0
+            return True
+        self.accumulated, self.skipped = total, self.skipped + 1
+        return False

@@ -1,0 +1,392 @@
+"""One-time choosing: which solver predicts each cluster of channels, measured on a probe.
+
+Every error here comes from second moments. Predicting step s from history steps h with weights w
+errs by ||sum_j w_j V[h_j] - V[s]||^2 = u^T G[i, i] u, with u = (w, -1), i = (h, s) and G the
+(steps x steps) Gram matrix of a cluster's residuals over its rows and channels. One Gram per
+cluster turns every (solver, time variable, skipped step) error and every least-squares fit into
+products of matrices no larger than the history.
+
+Beyond the paper:
+- the choice can depend on the step's position in the caching schedule (`Position`);
+- `fit` corrects the chosen solver's weights by ridge regression on the probe, still over the same
+  history slots, so inference costs the same;
+- `refit` re-selects for another schedule (20 or 30 steps from a 50-step probe) from a small
+  `CompactSample` of the probe, interpolated in sigma.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+from scipy.interpolate import CubicSpline
+
+from .solvers import MAX_HISTORY, POOL, TIME_VARIABLES, Solver, solver, time_axis
+
+# Ridge strength of `fit`, relative to the mean eigenvalue of the normal matrix. Chosen on held-out
+# synthetic trajectories (another seed): see tests/core/test_selection.py.
+FIT_LAMBDA = 1e-2
+
+
+class Position(NamedTuple):
+    """Where a predicted step sits in the caching schedule."""
+
+    offset: int  # steps since the last full step (1 = the step right after it)
+    gaps: tuple[int, ...]  # distances between the last MAX_HISTORY computed steps: the history's
+    # geometry, denser while it still holds warm-up steps
+
+
+@dataclass(frozen=True)
+class SkipStep:
+    step: int
+    history: tuple[int, ...]  # the computed steps it is predicted from, oldest first
+    times: np.ndarray  # their times on the plan's time axis
+    target: float  # the step's own time
+    position: Position
+
+
+def _skip_step(step: int, computed: np.ndarray, history: int, axis: np.ndarray) -> SkipStep:
+    """`computed`: the steps computed before `step`, ascending."""
+    if len(computed) < history:
+        raise ValueError(
+            f"step {step} follows {len(computed)} computed steps but its solvers need {history}: "
+            "lengthen the warm-up"
+        )
+    used = computed[len(computed) - history :]
+    gaps = tuple(int(g) for g in np.diff(computed[-MAX_HISTORY:]))
+    return SkipStep(int(step), tuple(int(h) for h in used), axis[used], float(axis[step]),
+                    Position(int(step - computed[-1]), gaps))
+
+
+def skip_plan(mask: np.ndarray, sigmas: np.ndarray, variable: str, history: int) -> list[SkipStep]:
+    """Each predicted step (mask False) with its last `history` computed steps, timed on `variable`.
+
+    A solver predicts step p with weights `solver.weights(p.times[-solver.history:], p.target)`.
+    """
+    axis = time_axis(variable, np.arange(len(mask)), sigmas)
+    computed = np.flatnonzero(mask)
+    return [
+        _skip_step(step, computed[computed < step], history, axis) for step in np.flatnonzero(~mask)
+    ]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The predicted steps of one schedule and every pool solver's weights for them.
+
+    Weights depend on the schedule and sigmas only, so one plan serves all blocks of a model.
+    """
+
+    sigmas: np.ndarray
+    steps: np.ndarray  # (K,) predicted steps
+    history: np.ndarray  # (K, m) computed steps each is predicted from, oldest first
+    positions: tuple[Position, ...]  # (K,)
+    pool: tuple[Solver, ...]
+    variables: tuple[str, ...]
+    weights: np.ndarray  # (P, V, K, m), right-aligned: shorter histories weigh the oldest slots 0
+
+
+def _plan(sigmas: np.ndarray, pool: tuple[Solver, ...], skips: dict[str, list[SkipStep]]) -> Plan:
+    """`skips`: the same predicted steps timed on each variable."""
+    first = next(iter(skips.values()))
+    m = max(s.history for s in pool)
+    weights = np.zeros((len(pool), len(skips), len(first), m))
+    for v, plan in enumerate(skips.values()):
+        for k, skip in enumerate(plan):
+            for p, s in enumerate(pool):
+                weights[p, v, k, m - s.history :] = s.weights(skip.times[-s.history :], skip.target)
+    return Plan(
+        sigmas=np.asarray(sigmas, dtype=np.float64),
+        steps=np.array([s.step for s in first], dtype=int),
+        history=np.array([s.history for s in first], dtype=int).reshape(len(first), m),
+        positions=tuple(s.position for s in first),
+        pool=tuple(pool),
+        variables=tuple(skips),
+        weights=weights,
+    )
+
+
+def plan_schedule(mask: np.ndarray, sigmas: np.ndarray, pool=POOL, variables=TIME_VARIABLES) -> Plan:
+    """The plan of a caching schedule; the mask must give every predicted step the longest history
+    in `pool` (warm-up >= that history)."""
+    m = max(s.history for s in pool)
+    return _plan(sigmas, tuple(pool), {v: skip_plan(mask, sigmas, v, m) for v in variables})
+
+
+def cluster_gram(values: np.ndarray, labels: np.ndarray, clusters: int | None = None) -> np.ndarray:
+    """(C, S, S) float64: G[c, t, u] = sum over rows and channels of cluster c of V[t] * V[u].
+
+    clusters: C, by default one more than the largest label."""
+    values = np.asarray(values)
+    clusters = int(labels.max()) + 1 if clusters is None else clusters
+    steps = values.shape[0]
+    gram = np.zeros((clusters, steps, steps))
+    for c in range(clusters):
+        x = values[..., labels == c].reshape(steps, -1).astype(np.float64)
+        gram[c] = x @ x.T
+    return gram
+
+
+def _energy(gram: np.ndarray) -> np.ndarray:
+    """(C,) mean squared residual per step (summed over the cluster), the errors' yardstick."""
+    return np.maximum(np.trace(gram, axis1=1, axis2=2) / gram.shape[1], np.finfo(float).tiny)
+
+
+def _window_grams(gram: np.ndarray, plan: Plan) -> np.ndarray:
+    """(C, K, m+1, m+1): each cluster's Gram over (history slots, predicted step) of each step."""
+    idx = np.concatenate([plan.history, plan.steps[:, None]], axis=1)
+    return gram[:, idx[:, :, None], idx[:, None, :]]
+
+
+def _relative_errors(gram: np.ndarray, plan: Plan, weights: np.ndarray) -> np.ndarray:
+    """weights (..., C, K, m) -> (..., C, K) squared error relative to each cluster's energy."""
+    u = np.concatenate([weights, -np.ones(weights.shape[:-1] + (1,))], axis=-1)
+    err = np.einsum("...cki,ckij,...ckj->...ck", u, _window_grams(gram, plan), u)
+    return np.maximum(err, 0.0) / _energy(gram)[:, None]
+
+
+@dataclass(frozen=True)
+class ErrorTable:
+    plan: Plan
+    gram: np.ndarray  # (C, S, S) of the probe
+    errors: np.ndarray  # (P, V, C, K) relative squared error of each pool solver on each variable
+
+    @property
+    def energy(self) -> np.ndarray:
+        return _energy(self.gram)
+
+
+def solver_errors(values: np.ndarray, labels: np.ndarray, plan: Plan,
+                  clusters: int | None = None) -> ErrorTable:
+    """Every pool solver's error on every cluster and predicted step of `plan`.
+
+    values: (S, R, D) a block's residuals on the probe; labels: (D,) cluster of each channel. The
+    error of a cluster is the squared prediction error over its rows and channels divided by its
+    mean squared residual, so clusters of different scale compare.
+    """
+    gram = cluster_gram(values, labels, clusters)
+    P, V, K, m = plan.weights.shape
+    weights = np.broadcast_to(plan.weights[:, :, None], (P, V, len(gram), K, m))
+    return ErrorTable(plan, gram, _relative_errors(gram, plan, weights))
+
+
+@dataclass(frozen=True)
+class Choices:
+    """One solver per cluster."""
+
+    solver: np.ndarray  # (C,) pool solver id
+    variable: np.ndarray  # (C,) index into TIME_VARIABLES
+    correction: np.ndarray  # (C, MAX_HISTORY) fitted addition to the solver's weights, newest last
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A block's solver map: per cluster (the paper), optionally refined per schedule position."""
+
+    default: Choices
+    by_position: dict[Position, Choices] = field(default_factory=dict)
+
+    def choices(self, position: Position) -> Choices:
+        return self.by_position.get(position, self.default)
+
+    def solvers(self) -> tuple[Solver, ...]:
+        """The pool solvers the map uses."""
+        ids = {int(i) for ch in (self.default, *self.by_position.values()) for i in ch.solver}
+        return tuple(solver(i) for i in sorted(ids))
+
+
+def single(solver_id: int, variable: str, clusters: int) -> Assignment:
+    """One solver for every cluster: the non-hybrid baseline (TaylorSeer-like caches)."""
+    variable_index = TIME_VARIABLES.index(variable)
+    return Assignment(_choices(np.full(clusters, solver_id), np.full(clusters, variable_index)))
+
+
+def _choices(solver_ids: np.ndarray, variables: np.ndarray) -> Choices:
+    return Choices(np.asarray(solver_ids, dtype=int), np.asarray(variables, dtype=int),
+                   np.zeros((len(solver_ids), MAX_HISTORY)))
+
+
+def _argmin(table: ErrorTable, mean_error: np.ndarray) -> Choices:
+    """mean_error (P, V, C) -> the cheapest (solver, variable) of each cluster."""
+    P, V, C = mean_error.shape
+    p, v = np.divmod(mean_error.reshape(P * V, C).argmin(axis=0), V)
+    return _choices([table.plan.pool[i].id for i in p],
+                    [TIME_VARIABLES.index(table.plan.variables[i]) for i in v])
+
+
+def select(table: ErrorTable, per_position: bool = False) -> Assignment:
+    """The solver of least mean error per cluster, and per (cluster, position) if asked.
+
+    Paper eq. 5: s_c* = argmin_{s in S} (1/|c|) sum_{d in c} ||F^(s,d)_{t+1} - F^(d)_{t+1}||^2, the
+    sum running over the predicted steps; the pool here spans solvers x time variables.
+    """
+    default = _argmin(table, table.errors.mean(axis=-1))
+    if not per_position:
+        return Assignment(default)
+    positions = table.plan.positions
+    by_position = {
+        pos: _argmin(table, table.errors[..., [p == pos for p in positions]].mean(axis=-1))
+        for pos in dict.fromkeys(positions)
+    }
+    return Assignment(default, by_position)
+
+
+def _map_weights(assignment: Assignment, plan: Plan, corrected: bool = True) -> np.ndarray:
+    """(C, K, m) the weights the map gives each cluster at each predicted step of `plan`."""
+    pool_index = {s.id: i for i, s in enumerate(plan.pool)}
+    var_index = {TIME_VARIABLES.index(v): i for i, v in enumerate(plan.variables)}
+    K, m = plan.history.shape
+    weights = np.empty((len(assignment.default.solver), K, m))
+    for k, pos in enumerate(plan.positions):
+        ch = assignment.choices(pos)
+        p = [pool_index[int(i)] for i in ch.solver]
+        v = [var_index[int(i)] for i in ch.variable]
+        weights[:, k] = plan.weights[p, v, k]
+        if corrected:
+            weights[:, k] += ch.correction[:, MAX_HISTORY - m :]
+    return weights
+
+
+def map_errors(table: ErrorTable, assignment: Assignment) -> np.ndarray:
+    """(C, K) relative squared error of the map on the table's trajectory and schedule."""
+    return _relative_errors(table.gram, table.plan, _map_weights(assignment, table.plan))
+
+
+def total_error(table: ErrorTable, assignment: Assignment) -> float:
+    """The block's squared prediction error over all channels, relative to its mean squared
+    residual, averaged over predicted steps."""
+    energy = table.energy
+    return float(energy @ map_errors(table, assignment).mean(axis=-1) / energy.sum())
+
+
+def fit(table: ErrorTable, assignment: Assignment, lam: float = FIT_LAMBDA) -> Assignment:
+    """Per cluster and position, least-squares corrections to the chosen solver's weights.
+
+    Over the predicted steps k of a position, with H_k the history columns and y_k the true step:
+        min_delta  sum_k ||H_k (w0_k + delta) - y_k||^2 + lam * scale * ||delta||^2,
+    w0_k the pool solver's weights (they vary with the step's times), scale the mean eigenvalue of
+    sum_k H_k^T H_k so lam is dimensionless. delta spans the solver's own history slots only.
+    """
+    plan = table.plan
+    K, m = plan.history.shape
+    base = _map_weights(assignment, plan, corrected=False)
+    window = _window_grams(table.gram, plan)
+    history_of = {s.id: s.history for s in plan.pool}
+    by_position = {}
+    for pos in dict.fromkeys(plan.positions):
+        ks = [k for k in range(K) if plan.positions[k] == pos]
+        chosen = assignment.choices(pos)
+        correction = np.zeros_like(chosen.correction)
+        for c, solver_id in enumerate(chosen.solver):
+            h = history_of[int(solver_id)]
+            g = window[c, ks]
+            normal = g[:, m - h : m, m - h : m].sum(axis=0)
+            rhs = (g[:, m - h : m, m] - np.einsum("kij,kj->ki", g[:, m - h : m, :m], base[c, ks])).sum(axis=0)
+            scale = np.trace(normal) / h
+            if scale > 0:
+                correction[c, MAX_HISTORY - h :] = np.linalg.solve(normal + lam * scale * np.eye(h), rhs)
+        by_position[pos] = Choices(chosen.solver, chosen.variable, correction)
+    return Assignment(assignment.default, by_position)
+
+
+def coefficients(assignment: Assignment, labels: np.ndarray, mask: np.ndarray,
+                 sigmas: np.ndarray) -> dict[int, np.ndarray]:
+    """The map collapsed for one inference schedule: {predicted step: (m, D) float32}.
+
+    Row i weighs the i-th of the last m computed residuals (oldest first), so a predicted residual
+    is sum_i coeffs[i] * history[i], channel-wise; m is the longest history the map uses. Steps at
+    positions the map has no entry for take its per-cluster default.
+    """
+    plan = plan_schedule(mask, sigmas, pool=assignment.solvers())  # m = the longest history used
+    weights = _map_weights(assignment, plan)
+    return {int(step): np.ascontiguousarray(weights[labels, k].T, dtype=np.float32)
+            for k, step in enumerate(plan.steps)}
+
+
+def gap_costs(
+    values: np.ndarray,
+    labels: np.ndarray,
+    sigmas: np.ndarray,
+    min_warmup: int,
+    max_gap: int,
+    pool=POOL,
+    variables=TIME_VARIABLES,
+) -> np.ndarray:
+    """(S, max_gap + 1) cost table for `schedule.calibrated_mask`, measured on a probe.
+
+    cost[a, g]: relative squared error (summed over the g predicted steps a+1..a+g, each cluster
+    with its best pool solver for that window) when a is the last computed step. The history is
+    taken as a schedule with this gap would hold it: the warm-up plus every (g+1)-th step back
+    from a. Entries that cannot be predicted (inside the warm-up, past the end) are inf.
+    """
+    steps = len(sigmas)
+    m = max(s.history for s in pool)
+    warmup = max(min_warmup, m)
+    axes = {v: time_axis(v, np.arange(steps), sigmas) for v in variables}
+    skips = {v: [] for v in variables}
+    windows = []  # (a, g, first index into the plan)
+    for a in range(warmup - 1, steps - 1):
+        for g in range(1, min(max_gap, steps - 1 - a) + 1):
+            computed = np.union1d(np.arange(warmup), np.arange(a, -1, -(g + 1)))
+            windows.append((a, g, len(skips[variables[0]])))
+            for v in variables:
+                skips[v] += [_skip_step(a + j, computed, m, axes[v]) for j in range(1, g + 1)]
+    cost = np.full((steps, max_gap + 1), np.inf)
+    cost[:, 0] = 0.0
+    if not windows:
+        return cost
+    table = solver_errors(values, labels, _plan(sigmas, tuple(pool), skips))
+    P, V, C, _ = table.errors.shape
+    per_window = np.add.reduceat(table.errors, [w[2] for w in windows], axis=-1)
+    best = per_window.reshape(P * V, C, len(windows)).min(axis=0)
+    energy = table.energy
+    for (a, g, _), c in zip(windows, energy @ best / energy.sum()):
+        cost[a, g] = c
+    return cost
+
+
+@dataclass(frozen=True)
+class CompactSample:
+    """A block's probe reduced to what selection needs, small enough to ship in a map file.
+
+    Per cluster, the leading principal time series of its residuals (U sqrt(L) from the Gram's
+    eigendecomposition): their Gram is the cluster's Gram at rank n, the best such approximation,
+    where n randomly sampled (row, channel) series would only estimate it. Interpolation is linear,
+    so interpolating these series gives the Gram of the interpolated trajectory as well.
+    """
+
+    sigmas: np.ndarray  # (S,) float64, the probe's
+    series: np.ndarray  # (C, n, S) float32
+
+
+def compact_sample(values: np.ndarray, sigmas: np.ndarray, labels: np.ndarray, per_cluster: int = 24,
+                   clusters: int | None = None) -> CompactSample:
+    """values (S, R, D), labels (D,): keep `per_cluster` principal series per cluster.
+
+    24 series of a 50-step probe, 8 clusters, 57 blocks: 2.2 MB of float32."""
+    gram = cluster_gram(values, labels, clusters)
+    n = min(per_cluster, gram.shape[1])
+    eigenvalues, vectors = np.linalg.eigh(gram)  # ascending
+    top = slice(gram.shape[1] - n, None)
+    series = vectors[:, :, top] * np.sqrt(np.maximum(eigenvalues[:, None, top], 0.0))
+    return CompactSample(np.asarray(sigmas, dtype=np.float64),
+                         series.transpose(0, 2, 1).astype(np.float32))
+
+
+def refit(sample: CompactSample, plan: Plan, per_position: bool = True,
+          lam: float | None = FIT_LAMBDA) -> Assignment:
+    """Select (and fit, unless lam is None) for another schedule, from a probe's compact sample.
+
+    The sample's series are interpolated in sigma (cubic spline, sigmas clipped to the probe's
+    range) onto the plan's sigmas; selection then runs on them as on a probe of that schedule.
+    """
+    order = np.argsort(sample.sigmas)
+    x = sample.sigmas[order]
+    spline = CubicSpline(x, sample.series[..., order].astype(np.float64), axis=-1)
+    series = spline(np.clip(plan.sigmas, x[0], x[-1]))  # (C, n, S')
+    C, n, steps = series.shape
+    values = series.transpose(2, 0, 1).reshape(steps, 1, C * n)
+    table = solver_errors(values, np.repeat(np.arange(C), n), plan, clusters=C)
+    assignment = select(table, per_position)
+    return assignment if lam is None else fit(table, assignment, lam)
