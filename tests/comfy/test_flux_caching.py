@@ -1,0 +1,112 @@
+"""HyCa on a tiny real ComfyUI FLUX: calibrate, apply, sample through ComfyUI's sampler."""
+
+import logging
+
+import pytest
+import torch
+
+from harness import node_pack, sampling, tiny_models
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return node_pack.load()
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_models.build(tiny_models.FLUX, seed=1)
+
+
+@pytest.fixture(scope="module")
+def conditioning():
+    return sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
+
+
+@pytest.fixture(scope="module")
+def latent():
+    return torch.zeros(1, 16, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def full(flux, conditioning, latent):
+    return sampling.sample(flux, *conditioning, latent, steps=STEPS, seed=5)
+
+
+@pytest.fixture(scope="module")
+def solver_map(pack, flux, conditioning, latent):
+    calibrate = pack.nodes.calibrate_node
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    solver_map, _ = calibrate.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
+                                    {"samples": latent}, schedule)
+    return solver_map
+
+
+def _apply(pack, model, solver_map, interval, **kwargs):
+    schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=3)
+    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+
+
+def _psnr(a, b):
+    return float(10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean()))
+
+
+def test_map_covers_every_block_stream(solver_map, flux):
+    depth, single = tiny_models.FLUX["depth"], tiny_models.FLUX["depth_single_blocks"]
+    expected = {f"double_block.{i}.{s}" for i in range(depth) for s in ("img", "txt")}
+    expected |= {f"single_block.{i}.img" for i in range(single)}
+    assert set(solver_map.blocks) == expected
+    width = tiny_models.FLUX["hidden_size"]
+    assert all(len(b.labels) == width for b in solver_map.blocks.values())
+
+
+def test_interval_one_is_bit_identical(pack, flux, solver_map, conditioning, latent, full):
+    patched = _apply(pack, flux, solver_map, interval=1)
+    assert torch.equal(sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5), full)
+
+
+def test_patches_land_on_every_block_and_input_model_is_untouched(pack, flux, solver_map):
+    patched = _apply(pack, flux, solver_map, interval=4)
+    replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    depth, single = tiny_models.FLUX["depth"], tiny_models.FLUX["depth_single_blocks"]
+    assert set(replaced) == {("double_block", i) for i in range(depth)} | {("single_block", i) for i in range(single)}
+    assert "patches_replace" not in flux.model_options["transformer_options"]
+    assert "hyca" not in flux.model_options["transformer_options"]
+
+
+def test_caching_skips_the_scheduled_blocks_and_stays_close(pack, flux, solver_map, conditioning, latent, full, caplog):
+    patched = _apply(pack, flux, solver_map, interval=4)
+    with caplog.at_level(logging.INFO):
+        out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
+    blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
+    # 20 steps, warm-up 3, then every 4th from step 2: computed steps 0,1,2,6,10,14,18
+    computed_steps = 7
+    assert f"{computed_steps * blocks} block calls computed, {(STEPS - computed_steps) * blocks} predicted" in caplog.text
+    assert not torch.equal(out, full)
+    assert _psnr(out, full) > 30
+
+
+def test_fixed_pool_and_fitted_both_run(pack, flux, solver_map, conditioning, latent, full):
+    fixed = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=False), *conditioning, latent, steps=STEPS, seed=5)
+    fitted = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=True), *conditioning, latent, steps=STEPS, seed=5)
+    assert _psnr(fixed, full) > 30 and _psnr(fitted, full) > 30
+    assert not torch.equal(fixed, fitted)
+
+
+def test_map_round_trips_through_a_file(pack, solver_map, tmp_path):
+    SolverMap = pack.hyca_core.solver_map.SolverMap
+    path = solver_map.save(tmp_path / "tiny.hyca.safetensors")
+    loaded = SolverMap.load(path)
+    assert loaded.architecture == solver_map.architecture
+    assert loaded.blocks.keys() == solver_map.blocks.keys()
+    for key, block in solver_map.blocks.items():
+        for name in ("labels", "series", "solver", "variable", "errors", "indicators"):
+            assert (getattr(loaded.blocks[key], name) == getattr(block, name)).all()
+
+
+def test_map_of_another_width_is_refused(pack, solver_map):
+    other = tiny_models.build(dict(tiny_models.FLUX, hidden_size=32, num_heads=2), seed=1)
+    with pytest.raises(pack.hyca_core.solver_map.MapError, match="width"):
+        _apply(pack, other, solver_map, interval=4)
