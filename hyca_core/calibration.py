@@ -62,7 +62,7 @@ def _block_map(values, sigmas, plan, pool, clusters, seed) -> BlockMap:
     indicators = np.stack([descriptors[labels == c].mean(axis=0) for c in range(count)])
     return BlockMap(
         labels=labels.astype(np.int32),
-        series=compact_sample(values, sigmas, labels, clusters=count).series,
+        series=compact_sample(table.gram, sigmas).series,
         solver=choice.solver.astype(np.int32),
         variable=choice.variable.astype(np.int32),
         errors=errors,

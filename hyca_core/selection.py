@@ -118,12 +118,16 @@ def cluster_gram(values: np.ndarray, labels: np.ndarray, clusters: int | None = 
     """(C, S, S) float64: G[c, t, u] = sum over rows and channels of cluster c of V[t] * V[u].
 
     clusters: C, by default one more than the largest label."""
-    values = np.asarray(values)
     clusters = int(labels.max()) + 1 if clusters is None else clusters
     steps = values.shape[0]
+    # channels grouped by cluster, channel-major: each cluster is then one contiguous
+    # (steps, channels x rows) view, and the conversion to float64 happens once
+    order = np.argsort(labels, kind="stable")
+    grouped = np.ascontiguousarray(np.asarray(values).transpose(0, 2, 1)[:, order], dtype=np.float64)
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=clusters))])
     gram = np.zeros((clusters, steps, steps))
     for c in range(clusters):
-        x = values[..., labels == c].reshape(steps, -1).astype(np.float64)
+        x = grouped[:, bounds[c] : bounds[c + 1]].reshape(steps, -1)
         gram[c] = x @ x.T
     return gram
 
@@ -360,12 +364,10 @@ class CompactSample:
     series: np.ndarray  # (C, n, S) float32
 
 
-def compact_sample(values: np.ndarray, sigmas: np.ndarray, labels: np.ndarray, per_cluster: int = 24,
-                   clusters: int | None = None) -> CompactSample:
-    """values (S, R, D), labels (D,): keep `per_cluster` principal series per cluster.
+def compact_sample(gram: np.ndarray, sigmas: np.ndarray, per_cluster: int = 24) -> CompactSample:
+    """Keep `per_cluster` principal series per cluster of a probe's `cluster_gram` (C, S, S).
 
     24 series of a 50-step probe, 8 clusters, 57 blocks: 2.2 MB of float32."""
-    gram = cluster_gram(values, labels, clusters)
     n = min(per_cluster, gram.shape[1])
     eigenvalues, vectors = np.linalg.eigh(gram)  # ascending
     top = slice(gram.shape[1] - n, None)
@@ -374,19 +376,23 @@ def compact_sample(values: np.ndarray, sigmas: np.ndarray, labels: np.ndarray, p
                          series.transpose(0, 2, 1).astype(np.float32))
 
 
-def refit(sample: CompactSample, plan: Plan, per_position: bool = True,
-          lam: float | None = FIT_LAMBDA) -> Assignment:
-    """Select (and fit, unless lam is None) for another schedule, from a probe's compact sample.
+def resample(sample: CompactSample, sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A compact sample as a trajectory on other sigmas: values (S', 1, C*n) and their labels.
 
-    The sample's series are interpolated in sigma (cubic spline, sigmas clipped to the probe's
-    range) onto the plan's sigmas; selection then runs on them as on a probe of that schedule.
-    """
+    Cubic spline in sigma, sigmas clipped to the probe's range."""
     order = np.argsort(sample.sigmas)
     x = sample.sigmas[order]
     spline = CubicSpline(x, sample.series[..., order].astype(np.float64), axis=-1)
-    series = spline(np.clip(plan.sigmas, x[0], x[-1]))  # (C, n, S')
+    series = spline(np.clip(sigmas, x[0], x[-1]))  # (C, n, S')
     C, n, steps = series.shape
-    values = series.transpose(2, 0, 1).reshape(steps, 1, C * n)
-    table = solver_errors(values, np.repeat(np.arange(C), n), plan, clusters=C)
+    return series.transpose(2, 0, 1).reshape(steps, 1, C * n), np.repeat(np.arange(C), n)
+
+
+def refit(sample: CompactSample, plan: Plan, per_position: bool = True,
+          lam: float | None = FIT_LAMBDA) -> Assignment:
+    """Select (and fit, unless lam is None) for another schedule, from a probe's compact sample,
+    resampled onto the plan's sigmas: selection then runs as on a probe of that schedule."""
+    values, labels = resample(sample, plan.sigmas)
+    table = solver_errors(values, labels, plan, clusters=sample.series.shape[0])
     assignment = select(table, per_position)
     return assignment if lam is None else fit(table, assignment, lam)

@@ -16,12 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from .indicators import INDICATOR_NAMES
-from .schedule import Schedule
-from .selection import FIT_LAMBDA, CompactSample, coefficients, plan_schedule, refit
+from .schedule import Schedule, calibrated_mask
+from .selection import FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample
 from .solvers import POOL, POOL_VERSION, TIME_VARIABLES
 
 FORMAT = "hyca-solver-map"
@@ -119,23 +119,27 @@ class SolverMap:
                 return _read(f)
         except MapError as error:
             raise MapError(f"{path}: {error}") from None
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
             raise MapError(f"{path}: not a readable HyCa solver map ({error})") from None
 
     # --- inference -----------------------------------------------------------------------------
 
     def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = True,
-                per_position: bool = True) -> "CompiledMap":
+                per_position: bool = True, budget: int | None = None) -> "CompiledMap":
         """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
         step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
-        Only pool members whose history fits in the warm-up are used, so the warm-up asked for
-        is the warm-up run.
+        budget: if given, compute that many steps, placed where the probe says prediction errs
+        most (`calibrated_mask`) instead of every `schedule.interval`-th. Only pool members whose
+        history fits in the warm-up are used, so the warm-up asked for is the warm-up run.
         """
         step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
         warmup = max(schedule.warmup, 1)
         pool = tuple(s for s in POOL if s.history <= warmup)
-        mask = schedule.mask(len(step_sigmas))
+        if budget is None:
+            mask = schedule.mask(len(step_sigmas))
+        else:
+            mask = self._calibrated_mask(step_sigmas, budget, warmup, pool)
         if mask.all():
             return CompiledMap(mask, {})
         plan = plan_schedule(mask, step_sigmas, pool=pool)
@@ -145,6 +149,19 @@ class SolverMap:
             assignment = refit(sample, plan, per_position=per_position, lam=FIT_LAMBDA if fitted else None)
             coefficient_tables[key] = coefficients(assignment, block.labels, mask, step_sigmas)
         return CompiledMap(mask, coefficient_tables)
+
+    def _calibrated_mask(self, step_sigmas, budget, warmup, pool) -> np.ndarray:
+        """One mask for all blocks, from the summed gap costs of their resampled probes."""
+        values, labels, offset = [], [], 0
+        for block in self.blocks.values():
+            v, l = resample(CompactSample(self.probe_sigmas, block.series), step_sigmas)
+            values.append(v / np.sqrt(np.mean(v**2) + 1e-30))  # relative errors: blocks weigh alike
+            labels.append(l + offset)
+            offset += block.clusters
+        max_gap = min(len(step_sigmas) - 1, 2 * len(step_sigmas) // max(budget, 1) + 2)
+        costs = gap_costs(np.concatenate(values, axis=2), np.concatenate(labels), step_sigmas, warmup,
+                          max_gap, pool=pool)
+        return calibrated_mask(costs, budget, warmup)
 
 
 @dataclass

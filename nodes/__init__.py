@@ -5,6 +5,9 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_node import HyCaApply
 from .calibrate_node import HyCaCalibrate
 from .inspector_node import HyCaSolverInspector
+from .map_store import register_folder
+
+register_folder()
 
 
 class HyCaExtension(ComfyExtension):

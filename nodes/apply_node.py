@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import numpy as np
 import torch
 from comfy_api.latest import io
 
+from ..hyca_core.calibration import calibrate
 from ..hyca_core.schedule import Schedule
-from ..hyca_core.solver_map import SolverMap
+from ..hyca_core.solver_map import CompiledMap, MapError, SolverMap
+from ..hyca_core.trajectories import TrajectoryRecorder
+from . import map_store
 from .block_cache import RunState
 from .patching import block_widths, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
@@ -18,20 +20,82 @@ from .types import CATEGORY, SolverMapType
 HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def apply_hyca(model, solver_map: SolverMap, schedule: Schedule, fitted: bool = True,
-               history_dtype: torch.dtype | None = None, offload: bool = False):
-    """The patched clone; raises MapError/UnsupportedModel with a clear message if they do not fit."""
-    solver_map.check_fits(model_architecture(model), block_widths(model))
+class MapSource:
+    """The solver map a patched model predicts with, compiled once per sampling schedule.
 
-    @functools.lru_cache(maxsize=8)  # runs repeat their schedules; compiling refits every block
-    def compile_for(step_sigmas: tuple[float, ...]):
-        compiled = solver_map.compile(np.array(step_sigmas), schedule, fitted=fitted)
+    With no map (auto mode) the model's first complete sampling run is recorded at full compute,
+    calibrated, and saved to the hyca models folder for later runs and sessions.
+    """
+
+    def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True):
+        self.architecture = model_architecture(model)
+        self.widths = block_widths(model)
+        self.fingerprint = map_store.fingerprint(model)
+        self.schedule = schedule
+        self.fitted = fitted
+        self.solver_map = None
+        self._compiled: dict[tuple[float, ...], CompiledMap] = {}  # runs repeat their schedules
+        if solver_map is not None:
+            self.use(solver_map)
+
+    def use(self, solver_map: SolverMap) -> None:
+        solver_map.check_fits(self.architecture, self.widths)
+        self.solver_map = solver_map
+        self._compiled.clear()
+
+    def compile(self, step_sigmas: tuple[float, ...]) -> CompiledMap:
+        """The map for one sampling schedule; compiling refits every block, so it is kept."""
+        if step_sigmas in self._compiled:
+            return self._compiled[step_sigmas]
+        compiled = self._compiled[step_sigmas] = self.solver_map.compile(
+            np.array(step_sigmas), self.schedule, fitted=self.fitted)
         logging.info("HyCa: %d steps, %d computed, %d predicted (N=%d, warm-up %d)", len(compiled.mask),
-                     compiled.mask.sum(), (~compiled.mask).sum(), schedule.interval, schedule.warmup)
+                     compiled.mask.sum(), (~compiled.mask).sum(), self.schedule.interval, self.schedule.warmup)
         return compiled
 
-    state = RunState(compile_map=lambda sigmas: compile_for(tuple(float(s) for s in sigmas)),
-                     history_dtype=history_dtype, offload_device=model.offload_device if offload else None)
+    def calibrate_from(self, recorder: TrajectoryRecorder) -> None:
+        solver_map = calibrate(recorder.trajectories(), self.schedule, architecture=self.architecture,
+                               fingerprint=self.fingerprint, info={"auto": True})
+        self.use(solver_map)
+        try:
+            logging.info("HyCa: calibrated from this run; map saved to %s", map_store.save_for(solver_map))
+        except MapError as error:
+            logging.warning("HyCa: calibrated map kept in memory only: %s", error)
+
+
+class ApplyRunState(RunState):
+    """A run of a HyCa-applied model: predicts with the source's map, or records to calibrate it."""
+
+    def __init__(self, source: MapSource, history_dtype: torch.dtype | None, offload_device):
+        calibrated = source.solver_map is not None
+        super().__init__(
+            compile_map=(lambda sigmas: source.compile(tuple(float(s) for s in sigmas))) if calibrated else None,
+            recorder=None if calibrated else TrajectoryRecorder(),
+            history_dtype=history_dtype, offload_device=offload_device,
+        )
+        self.source = source
+
+    def clone(self) -> "ApplyRunState":
+        return ApplyRunState(self.source, self.history_dtype, self.offload_device)
+
+    def finish(self, completed: bool) -> None:
+        if self.recorder is not None and completed and self.source.solver_map is None:
+            self.source.calibrate_from(self.recorder)
+
+
+def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
+               history_dtype: torch.dtype | None = None, offload: bool = False):
+    """The patched clone. Without a map, the map stored for this base model is used, or the first
+    run calibrates one. Raises MapError/UnsupportedModel with a clear message if they do not fit."""
+    if solver_map is None:
+        try:
+            solver_map = map_store.load_for(model)
+        except MapError as error:
+            logging.warning("HyCa: %s; calibrating a new map from the next run", error)
+        if solver_map is None:
+            logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
+    source = MapSource(model, solver_map, schedule, fitted)
+    state = ApplyRunState(source, history_dtype, model.offload_device if offload else None)
     return with_hyca(model, state)
 
 
@@ -45,11 +109,12 @@ class HyCaApply(io.ComfyNode):
             description=(
                 "Speeds up sampling: transformer blocks are computed fully only every N steps and "
                 "predicted in between, each channel group with the predictor its solver map chose. "
-                "Outputs a patched copy; the input MODEL stays untouched."
+                "Without a map connected, the map saved for this base model is used; if there is none, "
+                "the first run computes fully and calibrates one. Outputs a patched copy; the input "
+                "MODEL stays untouched."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to accelerate; chain it after LoRA loaders."),
-                SolverMapType.Input("solver_map", tooltip="Solver map from HyCa Calibrate for this base model."),
                 io.Int.Input("interval", default=4, min=1, max=20,
                              tooltip="N: one full computation every N steps after the warm-up. 1 computes every step."),
                 io.Int.Input("warmup", default=3, min=1, max=100,
@@ -62,13 +127,16 @@ class HyCaApply(io.ComfyNode):
                                tooltip="Precision of cached residuals: bf16/fp16 halve their memory; auto keeps the model's."),
                 io.Boolean.Input("offload_history", default=False,
                                  tooltip="Keep cached residuals on the offload device (CPU RAM) instead of the GPU."),
+                SolverMapType.Input("solver_map", optional=True,
+                                    tooltip="Solver map from HyCa Calibrate. Leave empty to use the saved map "
+                                            "for this base model, or calibrate automatically on the first run."),
             ],
             outputs=[io.Model.Output(tooltip="The model with HyCa caching.")],
         )
 
     @classmethod
-    def execute(cls, model, solver_map, interval, warmup, final_steps, fitted, history_dtype,
-                offload_history) -> io.NodeOutput:
+    def execute(cls, model, interval, warmup, final_steps, fitted, history_dtype, offload_history,
+                solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
                                         offload_history))

@@ -89,6 +89,13 @@ class RunState:
     def clone(self) -> "RunState":
         return RunState(self.compile_map, self.recorder, self.history_dtype, self.offload_device)
 
+    def __deepcopy__(self, memo) -> "RunState":
+        # ModelPatcher.clone deep-copies model_options; a template holds no run data to copy
+        return self.clone()
+
+    def finish(self, completed: bool) -> None:
+        """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed."""
+
     def begin_call(self, x: torch.Tensor, transformer_options: dict) -> Call:
         sample_sigmas = transformer_options["sample_sigmas"]
         sigma = float(transformer_options["sigmas"].flatten()[0])
@@ -173,9 +180,13 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]
     state = transformer_options[OPTIONS_KEY] = transformer_options[OPTIONS_KEY].clone()
+    completed = False
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
+        completed = True
+        return out
     finally:
+        state.finish(completed)
         total = state.computed + state.predicted
         if state.predicted:
             logging.info(

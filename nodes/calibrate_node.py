@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import comfy.samplers
 import comfy.utils
 import nodes as comfy_nodes  # ComfyUI's nodes.py: common_ksampler is KSampler's own path
@@ -11,6 +13,7 @@ from ..hyca_core.calibration import calibrate
 from ..hyca_core.clustering import DEFAULT_CLUSTERS
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
+from . import map_store
 from .block_cache import RunState
 from .patching import model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
@@ -25,7 +28,7 @@ def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, 
     progress = comfy.utils.ProgressBar(len(recorder.keys()))
     solver_map = calibrate(
         recorder.trajectories(), schedule, clusters=clusters, seed=seed,
-        architecture=model_architecture(model),
+        architecture=model_architecture(model), fingerprint=map_store.fingerprint(model),
         info={"steps": steps, "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg, "seed": seed},
         progress=lambda done, total: progress.update_absolute(done, total),
     )
@@ -66,6 +69,8 @@ class HyCaCalibrate(io.ComfyNode):
                              tooltip="Steps always computed at the start; higher-order predictors need more history."),
                 io.Int.Input("clusters", default=DEFAULT_CLUSTERS, min=1, max=64,
                              tooltip="Number of channel groups per block (k-means), each with its own predictor."),
+                io.Boolean.Input("save", default=True,
+                                 tooltip="Save the map in models/hyca, where HyCa Apply finds it for this base model."),
             ],
             outputs=[
                 SolverMapType.Output(display_name="solver_map", tooltip="The solver map, for HyCa Apply and the Inspector."),
@@ -75,7 +80,9 @@ class HyCaCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                interval, warmup, clusters) -> io.NodeOutput:
+                interval, warmup, clusters, save) -> io.NodeOutput:
         solver_map, latent = probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, Schedule(interval=interval, warmup=warmup), clusters)
+        if save:
+            logging.info("HyCa: solver map saved to %s", map_store.save_for(solver_map))
         return io.NodeOutput(solver_map, latent)

@@ -110,3 +110,69 @@ def test_map_of_another_width_is_refused(pack, solver_map):
     other = tiny_models.build(dict(tiny_models.FLUX, hidden_size=32, num_heads=2), seed=1)
     with pytest.raises(pack.hyca_core.solver_map.MapError, match="width"):
         _apply(pack, other, solver_map, interval=4)
+
+
+def _counts(caplog):
+    import re
+
+    found = re.findall(r"(\d+) block calls computed, (\d+) predicted", caplog.text)
+    return tuple(int(x) for x in found[-1]) if found else None
+
+
+def test_auto_mode_calibrates_on_the_first_run_saves_and_reuses(pack, conditioning, latent, caplog):
+    import folder_paths
+
+    model = tiny_models.build(tiny_models.FLUX, seed=11)  # a base model no map exists for yet
+    map_store = pack.nodes.map_store
+    assert map_store.find(model) is None
+    patched = _apply(pack, model, None, interval=4)
+    full = sampling.sample(model, *conditioning, latent, steps=STEPS, seed=5)
+    with caplog.at_level(logging.INFO):
+        first = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
+    assert torch.equal(first, full)  # the calibrating run computes everything
+    saved = map_store.find(model)
+    assert saved is not None and saved.parent == pack.nodes.map_store.search_folders()[0]
+    assert str(saved).startswith(folder_paths.models_dir)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        second = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
+    assert _counts(caplog) == (28, 52)
+    assert _psnr(second, full) > 30
+    # a new Apply on the same base model finds the saved map without being given one
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        again = sampling.sample(_apply(pack, model, None, interval=4), *conditioning, latent, steps=STEPS, seed=5)
+    assert "using solver map" in caplog.text and _counts(caplog) == (28, 52)
+    assert torch.equal(again, second)
+
+
+def test_lora_patches_do_not_change_the_fingerprint(pack, conditioning, latent):
+    import comfy.sd
+
+    model = tiny_models.build(tiny_models.FLUX, seed=12)
+    fingerprint = pack.nodes.map_store.fingerprint
+    before = fingerprint(model)
+    weights = model.model.state_dict()
+    keys = [k for k in weights if k.endswith("img_attn.qkv.weight")]
+    original = {k: weights[k].clone() for k in keys}
+    # a LoRA file's tensors, applied the way LoraLoaderModelOnly applies them
+    lora_sd = {}
+    for k in keys:
+        out_features, in_features = weights[k].shape
+        name = k[: -len(".weight")]
+        lora_sd[f"{name}.lora_up.weight"] = torch.randn(out_features, 2) * 0.1
+        lora_sd[f"{name}.lora_down.weight"] = torch.randn(2, in_features) * 0.1
+    lora, _ = comfy.sd.load_lora_for_models(model, None, lora_sd, 1.0, 0)
+    assert {k for k in lora.patches} == set(keys)
+    lora_out = sampling.sample(lora, *conditioning, latent, steps=4, seed=5)
+    # loading the LoRA model patched the shared weights in place; the originals are in its backup
+    assert any(not torch.equal(model.model.state_dict()[k], original[k]) for k in keys)
+    assert fingerprint(lora) == before
+    assert not torch.equal(lora_out, sampling.sample(model, *conditioning, latent, steps=4, seed=5))
+    assert fingerprint(model) == before
+    # UNETLoader -> LoraLoaderModelOnly -> HyCa Apply: the map calibrated without the LoRA is found
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    base_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", *conditioning,
+                                                  {"samples": latent}, schedule)
+    saved = pack.nodes.map_store.save_for(base_map)
+    assert pack.nodes.map_store.find(lora) == saved

@@ -1,0 +1,121 @@
+"""Where solver maps live on disk, and how a MODEL finds the map made for its base weights.
+
+A MODEL does not know its checkpoint's path, so maps are keyed by architecture and a fingerprint
+of the base weights (LoRA patches live in ``model.patches`` and in ``model.backup`` once applied,
+so they never change it). Maps are searched in the ``hyca`` models folder (registered with
+folder_paths, so extra_model_paths.yaml can add more) and in this package's ``calibrations/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+
+import folder_paths
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..hyca_core.solver_map import MapError, SolverMap
+from .patching import model_architecture
+
+FOLDER = "hyca"
+SUFFIX = ".hyca.safetensors"
+SHIPPED = Path(__file__).resolve().parent.parent / "calibrations"
+_SAMPLED_TENSORS = 4
+_SAMPLED_VALUES = 256
+
+
+def register_folder() -> None:
+    """Add models/hyca unless extra_model_paths.yaml or another node already registered it."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+        if default not in paths:
+            paths.append(default)
+        if isinstance(extensions, set):
+            extensions.add(".safetensors")
+    else:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], {".safetensors"})
+
+
+def fingerprint(model) -> str:
+    """A short hash of the base weights: names, shapes and a strided sample of a few tensors.
+
+    Values are rounded to bfloat16 precision so that fp32/fp16/bf16 copies of one checkpoint
+    agree; weights patched in place by a LoRA are read from the patcher's backup of the originals.
+    """
+    state = model.model.diffusion_model.state_dict()
+    digest = hashlib.sha256()
+    names = sorted(state)
+    for name in names:
+        digest.update(f"{name}:{tuple(state[name].shape)};".encode())
+    backup = getattr(model, "backup", {})
+    for name in _sampled(names, state):
+        original = backup.get(f"diffusion_model.{name}")
+        tensor = original.weight if original is not None else state[name]
+        flat = tensor.detach().flatten()
+        stride = max(1, flat.numel() // _SAMPLED_VALUES)
+        sample = flat[::stride][:_SAMPLED_VALUES].to(device="cpu", dtype=torch.bfloat16).float().numpy()
+        digest.update(np.ascontiguousarray(sample).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _sampled(names: list[str], state: dict) -> list[str]:
+    """A few large weight matrices spread over the model (not biases or norms, which LoRAs skip)."""
+    matrices = [n for n in names if state[n].ndim >= 2 and state[n].numel() >= 64]
+    if not matrices:
+        return names[:_SAMPLED_TENSORS]
+    picks = np.linspace(0, len(matrices) - 1, _SAMPLED_TENSORS).round().astype(int)
+    return [matrices[i] for i in dict.fromkeys(picks)]
+
+
+def file_name(architecture: str, fingerprint_: str) -> str:
+    family = re.sub(r"[^A-Za-z0-9_]+", "_", architecture.rsplit(".", 1)[-1])
+    return f"{family}-{fingerprint_}{SUFFIX}"
+
+
+def search_folders() -> list[Path]:
+    register_folder()
+    return [Path(p) for p in folder_paths.get_folder_paths(FOLDER)] + [SHIPPED]
+
+
+def find(model) -> Path | None:
+    """The stored map whose header names this model's architecture and base-weight fingerprint."""
+    architecture, wanted = model_architecture(model), fingerprint(model)
+    for folder in search_folders():
+        for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
+            try:
+                with safe_open(path, framework="numpy") as f:
+                    meta = f.metadata() or {}
+            except Exception as error:  # a broken file must not hide the others
+                logging.warning("HyCa: skipping unreadable map %s (%s)", path, error)
+                continue
+            if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
+                return path
+    return None
+
+
+def load_for(model) -> SolverMap | None:
+    path = find(model)
+    if path is None:
+        return None
+    solver_map = SolverMap.load(path)
+    logging.info("HyCa: using solver map %s", path)
+    return solver_map
+
+
+def save_for(solver_map: SolverMap) -> Path:
+    """Save into the first writable hyca folder, atomically; the map must carry the fingerprint."""
+    name = file_name(solver_map.architecture, solver_map.fingerprint)
+    errors = []
+    for folder in search_folders()[:-1]:  # never write into the package
+        try:
+            return solver_map.save(folder / name)
+        except OSError as error:
+            errors.append(f"{folder}: {error}")
+            logging.warning("HyCa: cannot write %s (%s), trying the next hyca folder", folder / name, error)
+    raise MapError("no writable hyca models folder: " + "; ".join(errors))
