@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 from .indicators import INDICATOR_NAMES
 from .schedule import Schedule, calibrated_mask
 from .selection import FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample
-from .solvers import POOL, POOL_VERSION, TIME_VARIABLES
+from .solvers import MAX_HISTORY, POOL, POOL_VERSION, TIME_VARIABLES, solver
 
 FORMAT = "hyca-solver-map"
 FORMAT_VERSION = 1
@@ -166,19 +166,74 @@ class SolverMap:
 
 @dataclass
 class CompiledMap:
-    """A map collapsed for one run: which steps compute, and per block the per-channel weights."""
+    """A map collapsed for one run: which steps compute, and per block the per-channel weights.
+
+    Like `DynamicMap`, it answers a run's three questions: must this step compute, can it be
+    predicted from the history this run holds, and with which weights per channel.
+    """
 
     mask: np.ndarray  # (steps,) bool, True = full compute
-    coefficients: dict[str, dict[int, np.ndarray]]  # key -> predicted step -> (m, D) float32
+    tables: dict[str, dict[int, np.ndarray]]  # key -> predicted step -> (m, D) float32
 
     def history(self, key: str) -> int:
-        table = self.coefficients.get(key)
+        """Residuals to keep for block stream `key`."""
+        table = self.tables.get(key)
         return next(iter(table.values())).shape[0] if table else 1
 
-    def expected_history(self, step: int, length: int) -> tuple[int, ...]:
-        """The computed steps a predicted step's coefficients assume, oldest first."""
-        computed = np.flatnonzero(self.mask[:step])
-        return tuple(int(s) for s in computed[-length:])
+    def forced(self, step: int) -> bool:
+        return step >= len(self.mask) or bool(self.mask[step])
+
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool:
+        """Only with exactly the history the weights were fitted for."""
+        if self.forced(step):
+            return False
+        computed = tuple(int(s) for s in np.flatnonzero(self.mask[:step]))
+        length = min(MAX_HISTORY, len(computed))
+        return length > 0 and tuple(history_steps[-length:]) == computed[-length:]
+
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
+        return self.tables[key][step]
+
+
+class DynamicMap:
+    """The map's per-cluster pool solvers (paper eq. 5 choice) on whatever history a run holds.
+
+    Serves the error-adaptive schedule, where the computed steps are only known as the run goes:
+    weights come from each cluster's solver at the run's actual history times.
+    """
+
+    def __init__(self, solver_map: SolverMap, schedule: Schedule, num_steps: int):
+        self.solver_map = solver_map
+        self.first_predictable = max(schedule.warmup, 1)
+        self.last_predictable = num_steps - schedule.final - 1
+        self._weights: dict[tuple, np.ndarray] = {}  # the same few solvers serve every block
+
+    def history(self, key: str) -> int:
+        block = self.solver_map.blocks[key]
+        return max(solver(int(s)).history for s in block.solver)
+
+    def forced(self, step: int) -> bool:
+        return not self.first_predictable <= step <= self.last_predictable
+
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool:
+        return not self.forced(step) and len(history_steps) > 0
+
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
+        block = self.solver_map.blocks[key]
+        m = min(self.history(key), len(history_steps))
+        cluster_weights = np.zeros((block.clusters, m))
+        for c, (solver_id, variable) in enumerate(zip(block.solver, block.variable)):
+            rule = solver(int(solver_id))
+            if rule.history > m:  # the run holds less history than the solver needs: reuse
+                rule = solver("reuse")
+            times, target = ((history_steps, step) if TIME_VARIABLES[variable] == "step"
+                             else (history_sigmas, sigma))
+            times = tuple(float(t) for t in times[-rule.history :])
+            cache_key = (rule.id, times, float(target))
+            if cache_key not in self._weights:
+                self._weights[cache_key] = rule.weights(times, target)
+            cluster_weights[c, m - rule.history :] = self._weights[cache_key]
+        return np.ascontiguousarray(cluster_weights[block.labels].T, dtype=np.float32)
 
 
 def _read(f) -> SolverMap:

@@ -9,8 +9,8 @@ import torch
 from comfy_api.latest import io
 
 from ..hyca_core.calibration import calibrate
-from ..hyca_core.schedule import Schedule
-from ..hyca_core.solver_map import CompiledMap, MapError, SolverMap
+from ..hyca_core.schedule import AdaptiveGate, Schedule
+from ..hyca_core.solver_map import CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import map_store
 from .block_cache import RunState
@@ -27,12 +27,14 @@ class MapSource:
     calibrated, and saved to the hyca models folder for later runs and sessions.
     """
 
-    def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True):
+    def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
+                 adaptive: bool = False):
         self.architecture = model_architecture(model)
         self.widths = block_widths(model)
         self.fingerprint = map_store.fingerprint(model)
         self.schedule = schedule
         self.fitted = fitted
+        self.adaptive = adaptive
         self.solver_map = None
         self._compiled: dict[tuple[float, ...], CompiledMap] = {}  # runs repeat their schedules
         if solver_map is not None:
@@ -42,6 +44,12 @@ class MapSource:
         solver_map.check_fits(self.architecture, self.widths)
         self.solver_map = solver_map
         self._compiled.clear()
+
+    def plan(self, step_sigmas) -> CompiledMap | DynamicMap:
+        """What a run with these step sigmas predicts with."""
+        if self.adaptive:
+            return DynamicMap(self.solver_map, self.schedule, len(step_sigmas))
+        return self.compile(tuple(float(s) for s in step_sigmas))
 
     def compile(self, step_sigmas: tuple[float, ...]) -> CompiledMap:
         """The map for one sampling schedule; compiling refits every block, so it is kept."""
@@ -66,17 +74,19 @@ class MapSource:
 class ApplyRunState(RunState):
     """A run of a HyCa-applied model: predicts with the source's map, or records to calibrate it."""
 
-    def __init__(self, source: MapSource, history_dtype: torch.dtype | None, offload_device):
+    def __init__(self, source: MapSource, history_dtype: torch.dtype | None, offload_device,
+                 gate: AdaptiveGate | None = None):
         calibrated = source.solver_map is not None
         super().__init__(
-            compile_map=(lambda sigmas: source.compile(tuple(float(s) for s in sigmas))) if calibrated else None,
+            make_plan=source.plan if calibrated else None,
             recorder=None if calibrated else TrajectoryRecorder(),
-            history_dtype=history_dtype, offload_device=offload_device,
+            history_dtype=history_dtype, offload_device=offload_device, gate=gate if calibrated else None,
         )
         self.source = source
+        self.gate_template = gate
 
     def clone(self) -> "ApplyRunState":
-        return ApplyRunState(self.source, self.history_dtype, self.offload_device)
+        return ApplyRunState(self.source, self.history_dtype, self.offload_device, self.gate_template)
 
     def finish(self, completed: bool) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None:
@@ -84,9 +94,13 @@ class ApplyRunState(RunState):
 
 
 def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
-               history_dtype: torch.dtype | None = None, offload: bool = False):
+               history_dtype: torch.dtype | None = None, offload: bool = False,
+               adaptive_tolerance: float | None = None):
     """The patched clone. Without a map, the map stored for this base model is used, or the first
-    run calibrates one. Raises MapError/UnsupportedModel with a clear message if they do not fit."""
+    run calibrates one. With ``adaptive_tolerance``, steps are predicted while the map's measured
+    relative error on the first block, summed since the last full step, stays within it (at most
+    2N - 1 steps in a row) instead of on the fixed every-N pattern.
+    Raises MapError/UnsupportedModel with a clear message if they do not fit."""
     if solver_map is None:
         try:
             solver_map = map_store.load_for(model)
@@ -94,8 +108,10 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
             logging.warning("HyCa: %s; calibrating a new map from the next run", error)
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
-    source = MapSource(model, solver_map, schedule, fitted)
-    state = ApplyRunState(source, history_dtype, model.offload_device if offload else None)
+    adaptive = adaptive_tolerance is not None
+    source = MapSource(model, solver_map, schedule, fitted, adaptive)
+    gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
+    state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
     return with_hyca(model, state)
 
 
@@ -121,6 +137,11 @@ class HyCaApply(io.ComfyNode):
                              tooltip="First steps always computed. Also bounds the predictors' history length."),
                 io.Int.Input("final_steps", default=0, min=0, max=100,
                              tooltip="Last steps always computed, for crisper fine detail."),
+                io.Boolean.Input("adaptive", default=False,
+                                 tooltip="Decide per step from the map's measured error on the first block "
+                                         "instead of the fixed every-N pattern (N then caps the skips at 2N-1)."),
+                io.Float.Input("adaptive_tolerance", default=0.15, min=0.0, max=5.0, step=0.01,
+                               tooltip="Adaptive mode: summed relative error allowed before a full step."),
                 io.Boolean.Input("fitted", default=True,
                                  tooltip="Use least-squares fitted predictor weights (on) or the paper's fixed solvers (off)."),
                 io.Combo.Input("history_dtype", options=list(HISTORY_DTYPES), default="auto",
@@ -135,8 +156,8 @@ class HyCaApply(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, interval, warmup, final_steps, fitted, history_dtype, offload_history,
-                solver_map=None) -> io.NodeOutput:
+    def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, history_dtype,
+                offload_history, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
-                                        offload_history))
+                                        offload_history, adaptive_tolerance if adaptive else None))

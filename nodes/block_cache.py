@@ -9,15 +9,17 @@ nothing behind. State is keyed by conditioning branch and input shape, never kep
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
 from ..hyca_core.predict import ResidualHistory
-from ..hyca_core.solver_map import CompiledMap
+from ..hyca_core.schedule import AdaptiveGate
+from ..hyca_core.solvers import MAX_HISTORY
 from ..hyca_core.trajectories import TrajectoryRecorder
 from .families import STREAMS, Block
 
@@ -46,8 +48,10 @@ def step_position(sample_sigmas: torch.Tensor, sigma: float) -> float:
 class Branch:
     """Cached residuals of one conditioning branch and input shape."""
 
-    times: list[float] = field(default_factory=list)  # steps of the cached computations
+    steps: list[int] = field(default_factory=list)  # steps of the cached computations
+    sigmas: list[float] = field(default_factory=list)  # and their sigmas
     histories: dict[str, ResidualHistory] = field(default_factory=dict)
+    gate: AdaptiveGate | None = None
 
     def nbytes(self) -> int:
         return sum(h.nbytes for h in self.histories.values())
@@ -63,23 +67,36 @@ class Call:
     predict: bool
     replace_last: bool  # a computed call at the step already cached (Heun's second evaluation)
     record: bool
+    undecided: bool = False  # adaptive: the first block computes and measures, then decides
+
+
+class RunPlan(Protocol):
+    """A solver map made ready for one run: hyca_core's CompiledMap or DynamicMap."""
+
+    def history(self, key: str) -> int: ...
+    def forced(self, step: int) -> bool: ...
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool: ...
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray: ...
 
 
 class RunState:
     """HyCa's memory for one sampling run, cloned from the template Apply/Calibrate puts on the model.
 
-    ``compile_map(step_sigmas)`` gives the run's CompiledMap; ``recorder`` (calibration) receives
-    the residuals of every block at every step instead, and nothing is predicted.
+    ``make_plan(step_sigmas)`` gives the run's plan; with ``gate`` (an AdaptiveGate template) every
+    predictable step first computes its first block and predicts the rest only if the map's error
+    on that block is within the gate's tolerance. ``recorder`` (calibration) receives the residuals
+    of every block at every step.
     """
 
-    def __init__(self, compile_map: Callable[[np.ndarray], CompiledMap] | None = None,
+    def __init__(self, make_plan: Callable[[np.ndarray], RunPlan] | None = None,
                  recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
-                 offload_device: torch.device | None = None):
-        self.compile_map = compile_map
+                 offload_device: torch.device | None = None, gate: AdaptiveGate | None = None):
+        self.make_plan = make_plan
         self.recorder = recorder
         self.history_dtype = history_dtype
         self.offload_device = offload_device
-        self.compiled: CompiledMap | None = None
+        self.gate = gate
+        self.plan: RunPlan | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
         self.predicted = 0
@@ -87,7 +104,7 @@ class RunState:
         self._coefficients: dict[tuple, torch.Tensor] = {}
 
     def clone(self) -> "RunState":
-        return RunState(self.compile_map, self.recorder, self.history_dtype, self.offload_device)
+        return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate)
 
     def __deepcopy__(self, memo) -> "RunState":
         # ModelPatcher.clone deep-copies model_options; a template holds no run data to copy
@@ -102,51 +119,62 @@ class RunState:
         step = step_position(sample_sigmas, sigma)
         key = (tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(x.shape), x.dtype, x.device)
         first_branch = not self.branches or key == next(iter(self.branches))
-        branch = self.branches.setdefault(key, Branch())
-        if self.compiled is None and self.compile_map is not None:
-            self.compiled = self.compile_map(sample_sigmas.detach().double().cpu().numpy()[:-1])
-        predict = self._can_predict(branch, step)
-        replace_last = not predict and bool(branch.times) and branch.times[-1] == step
+        branch = self.branches.get(key)
+        if branch is None:
+            gate = copy.copy(self.gate) if self.gate else None
+            branch = self.branches[key] = Branch(gate=gate)
+        if self.plan is None and self.make_plan is not None:
+            self.plan = self.make_plan(sample_sigmas.detach().double().cpu().numpy()[:-1])
+        # only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights
+        candidate = (self.plan is not None and step.is_integer()
+                     and self.plan.can_predict(int(step), tuple(branch.steps)))
+        if branch.gate is not None and self.plan is not None and step.is_integer() and not candidate:
+            branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
+        undecided = candidate and branch.gate is not None
+        predict = candidate and not undecided
+        replace_last = not candidate and bool(branch.steps) and branch.steps[-1] == step
         record = self.recorder is not None and first_branch and step.is_integer() and not replace_last
-        return Call(branch, step, sigma, predict, replace_last, record)
+        return Call(branch, step, sigma, predict, replace_last, record, undecided)
 
-    def _can_predict(self, branch: Branch, step: float) -> bool:
-        """Predict only where the compiled map has weights for exactly the history this branch holds."""
-        mask = self.compiled.mask if self.compiled else None
-        if mask is None or not step.is_integer() or step >= len(mask) or mask[int(step)]:
-            return False
-        length = min(len(branch.times), 8)
-        return tuple(branch.times[-length:]) == self.compiled.expected_history(int(step), length) and length > 0
+    def decide(self, call: Call, key: str, computed: torch.Tensor) -> None:
+        """Adaptive: measure the map's error on the first block's true residual, then decide."""
+        predicted = self.predicted_residual(call, key, computed)
+        error = float((predicted - computed).float().norm() / computed.float().norm().clamp_min(1e-12))
+        call.predict = not call.branch.gate.decide(error)
+        call.undecided = False
 
     def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
         if call.record:
             self.recorder.record(key, call.sigma, residual)
-        if self.compiled is None:
+        if self.plan is None:
             return
         history = call.branch.histories.get(key)
         if history is None:
             history = call.branch.histories[key] = ResidualHistory(
-                self.compiled.history(key), self.history_dtype, self.offload_device)
+                self.plan.history(key), self.history_dtype, self.offload_device)
         if call.replace_last and len(history):
             history.drop_newest()
         history.push(residual)
 
     def end_call(self, call: Call) -> None:
-        if call.predict or self.compiled is None:
+        if call.predict or self.plan is None:
             return
+        branch = call.branch
         if call.replace_last:
-            call.branch.times[-1] = call.step
-        else:
-            call.branch.times.append(call.step)
-            del call.branch.times[:-8]  # more than any solver's history
+            branch.steps[-1], branch.sigmas[-1] = int(call.step), call.sigma
+        elif call.step.is_integer():
+            branch.steps.append(int(call.step))
+            branch.sigmas.append(call.sigma)
+            del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
         self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
     def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
         history = call.branch.histories[key]
-        cache_key = (key, int(call.step), history.device)
+        branch = call.branch
+        cache_key = (key, int(call.step), tuple(branch.steps), history.device)
         coefficients = self._coefficients.get(cache_key)
         if coefficients is None:
-            table = self.compiled.coefficients[key][int(call.step)]
+            table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas), call.sigma)
             coefficients = self._coefficients[cache_key] = torch.from_numpy(table).to(history.device)
         return history.predict(coefficients).to(like.device, like.dtype)
 
@@ -217,7 +245,11 @@ class BlockPatch:
         inputs = {s: args[s].clone() for s in STREAMS if isinstance(args.get(s), torch.Tensor)}
         out = extra["original_block"](args)
         state.computed += 1
-        for s, before in inputs.items():
-            if isinstance(out.get(s), torch.Tensor):
-                state.store(call, self.block.key(s), out[s] - before)
+        residuals = {s: out[s] - before for s, before in inputs.items() if isinstance(out.get(s), torch.Tensor)}
+        if call.undecided:  # adaptive: this first block's true residual decides the whole call
+            state.decide(call, self.block.key("img"), residuals["img"])
+            if call.predict:
+                return out  # exact for this block; the others will be predicted
+        for s, residual in residuals.items():
+            state.store(call, self.block.key(s), residual)
         return out

@@ -176,3 +176,22 @@ def test_lora_patches_do_not_change_the_fingerprint(pack, conditioning, latent):
                                                   {"samples": latent}, schedule)
     saved = pack.nodes.map_store.save_for(base_map)
     assert pack.nodes.map_store.find(lora) == saved
+
+
+def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solver_map, conditioning, latent, full,
+                                                               caplog):
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    apply = pack.nodes.apply_node.apply_hyca
+    blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
+    with caplog.at_level(logging.INFO):
+        strict = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.0), *conditioning, latent,
+                                 steps=STEPS, seed=5)
+    assert torch.equal(strict, full) and _counts(caplog) is None  # zero tolerance: nothing predicted
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        loose = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.5), *conditioning, latent,
+                                steps=STEPS, seed=5)
+    computed, predicted = _counts(caplog)
+    assert computed + predicted == STEPS * blocks and predicted > 0
+    assert predicted % (blocks - 1) == 0  # a predicted step still computes its first block
+    assert _psnr(loose, full) > 30

@@ -119,7 +119,7 @@ def test_a_50_step_map_compiles_for_other_step_counts(solver_map, steps, fitted)
     compiled = solver_map.compile(flow_sigmas(steps, 3.0), Schedule(interval=4, warmup=3), fitted=fitted)
     predicted = np.flatnonzero(~compiled.mask)
     assert len(predicted) > 0 and compiled.mask[:3].all()
-    for table in compiled.coefficients.values():
+    for table in compiled.tables.values():
         assert sorted(table) == predicted.tolist()
         for coefficients in table.values():
             assert coefficients.shape[1] == 64 and np.isfinite(coefficients).all()
