@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io as bytes_io
+import textwrap
 from collections import Counter
 
 import matplotlib
@@ -64,14 +65,14 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
         for name, size in zip(_choice_names(block), sizes):
             ax.bar(x, size, bottom=bottom, color=colors[name], width=0.9)
             bottom += size
-    ax.set(title="channels per cluster, coloured by chosen solver", xlabel="block stream", ylabel="channels")
+    ax.set(title="channels per cluster, coloured by its solver", xlabel="block stream", ylabel="channels")
     ax.legend(handles=[matplotlib.patches.Patch(color=c, label=n) for n, c in colors.items()], fontsize=7)
 
     ax = axes[0, 1]
     errors = np.stack([b.errors.min(axis=1).mean(axis=1) for b in solver_map.blocks.values()])  # (blocks, P)
     finite = np.isfinite(errors).all(axis=0)
-    ax.boxplot(np.log10(np.maximum(errors[:, finite], 1e-12)), labels=[s.name for s, f in zip(POOL, finite) if f])
-    ax.set(title="probe error of each pool solver (per block, best time variable)", ylabel="log10 relative MSE")
+    ax.boxplot(np.log10(np.maximum(errors[:, finite], 1e-12)), tick_labels=[s.name for s, f in zip(POOL, finite) if f])
+    ax.set(title="probe error per solver (blocks; best time variable)", ylabel="log10 relative MSE")
     ax.tick_params(axis="x", rotation=45)
 
     ax = axes[1, 0]
@@ -89,7 +90,10 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
         ax.set(title="adjusted Rand index vs second map", xlabel="block stream", ylim=(-0.1, 1.05))
     else:
         ax.axis("off")
-        ax.text(0, 0.5, summary(solver_map), fontsize=8, family="monospace", va="center")
+        lines = [textwrap.shorten(line, 70) for line in summary(solver_map).splitlines()[:24]]
+        ax.text(0, 0.5, "\n".join(lines), fontsize=8, family="monospace", va="center")
+    for ax in axes.flat:
+        ax.title.set_fontsize(10)
     fig.tight_layout()
     buffer = bytes_io.BytesIO()
     fig.savefig(buffer, format="png")
