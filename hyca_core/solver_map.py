@@ -21,7 +21,8 @@ from safetensors.numpy import save_file
 
 from .indicators import INDICATOR_NAMES
 from .schedule import Schedule, calibrated_mask
-from .selection import FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample
+from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
+                        single)
 from .solvers import MAX_HISTORY, POOL, POOL_VERSION, TIME_VARIABLES, solver
 
 FORMAT = "hyca-solver-map"
@@ -125,12 +126,15 @@ class SolverMap:
     # --- inference -----------------------------------------------------------------------------
 
     def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = True,
-                per_position: bool = True, budget: int | None = None) -> "CompiledMap":
+                per_position: bool = True, budget: int | None = None,
+                only: tuple[str, str] | None = None) -> "CompiledMap":
         """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
         step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
         budget: if given, compute that many steps, placed where the probe says prediction errs
-        most (`calibrated_mask`) instead of every `schedule.interval`-th. Only pool members whose
+        most (`calibrated_mask`) instead of every `schedule.interval`-th. only: one (solver name,
+        time variable) for every channel, the single-solver baselines (FORA = ("reuse", "step"),
+        TaylorSeer-like = ("taylorseer2", "step")). Only pool members whose
         history fits in the warm-up are used, so the warm-up asked for is the warm-up run.
         """
         step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
@@ -145,8 +149,11 @@ class SolverMap:
         plan = plan_schedule(mask, step_sigmas, pool=pool)
         coefficient_tables = {}
         for key, block in self.blocks.items():
-            sample = CompactSample(self.probe_sigmas, block.series)
-            assignment = refit(sample, plan, per_position=per_position, lam=FIT_LAMBDA if fitted else None)
+            if only is not None:
+                assignment = single(solver(only[0]).id, only[1], block.clusters)
+            else:
+                sample = CompactSample(self.probe_sigmas, block.series)
+                assignment = refit(sample, plan, per_position=per_position, lam=FIT_LAMBDA if fitted else None)
             coefficient_tables[key] = coefficients(assignment, block.labels, mask, step_sigmas)
         return CompiledMap(mask, coefficient_tables)
 

@@ -28,13 +28,14 @@ class MapSource:
     """
 
     def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
-                 adaptive: bool = False):
+                 adaptive: bool = False, only: tuple[str, str] | None = None):
         self.architecture = model_architecture(model)
         self.widths = block_widths(model)
         self.fingerprint = map_store.fingerprint(model)
         self.schedule = schedule
         self.fitted = fitted
         self.adaptive = adaptive
+        self.only = only
         self.solver_map = None
         self._compiled: dict[tuple[float, ...], CompiledMap] = {}  # runs repeat their schedules
         if solver_map is not None:
@@ -56,7 +57,7 @@ class MapSource:
         if step_sigmas in self._compiled:
             return self._compiled[step_sigmas]
         compiled = self._compiled[step_sigmas] = self.solver_map.compile(
-            np.array(step_sigmas), self.schedule, fitted=self.fitted)
+            np.array(step_sigmas), self.schedule, fitted=self.fitted, only=self.only)
         logging.info("HyCa: %d steps, %d computed, %d predicted (N=%d, warm-up %d)", len(compiled.mask),
                      compiled.mask.sum(), (~compiled.mask).sum(), self.schedule.interval, self.schedule.warmup)
         return compiled
@@ -95,11 +96,12 @@ class ApplyRunState(RunState):
 
 def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
                history_dtype: torch.dtype | None = None, offload: bool = False,
-               adaptive_tolerance: float | None = None):
+               adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None):
     """The patched clone. Without a map, the map stored for this base model is used, or the first
     run calibrates one. With ``adaptive_tolerance``, steps are predicted while the map's measured
     relative error on the first block, summed since the last full step, stays within it (at most
-    2N - 1 steps in a row) instead of on the fixed every-N pattern.
+    2N - 1 steps in a row) instead of on the fixed every-N pattern. ``only`` = (solver, time variable)
+    predicts every channel with one pool solver: the single-solver baselines of the benchmark.
     Raises MapError/UnsupportedModel with a clear message if they do not fit."""
     if solver_map is None:
         try:
@@ -109,7 +111,7 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
     adaptive = adaptive_tolerance is not None
-    source = MapSource(model, solver_map, schedule, fitted, adaptive)
+    source = MapSource(model, solver_map, schedule, fitted, adaptive, only)
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
     state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
     return with_hyca(model, state)

@@ -211,3 +211,19 @@ def test_inspector_plots_and_summarizes_and_compares(pack, flux, solver_map, con
     assert "adjusted Rand index vs the second map over 6 block streams" in compared
     _, same = inspector.execute(solver_map, solver_map).result
     assert "mean 1.000, min 1.000" in same
+
+
+def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_map, conditioning, latent, full):
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    apply = pack.nodes.apply_node.apply_hyca
+    fora = sampling.sample(apply(flux, solver_map, schedule, only=("reuse", "step")), *conditioning, latent,
+                           steps=STEPS, seed=5)
+    taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning, latent,
+                             steps=STEPS, seed=5)
+    assert not torch.equal(fora, taylor) and not torch.equal(fora, full)
+    compiled = pack.hyca_core.solver_map.SolverMap.compile
+    step_sigmas = solver_map.probe_sigmas
+    reuse = compiled(solver_map, step_sigmas, schedule, only=("reuse", "step"))
+    for table in reuse.tables.values():
+        for weights in table.values():
+            assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()
