@@ -1,10 +1,12 @@
 """Per-run HyCa state and the patches that put it into ComfyUI's sampling.
 
-One ``DIFFUSION_MODEL`` wrapper decides, once per model call, whether this call computes the
-blocks or predicts them; the ``dit`` block-replacement patches then either run the real block and
-cache its residual, or add the predicted residual to the block input. An ``OUTER_SAMPLE`` wrapper
-gives every sampling run a fresh state and drops it in a ``finally``, so a cancelled run leaves
-nothing behind. State is keyed by conditioning branch and input shape, never kept on the model.
+One ``APPLY_MODEL`` wrapper decides, once per model call, whether this call computes the
+blocks or predicts them (APPLY_MODEL, not DIFFUSION_MODEL: every BaseModel runs it with the same
+arguments, while SD3's MMDiT never runs DIFFUSION_MODEL wrappers); the ``dit`` block-replacement
+patches then either run the real block and cache its residual, or add the predicted residual to
+the block input. An ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh state and drops it in
+a ``finally``, so a cancelled run leaves nothing behind. State is keyed by conditioning branch and
+input shape, never kept on the model.
 """
 
 from __future__ import annotations
@@ -180,12 +182,15 @@ class RunState:
 
 
 def _transformer_options(args, kwargs) -> dict:
+    """The call's transformer_options: the keyword, else the positional dict that holds HyCa's state."""
     options = kwargs.get("transformer_options")
-    return options if isinstance(options, dict) else args[-1]
+    if isinstance(options, dict):
+        return options
+    return next((a for a in reversed(args) if isinstance(a, dict) and OPTIONS_KEY in a), {})
 
 
-def diffusion_model_wrapper(executor, *args, **kwargs):
-    """Decide compute-or-predict for this call; every block patch of the call follows it."""
+def apply_model_wrapper(executor, *args, **kwargs):
+    """Decide compute-or-predict for this model call; every block patch of the call follows it."""
     transformer_options = _transformer_options(args, kwargs)
     state: RunState | None = transformer_options.get(OPTIONS_KEY)
     if state is None or transformer_options.get("sample_sigmas") is None:
@@ -239,8 +244,10 @@ class BlockPatch:
             return extra["original_block"](args)
         if call.predict:
             state.predicted += 1
+            # A stream with no history is one the block does not output (Wan/LTX-Video get the text
+            # as "txt" but return only "img"; SD3's last joint block returns "txt" None): None, as computed.
             return {s: args[s] + state.predicted_residual(call, self.block.key(s), args[s])
-                    for s in STREAMS if self.block.key(s) in call.branch.histories}
+                    if self.block.key(s) in call.branch.histories else None for s in STREAMS if s in args}
         # FLUX-family blocks add their residuals in place: keep the inputs before the block runs.
         inputs = {s: args[s].clone() for s in STREAMS if isinstance(args.get(s), torch.Tensor)}
         out = extra["original_block"](args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 
-from .block_cache import OPTIONS_KEY, BlockPatch, RunState, diffusion_model_wrapper, outer_sample_wrapper
+from .block_cache import OPTIONS_KEY, BlockPatch, RunState, apply_model_wrapper, outer_sample_wrapper
 from .families import architecture, patchable_blocks
 
 
@@ -25,6 +25,6 @@ def with_hyca(model, state: RunState):
     for block in blocks:
         patched.set_model_patch_replace(BlockPatch(block), "dit", block.block_type, block.index)
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, OPTIONS_KEY, outer_sample_wrapper)
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, OPTIONS_KEY,
-                                 diffusion_model_wrapper)
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, OPTIONS_KEY,
+                                 apply_model_wrapper)
     return patched
