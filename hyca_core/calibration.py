@@ -7,7 +7,7 @@ and a compact sample of the probe so that later runs can re-select and fit for t
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from .trajectories import Trajectory
 
 
 def calibrate(
-    trajectories: dict[str, Trajectory],
+    trajectories: Mapping[str, Trajectory],
     schedule: Schedule,
     clusters: int = DEFAULT_CLUSTERS,
     seed: int = 0,
@@ -30,10 +30,14 @@ def calibrate(
     info: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> SolverMap:
-    """The solver map of a probe run; ``progress(done, total)`` is called after each block."""
-    if not trajectories:
+    """The solver map of a probe run; ``progress(done, total)`` is called after each block.
+
+    ``trajectories``: any mapping, e.g. a TrajectoryRecorder, which converts a block only when
+    it is looked up, so that at most one block is held in float32 at a time.
+    """
+    if not len(trajectories):
         raise ValueError("no trajectories were recorded: did the probe run any patched block?")
-    sigmas = next(iter(trajectories.values())).sigmas
+    sigmas = trajectories[next(iter(trajectories))].sigmas
     warmup = max(schedule.warmup, 1)
     pool = tuple(s for s in POOL if s.history <= warmup)
     mask = schedule.mask(len(sigmas))
@@ -41,7 +45,8 @@ def calibrate(
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
     plan = plan_schedule(mask, sigmas, pool=pool)
     blocks = {}
-    for done, (key, trajectory) in enumerate(trajectories.items(), start=1):
+    for done, key in enumerate(trajectories, start=1):
+        trajectory = trajectories[key]  # one block in float32 at a time, if the mapping is lazy
         if not np.array_equal(trajectory.sigmas, sigmas):
             raise ValueError(f"block {key} was recorded on other steps than the rest")
         blocks[key] = _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)

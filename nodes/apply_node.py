@@ -63,7 +63,7 @@ class MapSource:
         return compiled
 
     def calibrate_from(self, recorder: TrajectoryRecorder) -> None:
-        solver_map = calibrate(recorder.trajectories(), self.schedule, architecture=self.architecture,
+        solver_map = calibrate(recorder, self.schedule, architecture=self.architecture,
                                fingerprint=self.fingerprint, info={"auto": True})
         self.use(solver_map)
         try:

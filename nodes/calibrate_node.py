@@ -25,9 +25,9 @@ def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, 
     recorder = TrajectoryRecorder(tokens=tokens, seed=seed)
     patched = with_hyca(model, RunState(recorder=recorder))
     (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
-    progress = comfy.utils.ProgressBar(len(recorder.keys()))
+    progress = comfy.utils.ProgressBar(len(recorder))
     solver_map = calibrate(
-        recorder.trajectories(), schedule, clusters=clusters, seed=seed,
+        recorder, schedule, clusters=clusters, seed=seed,
         architecture=model_architecture(model), fingerprint=map_store.fingerprint(model),
         info={"steps": steps, "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg, "seed": seed},
         progress=lambda done, total: progress.update_absolute(done, total),
