@@ -1,0 +1,86 @@
+"""Cost of hyca_core.predict.predict relative to a plain torch.add, FLUX-size residual.
+
+Usage: python benchmarks/bench_predict.py [--reps N]
+
+Both are timed interleaved in one run (warmup first, then the median of N alternating
+repetitions), so a noisy machine slows both alike.  The baseline adds two tensors of the
+history's dtype into a preallocated output; predict also writes into a preallocated output.
+Coefficients are what a solver map produces: channels spread over the pool members that fit
+in m history slots (zero-padded), two steps ahead of a history spaced three steps apart.
+Target: ratio <= 2.5.  The "arbitrary" rows (random, non-affine coefficients, which take the
+general addcmul chain) are for information.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hyca_core.predict import predict  # noqa: E402
+from hyca_core.solvers import POOL  # noqa: E402
+
+SHAPE = (1, 4096, 3072)
+LIMIT = 2.5
+
+
+def _median_times(fns, reps: int, warmup: int = 3) -> list[float]:
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, acc in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def map_coefficients(m: int, channels: int) -> torch.Tensor:
+    """(m, channels) weights of the pool members with history <= m, assigned round-robin."""
+    times = [3.0 * i for i in range(m)]
+    rows = []
+    for s in (s for s in POOL if s.history <= m):
+        w = torch.zeros(m, dtype=torch.float64)
+        w[m - s.history:] = torch.from_numpy(s.weights(times[m - s.history:], times[-1] + 2))
+        rows.append(w)
+    table = torch.stack(rows, 1)  # (m, members)
+    return table[:, torch.arange(channels) % table.shape[1]].float()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=15)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {SHAPE}")
+    failed = False
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = (torch.randn(SHAPE).to(dtype) for _ in range(2))
+        add_out = torch.empty(SHAPE, dtype=dtype)
+        for m, kind in ((2, "map"), (3, "map"), (4, "map"), (4, "arbitrary")):
+            history = torch.randn(m, *SHAPE).to(dtype)
+            coeffs = map_coefficients(m, SHAPE[-1]) if kind == "map" else torch.randn(m, SHAPE[-1])
+            out = torch.empty(SHAPE, dtype=dtype)
+            t_add, t_pred = _median_times(
+                [lambda: torch.add(a, b, out=add_out), lambda: predict(history, coeffs, out)],
+                args.reps)
+            ratio = t_pred / t_add
+            if kind == "map":
+                verdict = "PASS" if ratio <= LIMIT else "FAIL"
+                failed |= ratio > LIMIT
+            else:
+                verdict = "(info)"
+            print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms"
+                  f"  predict {t_pred * 1e3:6.2f} ms  ratio {ratio:4.2f}  {verdict}")
+            del history
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
