@@ -14,7 +14,7 @@ from ..hyca_core.solver_map import CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import map_store
 from .block_cache import RunState
-from .patching import block_widths, model_architecture, with_hyca
+from .patching import GRANULARITIES, block_widths, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 
 HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,9 +28,10 @@ class MapSource:
     """
 
     def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
-                 adaptive: bool = False, only: tuple[str, str] | None = None):
+                 adaptive: bool = False, only: tuple[str, str] | None = None, granularity: str = "block"):
         self.architecture = model_architecture(model)
-        self.widths = block_widths(model)
+        self.granularity = granularity
+        self.widths = block_widths(model, granularity)
         self.fingerprint = map_store.fingerprint(model)
         self.schedule = schedule
         self.fitted = fitted
@@ -64,7 +65,7 @@ class MapSource:
 
     def calibrate_from(self, recorder: TrajectoryRecorder) -> None:
         solver_map = calibrate(recorder, self.schedule, architecture=self.architecture,
-                               fingerprint=self.fingerprint, info={"auto": True})
+                               fingerprint=self.fingerprint, info={"auto": True, "granularity": self.granularity})
         self.use(solver_map)
         try:
             logging.info("HyCa: calibrated from this run; map saved to %s", map_store.save_for(solver_map))
@@ -96,25 +97,29 @@ class ApplyRunState(RunState):
 
 def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
                history_dtype: torch.dtype | None = None, offload: bool = False,
-               adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None):
+               adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None,
+               granularity: str = "block"):
     """The patched clone. Without a map, the map stored for this base model is used, or the first
     run calibrates one. With ``adaptive_tolerance``, steps are predicted while the map's measured
     relative error on the first block, summed since the last full step, stays within it (at most
     2N - 1 steps in a row) instead of on the fixed every-N pattern. ``only`` = (solver, time variable)
     predicts every channel with one pool solver: the single-solver baselines of the benchmark.
+    ``granularity``: "block" (per transformer block, the paper) or "model" (the whole model's output).
     Raises MapError/UnsupportedModel with a clear message if they do not fit."""
     if solver_map is None:
         try:
-            solver_map = map_store.load_for(model)
+            solver_map = map_store.load_for(model, granularity)
         except MapError as error:
             logging.warning("HyCa: %s; calibrating a new map from the next run", error)
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
     adaptive = adaptive_tolerance is not None
-    source = MapSource(model, solver_map, schedule, fitted, adaptive, only)
+    if adaptive and granularity != "block":
+        raise ValueError("adaptive mode measures the first block's error, so it needs block granularity")
+    source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity)
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
     state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
-    return with_hyca(model, state)
+    return with_hyca(model, state, granularity)
 
 
 class HyCaApply(io.ComfyNode):
@@ -146,6 +151,9 @@ class HyCaApply(io.ComfyNode):
                                tooltip="Adaptive mode: summed relative error allowed before a full step."),
                 io.Boolean.Input("fitted", default=True,
                                  tooltip="Use least-squares fitted predictor weights (on) or the paper's fixed solvers (off)."),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
+                               tooltip="block: predict every transformer block (the paper, best quality). model: "
+                                       "predict the whole model's output; works for every family, holds 1 residual."),
                 io.Combo.Input("history_dtype", options=list(HISTORY_DTYPES), default="auto",
                                tooltip="Precision of cached residuals: bf16/fp16 halve their memory; auto keeps the model's."),
                 io.Boolean.Input("offload_history", default=False,
@@ -158,8 +166,9 @@ class HyCaApply(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, history_dtype,
-                offload_history, solver_map=None) -> io.NodeOutput:
+    def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
+                history_dtype, offload_history, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
-                                        offload_history, adaptive_tolerance if adaptive else None))
+                                        offload_history, adaptive_tolerance if adaptive else None,
+                                        granularity=granularity))

@@ -26,6 +26,7 @@ from ..hyca_core.trajectories import TrajectoryRecorder
 from .families import STREAMS, Block
 
 OPTIONS_KEY = "hyca"  # transformer_options entry holding the run state
+MODEL_KEY = "model.out"  # the whole model's residual (output - input), for whole-model granularity
 _CALL_KEY = "hyca_call"  # transformer_options entry holding the current call's decision
 
 
@@ -54,6 +55,7 @@ class Branch:
     sigmas: list[float] = field(default_factory=list)  # and their sigmas
     histories: dict[str, ResidualHistory] = field(default_factory=dict)
     gate: AdaptiveGate | None = None
+    predicted_step: float | None = None  # the on-grid step last predicted: later calls there predict too
 
     def nbytes(self) -> int:
         return sum(h.nbytes for h in self.histories.values())
@@ -127,14 +129,18 @@ class RunState:
             branch = self.branches[key] = Branch(gate=gate)
         if self.plan is None and self.make_plan is not None:
             self.plan = self.make_plan(sample_sigmas.detach().double().cpu().numpy()[:-1])
-        # only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights
-        candidate = (self.plan is not None and step.is_integer()
+        # only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights.
+        # Every call at one step gets the step's first decision (Heun evaluates each sigma twice).
+        computed_here = step.is_integer() and bool(branch.steps) and branch.steps[-1] == step
+        candidate = (self.plan is not None and step.is_integer() and not computed_here
                      and self.plan.can_predict(int(step), tuple(branch.steps)))
         if branch.gate is not None and self.plan is not None and step.is_integer() and not candidate:
             branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
-        undecided = candidate and branch.gate is not None
+        undecided = candidate and branch.gate is not None and branch.predicted_step != step
         predict = candidate and not undecided
-        replace_last = not candidate and bool(branch.steps) and branch.steps[-1] == step
+        if predict:
+            branch.predicted_step = step
+        replace_last = computed_here
         record = self.recorder is not None and first_branch and step.is_integer() and not replace_last
         return Call(branch, step, sigma, predict, replace_last, record, undecided)
 
@@ -143,13 +149,15 @@ class RunState:
         predicted = self.predicted_residual(call, key, computed)
         error = float((predicted - computed).float().norm() / computed.float().norm().clamp_min(1e-12))
         call.predict = not call.branch.gate.decide(error)
+        if call.predict:
+            call.branch.predicted_step = call.step
         call.undecided = False
 
     def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
         if call.record:
             self.recorder.record(key, call.sigma, residual)
-        if self.plan is None:
-            return
+        if self.plan is None or not call.step.is_integer():
+            return  # an off-grid evaluation is computed but never cached: the history holds grid steps only
         history = call.branch.histories.get(key)
         if history is None:
             history = call.branch.histories[key] = ResidualHistory(
@@ -200,6 +208,34 @@ def apply_model_wrapper(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
     finally:
         del transformer_options[_CALL_KEY]
+    state.end_call(call)
+    return out
+
+
+def _as_tokens(latent: torch.Tensor) -> torch.Tensor:
+    """(B, C, *spatial) -> (B, positions, C): latent channels play the role of hidden channels."""
+    return latent.flatten(2).transpose(1, 2)
+
+
+def whole_model_wrapper(executor, *args, **kwargs):
+    """Whole-model granularity: the model's output minus its input is the one cached residual.
+
+    Serves every model family, block patches or not (Lumina 2, HiDream, UNets), at the cost of
+    predicting the final output rather than each block.
+    """
+    transformer_options = _transformer_options(args, kwargs)
+    state: RunState | None = transformer_options.get(OPTIONS_KEY)
+    if state is None or transformer_options.get("sample_sigmas") is None:
+        return executor(*args, **kwargs)
+    x = args[0]
+    call = state.begin_call(x, transformer_options)
+    if call.predict:
+        state.predicted += 1
+        residual = state.predicted_residual(call, MODEL_KEY, _as_tokens(x))
+        return x + residual.transpose(1, 2).reshape(x.shape)
+    out = executor(*args, **kwargs)
+    state.computed += 1
+    state.store(call, MODEL_KEY, _as_tokens(out - x))
     state.end_call(call)
     return out
 

@@ -15,21 +15,22 @@ from ..hyca_core.schedule import Schedule
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
 from . import map_store
 from .block_cache import RunState
-from .patching import model_architecture, with_hyca
+from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 
 
 def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent, schedule: Schedule,
-          clusters: int = DEFAULT_CLUSTERS, tokens: int = DEFAULT_TOKENS):
+          clusters: int = DEFAULT_CLUSTERS, tokens: int = DEFAULT_TOKENS, granularity: str = "block"):
     """Sample once at full compute while recording every block; return (solver map, latent)."""
     recorder = TrajectoryRecorder(tokens=tokens, seed=seed)
-    patched = with_hyca(model, RunState(recorder=recorder))
+    patched = with_hyca(model, RunState(recorder=recorder), granularity)
     (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
     progress = comfy.utils.ProgressBar(len(recorder))
     solver_map = calibrate(
         recorder, schedule, clusters=clusters, seed=seed,
         architecture=model_architecture(model), fingerprint=map_store.fingerprint(model),
-        info={"steps": steps, "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg, "seed": seed},
+        info={"steps": steps, "sampler": sampler_name, "scheduler": scheduler, "cfg": cfg, "seed": seed,
+              "granularity": granularity},
         progress=lambda done, total: progress.update_absolute(done, total),
     )
     return solver_map, out
@@ -69,6 +70,9 @@ class HyCaCalibrate(io.ComfyNode):
                              tooltip="Steps always computed at the start; higher-order predictors need more history."),
                 io.Int.Input("clusters", default=DEFAULT_CLUSTERS, min=1, max=64,
                              tooltip="Number of channel groups per block (k-means), each with its own predictor."),
+                io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
+                               tooltip="block: every transformer block's residual (the paper). model: the whole "
+                                       "model's output, for families without block patches; use the same in Apply."),
                 io.Boolean.Input("save", default=True,
                                  tooltip="Save the map in models/hyca, where HyCa Apply finds it for this base model."),
             ],
@@ -80,9 +84,10 @@ class HyCaCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                interval, warmup, clusters, save) -> io.NodeOutput:
+                interval, warmup, clusters, granularity, save) -> io.NodeOutput:
         solver_map, latent = probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
-                                   latent_image, Schedule(interval=interval, warmup=warmup), clusters)
+                                   latent_image, Schedule(interval=interval, warmup=warmup), clusters,
+                                   granularity=granularity)
         if save:
             logging.info("HyCa: solver map saved to %s", map_store.save_for(solver_map))
         return io.NodeOutput(solver_map, latent)

@@ -65,7 +65,7 @@ def patchable_blocks(diffusion_model: torch.nn.Module) -> list[Block]:
         raise UnsupportedModel(
             f"HyCa cannot patch {type(diffusion_model).__name__}: ComfyUI offers no transformer-block "
             "patches for this model family (supported: FLUX, Chroma, Qwen-Image, HunyuanVideo, Wan, "
-            "LTX-Video, SD3, AuraFlow)"
+            "LTX-Video, SD3, AuraFlow); use granularity 'model' to cache the whole model's output instead"
         )
     blocks = []
     for block_type, candidates in _BLOCK_LISTS.items():

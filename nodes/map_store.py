@@ -9,6 +9,7 @@ folder_paths, so extra_model_paths.yaml can add more) and in this package's ``ca
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -73,9 +74,14 @@ def _sampled(names: list[str], state: dict) -> list[str]:
     return [matrices[i] for i in dict.fromkeys(picks)]
 
 
-def file_name(architecture: str, fingerprint_: str) -> str:
-    family = re.sub(r"[^A-Za-z0-9_]+", "_", architecture.rsplit(".", 1)[-1])
-    return f"{family}-{fingerprint_}{SUFFIX}"
+def file_name(solver_map: SolverMap) -> str:
+    family = re.sub(r"[^A-Za-z0-9_]+", "_", solver_map.architecture.rsplit(".", 1)[-1])
+    granularity = _granularity(solver_map.info)
+    return f"{family}-{solver_map.fingerprint}{'' if granularity == 'block' else '-' + granularity}{SUFFIX}"
+
+
+def _granularity(info: dict) -> str:
+    return info.get("granularity", "block") if isinstance(info, dict) else "block"
 
 
 def search_folders() -> list[Path]:
@@ -83,8 +89,9 @@ def search_folders() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(FOLDER)] + [SHIPPED]
 
 
-def find(model) -> Path | None:
-    """The stored map whose header names this model's architecture and base-weight fingerprint."""
+def find(model, granularity: str = "block") -> Path | None:
+    """The stored map whose header names this model's architecture, base-weight fingerprint and
+    granularity."""
     architecture, wanted = model_architecture(model), fingerprint(model)
     for folder in search_folders():
         for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
@@ -95,12 +102,17 @@ def find(model) -> Path | None:
                 logging.warning("HyCa: skipping unreadable map %s (%s)", path, error)
                 continue
             if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
-                return path
+                try:
+                    info = json.loads(meta.get("info", "{}"))
+                except ValueError:
+                    info = {}
+                if _granularity(info) == granularity:
+                    return path
     return None
 
 
-def load_for(model) -> SolverMap | None:
-    path = find(model)
+def load_for(model, granularity: str = "block") -> SolverMap | None:
+    path = find(model, granularity)
     if path is None:
         return None
     solver_map = SolverMap.load(path)
@@ -110,7 +122,7 @@ def load_for(model) -> SolverMap | None:
 
 def save_for(solver_map: SolverMap) -> Path:
     """Save into the first writable hyca folder, atomically; the map must carry the fingerprint."""
-    name = file_name(solver_map.architecture, solver_map.fingerprint)
+    name = file_name(solver_map)
     errors = []
     for folder in search_folders()[:-1]:  # never write into the package
         try:

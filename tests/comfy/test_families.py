@@ -232,3 +232,27 @@ def test_family_without_block_patches_is_refused(pack, name):
         with pytest.raises(pack.nodes.families.UnsupportedModel, match=message):
             attempt()
     assert "patches_replace" not in model.model_options["transformer_options"]
+
+
+@pytest.mark.parametrize("name", ["lumina2", "sd1.5-unet"])  # HiDream needs its four text encoders' outputs
+def test_family_without_block_patches_runs_at_whole_model_granularity(pack, name, caplog):
+    config, _ = UNSUPPORTED[name]
+    model = tiny_models.build(config, seed=1)
+    Schedule = pack.hyca_core.schedule.Schedule
+    positive, negative = sampling.text_conditioning(32)
+    channels = model.model.latent_format.latent_channels
+    latent = torch.zeros(1, channels, 8, 8)
+    solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
+                                                    {"samples": latent}, Schedule(interval=3, warmup=3),
+                                                    granularity="model")
+    apply = pack.nodes.apply_node.apply_hyca
+    full = sampling.sample(model, positive, negative, latent, steps=STEPS, seed=2)
+    same = sampling.sample(apply(model, solver_map, Schedule(interval=1, warmup=3), granularity="model"),
+                           positive, negative, latent, steps=STEPS, seed=2)
+    assert torch.equal(same, full)
+    with caplog.at_level(logging.INFO):
+        out = sampling.sample(apply(model, solver_map, Schedule(interval=3, warmup=3), granularity="model"),
+                              positive, negative, latent, steps=STEPS, seed=2)
+    computed = int(Schedule(interval=3, warmup=3).mask(STEPS).sum())
+    assert _logged_counts(caplog.text) == (computed, STEPS - computed)
+    assert not torch.equal(out, full) and torch.isfinite(out).all()

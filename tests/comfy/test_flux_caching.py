@@ -227,3 +227,22 @@ def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_
     for table in reuse.tables.values():
         for weights in table.values():
             assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()
+
+
+def test_whole_model_granularity_caches_the_model_output(pack, flux, conditioning, latent, full, caplog):
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    whole_map, _ = pack.nodes.calibrate_node.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
+                                                   {"samples": latent}, schedule, granularity="model")
+    assert list(whole_map.blocks) == ["model.out"] and len(whole_map.blocks["model.out"].labels) == 16
+    apply = pack.nodes.apply_node.apply_hyca
+    same = sampling.sample(apply(flux, whole_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="model"),
+                           *conditioning, latent, steps=STEPS, seed=5)
+    assert torch.equal(same, full)
+    patched = apply(flux, whole_map, schedule, granularity="model")
+    assert "patches_replace" not in patched.model_options["transformer_options"]
+    with caplog.at_level(logging.INFO):
+        out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
+    assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
+    assert not torch.equal(out, full) and _psnr(out, full) > 25
+    with pytest.raises(pack.hyca_core.solver_map.MapError):
+        apply(flux, whole_map, schedule)  # a whole-model map does not fit block granularity
