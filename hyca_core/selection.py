@@ -120,14 +120,14 @@ def cluster_gram(values: np.ndarray, labels: np.ndarray, clusters: int | None = 
     clusters: C, by default one more than the largest label."""
     clusters = int(labels.max()) + 1 if clusters is None else clusters
     steps = values.shape[0]
-    # channels grouped by cluster, channel-major: each cluster is then one contiguous
-    # (steps, channels x rows) view, and the conversion to float64 happens once
+    # channels grouped by cluster (one gather), then each cluster copied once into a contiguous
+    # float64 (steps, rows x channels) block for the product
     order = np.argsort(labels, kind="stable")
-    grouped = np.ascontiguousarray(np.asarray(values).transpose(0, 2, 1)[:, order], dtype=np.float64)
+    grouped = np.take(np.asarray(values), order, axis=2)
     bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=clusters))])
     gram = np.zeros((clusters, steps, steps))
     for c in range(clusters):
-        x = grouped[:, bounds[c] : bounds[c + 1]].reshape(steps, -1)
+        x = grouped[:, :, bounds[c] : bounds[c + 1]].astype(np.float64).reshape(steps, -1)
         gram[c] = x @ x.T
     return gram
 

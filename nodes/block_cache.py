@@ -28,13 +28,17 @@ from .families import STREAMS, Block
 OPTIONS_KEY = "hyca"  # transformer_options entry holding the run state
 MODEL_KEY = "model.out"  # the whole model's residual (output - input), for whole-model granularity
 _CALL_KEY = "hyca_call"  # transformer_options entry holding the current call's decision
+# A call within this fraction of a step gap of a step's sigma evaluates that step: for flow models, ComfyUI's
+# SDE samplers and DPM++ 2S move a first sigma of 1 to 0.9999 (offset_first_sigma_for_snr), 1e-4 x steps away.
+ON_STEP = 0.05
 
 
 def step_position(sample_sigmas: torch.Tensor, sigma: float) -> float:
     """The step index of ``sigma`` on the sampling schedule, fractional between two steps.
 
     Deciding by sigma rather than by counting calls keeps multi-call samplers (Heun, DPM++ 2S) and
-    img2img schedules right: every call at the same sigma gets the same decision.
+    img2img schedules right: every call at the same sigma gets the same decision. Positions within
+    ``ON_STEP`` of a step are that step.
     """
     sigmas = sample_sigmas.detach().double().cpu().numpy()
     close = np.flatnonzero(np.isclose(sigmas, sigma, rtol=1e-5, atol=1e-7))
@@ -44,7 +48,9 @@ def step_position(sample_sigmas: torch.Tensor, sigma: float) -> float:
     if not len(below) or below[0] == 0:
         return 0.0
     i = int(below[0]) - 1
-    return i + float((sigmas[i] - sigma) / (sigmas[i] - sigmas[i + 1]))
+    position = i + float((sigmas[i] - sigma) / (sigmas[i] - sigmas[i + 1]))
+    nearest = round(position)
+    return float(nearest) if abs(position - nearest) <= ON_STEP else position
 
 
 @dataclass
@@ -154,6 +160,7 @@ class RunState:
         call.undecided = False
 
     def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
+        residual = residual.detach()  # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
         if call.record:
             self.recorder.record(key, call.sigma, residual)
         if self.plan is None or not call.step.is_integer():
