@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hyca_core.calibration import calibrate  # noqa: E402
 from hyca_core.schedule import Schedule  # noqa: E402
 from hyca_core.trajectories import DEFAULT_TOKENS, Trajectory  # noqa: E402
-from tests.core.synthetic import flow_sigmas, mixture  # noqa: E402
+from harness.synthetic import flow_sigmas, mixture  # noqa: E402
 
 BLOCKS, CHANNELS, STEPS, TARGET_S = 57, 3072, 50, 5.0
 

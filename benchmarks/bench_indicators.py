@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hyca_core.clustering import DEFAULT_CLUSTERS, cluster_channels  # noqa: E402
 from hyca_core.indicators import descriptor_matrix  # noqa: E402
-from tests.core.synthetic import mixture  # noqa: E402
+from harness.synthetic import mixture  # noqa: E402
 
 BLOCKS, STEPS, CHANNELS = 57, 50, 3072
 DISTINCT = 3  # distinct synthetic blocks, cycled: 3 x 39 MB already exceeds the CPU caches

@@ -5,7 +5,7 @@ import torch
 from hyca_core.clustering import DEFAULT_CLUSTERS, adjusted_rand, cluster_channels
 from hyca_core.indicators import descriptor_matrix
 from hyca_core.trajectories import TrajectoryRecorder
-from tests.core.synthetic import DYNAMICS, flow_sigmas, mixture
+from harness.synthetic import DYNAMICS, flow_sigmas, mixture
 
 
 @pytest.mark.parametrize("steps,shift", [(10, 1.0), (30, 1.0), (50, 1.0), (20, 3.0), (28, 3.0), (50, 3.0)])

@@ -5,7 +5,7 @@ from hyca_core import selection
 from hyca_core.schedule import Schedule
 from hyca_core.selection import Position
 from hyca_core.solvers import MAX_HISTORY, POOL, TIME_VARIABLES, solver
-from tests.core.synthetic import DYNAMICS, mixture
+from harness.synthetic import DYNAMICS, mixture
 
 HELD_OUT = (11, 12, 13)
 

@@ -11,7 +11,7 @@ from hyca_core import solver_map as sm
 from hyca_core.calibration import calibrate
 from hyca_core.schedule import Schedule
 from hyca_core.trajectories import Trajectory
-from tests.core.synthetic import flow_sigmas, mixture
+from harness.synthetic import flow_sigmas, mixture
 
 ARCH = "comfy.ldm.flux.model.Flux"
 
