@@ -28,29 +28,27 @@ from .families import STREAMS, Block
 OPTIONS_KEY = "hyca"  # transformer_options entry holding the run state
 MODEL_KEY = "model.out"  # the whole model's residual (output - input), for whole-model granularity
 _CALL_KEY = "hyca_call"  # transformer_options entry holding the current call's decision
-# A call within this fraction of a step gap of a step's sigma evaluates that step: for flow models, ComfyUI's
-# SDE samplers and DPM++ 2S move a first sigma of 1 to 0.9999 (offset_first_sigma_for_snr), 1e-4 x steps away.
-ON_STEP = 0.05
+# A call at a sigma within this relative tolerance of a step's evaluates that step: for flow models, ComfyUI's
+# SDE samplers and DPM++ 2S evaluate a first sigma of 1 at 0.9999 (offset_first_sigma_for_snr).
+ON_STEP_RTOL = 1e-3
 
 
 def step_position(sample_sigmas: torch.Tensor, sigma: float) -> float:
     """The step index of ``sigma`` on the sampling schedule, fractional between two steps.
 
     Deciding by sigma rather than by counting calls keeps multi-call samplers (Heun, DPM++ 2S) and
-    img2img schedules right: every call at the same sigma gets the same decision. Positions within
-    ``ON_STEP`` of a step are that step.
+    img2img schedules right: every call at the same sigma gets the same decision. A sigma within
+    ``ON_STEP_RTOL`` of steps' sigmas is the nearest of those steps.
     """
     sigmas = sample_sigmas.detach().double().cpu().numpy()
-    close = np.flatnonzero(np.isclose(sigmas, sigma, rtol=1e-5, atol=1e-7))
+    close = np.flatnonzero(np.isclose(sigmas, sigma, rtol=ON_STEP_RTOL, atol=1e-7))
     if len(close):
-        return float(close[0])
+        return float(close[np.argmin(np.abs(sigmas[close] - sigma))])
     below = np.flatnonzero(sigmas < sigma)  # schedules decrease
     if not len(below) or below[0] == 0:
         return 0.0
     i = int(below[0]) - 1
-    position = i + float((sigmas[i] - sigma) / (sigmas[i] - sigmas[i + 1]))
-    nearest = round(position)
-    return float(nearest) if abs(position - nearest) <= ON_STEP else position
+    return i + float((sigmas[i] - sigma) / (sigmas[i] - sigmas[i + 1]))
 
 
 @dataclass
@@ -61,7 +59,7 @@ class Branch:
     sigmas: list[float] = field(default_factory=list)  # and their sigmas
     histories: dict[str, ResidualHistory] = field(default_factory=dict)
     gate: AdaptiveGate | None = None
-    predicted_step: float | None = None  # the on-grid step last predicted: later calls there predict too
+    decided: dict[int, bool] = field(default_factory=dict)  # step -> predicted: later calls there do the same
 
     def nbytes(self) -> int:
         return sum(h.nbytes for h in self.histories.values())
@@ -78,6 +76,7 @@ class Call:
     replace_last: bool  # a computed call at the step already cached (Heun's second evaluation)
     record: bool
     undecided: bool = False  # adaptive: the first block computes and measures, then decides
+    cache: bool = True  # a computed call whose residuals the history keeps (an on-grid step's newest)
 
 
 class RunPlan(Protocol):
@@ -135,36 +134,43 @@ class RunState:
             branch = self.branches[key] = Branch(gate=gate)
         if self.plan is None and self.make_plan is not None:
             self.plan = self.make_plan(sample_sigmas.detach().double().cpu().numpy()[:-1])
-        # only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights.
-        # Every call at one step gets the step's first decision (Heun evaluates each sigma twice).
-        computed_here = step.is_integer() and bool(branch.steps) and branch.steps[-1] == step
-        candidate = (self.plan is not None and step.is_integer() and not computed_here
-                     and self.plan.can_predict(int(step), tuple(branch.steps)))
-        if branch.gate is not None and self.plan is not None and step.is_integer() and not candidate:
-            branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
-        undecided = candidate and branch.gate is not None and branch.predicted_step != step
-        predict = candidate and not undecided
-        if predict:
-            branch.predicted_step = step
-        replace_last = computed_here
-        record = self.recorder is not None and first_branch and step.is_integer() and not replace_last
-        return Call(branch, step, sigma, predict, replace_last, record, undecided)
+        # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and is
+        # computed, uncached. Every later call at a step repeats its first decision (Heun evaluates most sigmas
+        # twice, heunpp2 looks ahead and back); a repeated computation replaces the cached one if it is the
+        # newest, and is not cached if a later step's already is.
+        on_grid = step.is_integer()
+        earlier = branch.decided.get(int(step)) if on_grid else None
+        undecided = False
+        if earlier is None:
+            candidate = (self.plan is not None and on_grid
+                         and self.plan.can_predict(int(step), tuple(branch.steps)))
+            if branch.gate is not None and self.plan is not None and on_grid and not candidate:
+                branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
+            undecided = candidate and branch.gate is not None
+            predict = candidate and not undecided
+            if on_grid and not undecided:
+                branch.decided[int(step)] = predict
+        else:
+            predict = earlier
+        replace_last = earlier is False and bool(branch.steps) and branch.steps[-1] == step
+        cache = on_grid and (earlier is None or replace_last)
+        record = self.recorder is not None and first_branch and on_grid and earlier is None
+        return Call(branch, step, sigma, predict, replace_last, record, undecided, cache)
 
     def decide(self, call: Call, key: str, computed: torch.Tensor) -> None:
         """Adaptive: measure the map's error on the first block's true residual, then decide."""
         predicted = self.predicted_residual(call, key, computed)
         error = float((predicted - computed).float().norm() / computed.float().norm().clamp_min(1e-12))
         call.predict = not call.branch.gate.decide(error)
-        if call.predict:
-            call.branch.predicted_step = call.step
+        call.branch.decided[int(call.step)] = call.predict
         call.undecided = False
 
     def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
         residual = residual.detach()  # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
         if call.record:
             self.recorder.record(key, call.sigma, residual)
-        if self.plan is None or not call.step.is_integer():
-            return  # an off-grid evaluation is computed but never cached: the history holds grid steps only
+        if self.plan is None or not call.cache:
+            return  # the history holds the newest computation of each computed grid step, in step order
         history = call.branch.histories.get(key)
         if history is None:
             history = call.branch.histories[key] = ResidualHistory(
@@ -179,7 +185,7 @@ class RunState:
         branch = call.branch
         if call.replace_last:
             branch.steps[-1], branch.sigmas[-1] = int(call.step), call.sigma
-        elif call.step.is_integer():
+        elif call.cache:
             branch.steps.append(int(call.step))
             branch.sigmas.append(call.sigma)
             del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
