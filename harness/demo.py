@@ -20,14 +20,10 @@ import torch
 from PIL import Image
 
 from . import node_pack, sampling, tiny_models
+from .metrics import psnr
 
 DEMO_FLUX = dict(tiny_models.FLUX, hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=2,
                  depth_single_blocks=4, context_in_dim=64, vec_in_dim=32)
-
-
-def psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
-    peak = reference.max() - reference.min()
-    return float(10 * torch.log10(peak**2 / ((output - reference) ** 2).mean()))
 
 
 def to_rgb(latent: torch.Tensor, low: float, high: float, scale: int = 4) -> Image.Image:

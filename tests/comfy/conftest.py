@@ -2,7 +2,25 @@
 
 import tempfile
 
-from harness import comfy_runtime
+import pytest
+import torch
+
+from harness import comfy_runtime, node_pack
 
 # Like `main.py --base-directory`: models/, output/ ... of a throw-away folder, never site-packages.
 comfy_runtime.load(base_directory=tempfile.mkdtemp(prefix="hyca-comfy-"))
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """This node pack, loaded through ComfyUI's own custom-node loader."""
+    return node_pack.load()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The test models are too small to gain from intra-op threads, and lose much to them on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

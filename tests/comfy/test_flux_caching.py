@@ -5,14 +5,10 @@ import logging
 import pytest
 import torch
 
-from harness import node_pack, sampling, tiny_models
+from harness import sampling, tiny_models
+from harness.metrics import psnr
 
 STEPS = 20
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return node_pack.load()
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +45,6 @@ def _apply(pack, model, solver_map, interval, **kwargs):
     return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
-def _psnr(a, b):
-    return float(10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean()))
-
-
 def test_map_covers_every_block_stream(solver_map, flux):
     depth, single = tiny_models.FLUX["depth"], tiny_models.FLUX["depth_single_blocks"]
     expected = {f"double_block.{i}.{s}" for i in range(depth) for s in ("img", "txt")}
@@ -85,13 +77,13 @@ def test_caching_skips_the_scheduled_blocks_and_stays_close(pack, flux, solver_m
     computed_steps = 7
     assert f"{computed_steps * blocks} block calls computed, {(STEPS - computed_steps) * blocks} predicted" in caplog.text
     assert not torch.equal(out, full)
-    assert _psnr(out, full) > 30
+    assert psnr(out, full) > 30
 
 
 def test_fixed_pool_and_fitted_both_run(pack, flux, solver_map, conditioning, latent, full):
     fixed = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=False), *conditioning, latent, steps=STEPS, seed=5)
     fitted = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=True), *conditioning, latent, steps=STEPS, seed=5)
-    assert _psnr(fixed, full) > 30 and _psnr(fitted, full) > 30
+    assert psnr(fixed, full) > 30 and psnr(fitted, full) > 30
     assert not torch.equal(fixed, fitted)
 
 
@@ -137,7 +129,7 @@ def test_auto_mode_calibrates_on_the_first_run_saves_and_reuses(pack, conditioni
     with caplog.at_level(logging.INFO):
         second = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)
-    assert _psnr(second, full) > 30
+    assert psnr(second, full) > 30
     # a new Apply on the same base model finds the saved map without being given one
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -194,7 +186,7 @@ def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solv
     computed, predicted = _counts(caplog)
     assert computed + predicted == STEPS * blocks and predicted > 0
     assert predicted % (blocks - 1) == 0  # a predicted step still computes its first block
-    assert _psnr(loose, full) > 30
+    assert psnr(loose, full) > 30
 
 
 def test_inspector_plots_and_summarizes_and_compares(pack, flux, solver_map, conditioning, latent):
@@ -243,6 +235,6 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
     with caplog.at_level(logging.INFO):
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
-    assert not torch.equal(out, full) and _psnr(out, full) > 25
+    assert not torch.equal(out, full) and psnr(out, full) > 25
     with pytest.raises(pack.hyca_core.solver_map.MapError):
         apply(flux, whole_map, schedule)  # a whole-model map does not fit block granularity

@@ -20,7 +20,8 @@ import uuid
 import pytest
 import torch
 
-from harness import node_pack, sampling, tiny_models
+from harness import sampling, tiny_models
+from harness.metrics import psnr as _psnr
 
 # FLUX with one double and one single block: every code path, little compute
 FLUX = dict(tiny_models.FLUX, depth=1, depth_single_blocks=1)
@@ -28,20 +29,6 @@ LATENT = (1, 16, 16, 16)
 STEPS = 10
 N, WARMUP = 2, 2
 FIRST = ("double_block", 0)  # the first block HyCa patches, in FLUX and Wan alike
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are too small to gain from intra-op threads, and lose much to them on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pack():
-    return node_pack.load()
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +51,6 @@ def solver_map(pack, flux, conditioning):
 
 def _randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _psnr(a, b):
-    return float(10 * torch.log10((b.max() - b.min()) ** 2 / ((a - b) ** 2).mean()))
 
 
 def _report(text, *args):
