@@ -152,8 +152,9 @@ class HyCaApply(io.ComfyNode):
                 io.Boolean.Input("fitted", default=True,
                                  tooltip="Use least-squares fitted predictor weights (on) or the paper's fixed solvers (off)."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
-                               tooltip="block: predict every transformer block (the paper, best quality). model: "
-                                       "predict the whole model's output; works for every family, holds 1 residual."),
+                               tooltip="block: predict every transformer block (the paper, best quality). stack: "
+                                       "one residual per run of blocks (far less memory). model: the whole model's "
+                                       "output; works for every family. Use the map's granularity."),
                 io.Combo.Input("history_dtype", options=list(HISTORY_DTYPES), default="auto",
                                tooltip="Precision of cached residuals: bf16/fp16 halve their memory; auto keeps the model's."),
                 io.Boolean.Input("offload_history", default=False,

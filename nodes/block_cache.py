@@ -77,6 +77,7 @@ class Call:
     record: bool
     undecided: bool = False  # adaptive: the first block computes and measures, then decides
     cache: bool = True  # a computed call whose residuals the history keeps (an on-grid step's newest)
+    unit_inputs: dict = field(default_factory=dict)  # inputs of the unit being computed, by stream
 
 
 class RunPlan(Protocol):
@@ -155,7 +156,7 @@ class RunState:
         replace_last = earlier is False and bool(branch.steps) and branch.steps[-1] == step
         cache = on_grid and (earlier is None or replace_last)
         record = self.recorder is not None and first_branch and on_grid and earlier is None
-        return Call(branch, step, sigma, predict, replace_last, record, undecided, cache)
+        return Call(branch, step, sigma, predict, replace_last, record, undecided=undecided, cache=cache)
 
     def decide(self, call: Call, key: str, computed: torch.Tensor) -> None:
         """Adaptive: measure the map's error on the first block's true residual, then decide."""
@@ -279,11 +280,27 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = original_options
 
 
-class BlockPatch:
-    """Replacement for one transformer block: run it and cache its residual, or predict it."""
+@dataclass(frozen=True)
+class Unit:
+    """What one cached residual spans: a single block (the paper), or a stack of consecutive blocks
+    that is computed or skipped as a whole (one residual per stream instead of one per block)."""
 
-    def __init__(self, block: Block):
+    name: str  # "double_block.3" or "double_blocks"
+    size: int  # blocks in it
+
+    def key(self, stream: str) -> str:
+        """Name of one residual stream of this unit in a solver map: ``"double_block.3.img"``."""
+        return f"{self.name}.{stream}"
+
+
+class BlockPatch:
+    """Replacement for one transformer block: run it and cache its unit's residual, or predict it."""
+
+    def __init__(self, block: Block, unit: Unit, first: bool = True, last: bool = True):
         self.block = block
+        self.unit = unit
+        self.first = first  # the unit's input is this block's input
+        self.last = last  # the unit's output is this block's output
 
     def __call__(self, args: dict, extra: dict) -> dict:
         options = args["transformer_options"]
@@ -292,20 +309,26 @@ class BlockPatch:
         if call is None or state is None:
             return extra["original_block"](args)
         if call.predict:
-            state.predicted += 1
+            if not self.first:  # the unit's prediction was added at its first block
+                return {s: args[s] for s in STREAMS if s in args}
+            state.predicted += self.unit.size
             # A stream with no history is one the block does not output (Wan/LTX-Video get the text
             # as "txt" but return only "img"; SD3's last joint block returns "txt" None): None, as computed.
-            return {s: args[s] + state.predicted_residual(call, self.block.key(s), args[s])
-                    if self.block.key(s) in call.branch.histories else None for s in STREAMS if s in args}
-        # FLUX-family blocks add their residuals in place: keep the inputs before the block runs.
-        inputs = {s: args[s].clone() for s in STREAMS if isinstance(args.get(s), torch.Tensor)}
+            return {s: args[s] + state.predicted_residual(call, self.unit.key(s), args[s])
+                    if self.unit.key(s) in call.branch.histories else None for s in STREAMS if s in args}
+        if self.first:
+            # FLUX-family blocks add their residuals in place: keep the inputs before the block runs.
+            call.unit_inputs = {s: args[s].clone() for s in STREAMS if isinstance(args.get(s), torch.Tensor)}
         out = extra["original_block"](args)
         state.computed += 1
-        residuals = {s: out[s] - before for s, before in inputs.items() if isinstance(out.get(s), torch.Tensor)}
+        if not self.last:
+            return out
+        residuals = {s: out[s] - before for s, before in call.unit_inputs.items()
+                     if isinstance(out.get(s), torch.Tensor)}
         if call.undecided:  # adaptive: this first block's true residual decides the whole call
-            state.decide(call, self.block.key("img"), residuals["img"])
+            state.decide(call, self.unit.key("img"), residuals["img"])
             if call.predict:
                 return out  # exact for this block; the others will be predicted
         for s, residual in residuals.items():
-            state.store(call, self.block.key(s), residual)
+            state.store(call, self.unit.key(s), residual)
         return out

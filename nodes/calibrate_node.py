@@ -71,8 +71,9 @@ class HyCaCalibrate(io.ComfyNode):
                 io.Int.Input("clusters", default=DEFAULT_CLUSTERS, min=1, max=64,
                              tooltip="Number of channel groups per block (k-means), each with its own predictor."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
-                               tooltip="block: every transformer block's residual (the paper). model: the whole "
-                                       "model's output, for families without block patches; use the same in Apply."),
+                               tooltip="block: every transformer block's residual (the paper). stack: one per run of "
+                                       "blocks (less memory). model: the whole model's output, for families without "
+                                       "block patches. Use the same in Apply."),
                 io.Boolean.Input("save", default=True,
                                  tooltip="Save the map in models/hyca, where HyCa Apply finds it for this base model."),
             ],

@@ -40,10 +40,6 @@ class Block:
     def name(self) -> str:
         return f"{self.block_type}.{self.index}"
 
-    def key(self, stream: str) -> str:
-        """Name of one residual stream of this block in a solver map: ``"double_block.3.img"``."""
-        return f"{self.name}.{stream}"
-
 
 def _width(block: torch.nn.Module) -> int:
     """Hidden size of a block: the input width of its first linear layer."""

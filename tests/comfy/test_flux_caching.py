@@ -238,3 +238,21 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
     assert not torch.equal(out, full) and psnr(out, full) > 25
     with pytest.raises(pack.hyca_core.solver_map.MapError):
         apply(flux, whole_map, schedule)  # a whole-model map does not fit block granularity
+
+
+def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditioning, latent, full, caplog):
+    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
+    stack_map, _ = pack.nodes.calibrate_node.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
+                                                   {"samples": latent}, schedule, granularity="stack")
+    assert set(stack_map.blocks) == {"double_blocks.img", "double_blocks.txt", "single_blocks.img"}
+    apply = pack.nodes.apply_node.apply_hyca
+    same = sampling.sample(apply(flux, stack_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="stack"),
+                           *conditioning, latent, steps=STEPS, seed=5)
+    assert torch.equal(same, full)
+    with caplog.at_level(logging.INFO):
+        out = sampling.sample(apply(flux, stack_map, schedule, granularity="stack"), *conditioning, latent,
+                              steps=STEPS, seed=5)
+    assert _counts(caplog) == (28, 52)  # every block of a predicted step is skipped, as per block
+    assert not torch.equal(out, full) and psnr(out, full) > 25
+    with pytest.raises(pack.hyca_core.solver_map.MapError):
+        apply(flux, stack_map, schedule)  # a stack map does not fit block granularity

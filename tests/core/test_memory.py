@@ -12,15 +12,20 @@ import torch
 from hyca_core.predict import ResidualHistory
 
 # FLUX.1-dev at 1024x1024, batch 1: 4096 image + 512 text tokens, hidden 3072; 19 double blocks
-# (an image and a text stream each) and 38 single blocks (both, concatenated).
-FLUX_STREAMS = [(4096, 3072)] * 19 + [(512, 3072)] * 19 + [(4608, 3072)] * 38
+# (an image and a text stream each) and 38 single blocks (both, concatenated); a 16 x 128 x 128
+# latent. The (tokens, channels) of every cached residual, per granularity:
+FLUX_RESIDUALS = {
+    "block": [(4096, 3072)] * 19 + [(512, 3072)] * 19 + [(4608, 3072)] * 38,
+    "stack": [(4096, 3072), (512, 3072), (4608, 3072)],
+    "model": [(128 * 128, 16)],
+}
 CACHED = 3  # residuals per stream with the default warm-up of 3 (the longest solver history it admits)
-README_FIGURES = {torch.float32: "9.0 GiB", torch.bfloat16: "4.5 GiB", torch.float16: "4.5 GiB"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def flux_history_bytes(dtype: torch.dtype) -> int:
+def flux_history_bytes(granularity: str, dtype: torch.dtype) -> int:
     total = 0
-    for tokens, width in FLUX_STREAMS:
+    for tokens, width in FLUX_RESIDUALS[granularity]:
         history = ResidualHistory(CACHED, dtype=dtype, device="meta")
         for _ in range(CACHED + 1):
             history.push(torch.empty(1, tokens, width, device="meta"))
@@ -28,11 +33,20 @@ def flux_history_bytes(dtype: torch.dtype) -> int:
     return total
 
 
-@pytest.mark.parametrize("dtype", list(README_FIGURES))
-def test_flux_history_size_matches_the_readme(dtype):
-    nbytes = flux_history_bytes(dtype)
-    assert nbytes == CACHED * 262_656 * 3072 * torch.finfo(dtype).bits // 8
-    stated = f"{nbytes / 2**30:.1f} GiB"
-    assert stated == README_FIGURES[dtype]
+def _readable(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize("granularity", list(FLUX_RESIDUALS))
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_flux_history_size_is_the_readme_figure(granularity, dtype):
+    nbytes = flux_history_bytes(granularity, DTYPES[dtype])
+    tokens = sum(t * w for t, w in FLUX_RESIDUALS[granularity])
+    assert nbytes == CACHED * tokens * torch.finfo(DTYPES[dtype]).bits // 8
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert f"| {str(dtype).removeprefix('torch.')} | {stated} |" in readme
+    assert f"| {granularity} | {dtype} | {_readable(nbytes)} |" in readme
+
+
+def test_stack_granularity_holds_a_fraction_of_per_block_memory():
+    per_block, per_stack = (flux_history_bytes(g, torch.bfloat16) for g in ("block", "stack"))
+    assert per_block / per_stack > 25
