@@ -17,6 +17,7 @@ from .schedule import Schedule
 from .selection import compact_sample, plan_schedule, select, solver_errors
 from .solver_map import BlockMap, SolverMap
 from .solvers import POOL, TIME_VARIABLES
+from .threads import single_threaded
 from .trajectories import Trajectory
 
 
@@ -45,13 +46,16 @@ def calibrate(
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
     plan = plan_schedule(mask, sigmas, pool=pool)
     blocks = {}
-    for done, key in enumerate(trajectories, start=1):
-        trajectory = trajectories[key]  # one block in float32 at a time, if the mapping is lazy
-        if not np.array_equal(trajectory.sigmas, sigmas):
-            raise ValueError(f"block {key} was recorded on other steps than the rest")
-        blocks[key] = _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
-        if progress:
-            progress(done, len(trajectories))
+    # The linear algebra here is many small products and eigendecompositions, which BLAS threads
+    # slow down (8x for the batched 50x50 eigh) instead of speeding up.
+    with single_threaded("blas"):
+        for done, key in enumerate(trajectories, start=1):
+            trajectory = trajectories[key]  # one block in float32 at a time, if the mapping is lazy
+            if not np.array_equal(trajectory.sigmas, sigmas):
+                raise ValueError(f"block {key} was recorded on other steps than the rest")
+            blocks[key] = _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
+            if progress:
+                progress(done, len(trajectories))
     return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
-from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+from .threads import single_threaded
 
 # The paper does not state its cluster count. Eight leaves room for the distinct dynamic
 # regimes it shows (smooth, oscillatory, stiff, noisy, at a few magnitudes) while keeping
@@ -37,7 +38,7 @@ def cluster_channels(descriptors: np.ndarray, clusters: int = DEFAULT_CLUSTERS,
     kmeans = KMeans(n_clusters=clusters, n_init=_N_INIT, random_state=seed)
     # A few thousand 10-d points gain nothing from OpenMP threads, and their spin-waiting
     # makes k-means many times slower whenever another process is busy on the CPU.
-    with threadpool_limits(limits=1, user_api="openmp"):
+    with single_threaded("openmp"):
         labels = kmeans.fit_predict(x)
     return _canonical(labels)
 

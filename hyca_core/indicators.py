@@ -17,7 +17,8 @@ import numpy as np
 import scipy.fft
 import scipy.stats
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits  # a scikit-learn dependency
+
+from .threads import single_threaded
 
 INDICATOR_NAMES: tuple[str, ...] = (
     "d1",                     # ||f_k - f_{k-1}||
@@ -94,7 +95,7 @@ def _sums_over_rows(v: np.ndarray) -> list[np.ndarray]:
     """
     starts = range(0, v.shape[1], _ROWS_PER_SLICE)
     workers = min(os.cpu_count() or 1, len(starts))
-    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+    with single_threaded("blas"), ThreadPoolExecutor(workers) as pool:
         parts = list(pool.map(lambda a: _row_sums(v[:, a:a + _ROWS_PER_SLICE]), starts))
     return [sum(same) for same in zip(*parts)]
 
