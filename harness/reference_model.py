@@ -1,0 +1,293 @@
+"""The trained reference model: a tiny Wan 2.1 diffusion transformer over 32x32 coloured digits.
+
+What it is (HyCa's quality benchmarks need a model whose features have real, learned dynamics):
+
+- **Architecture**: ComfyUI's own ``comfy.ldm.wan.model.WanModel`` (text-to-video Wan 2.1) with
+  :data:`UNET_CONFIG`: dim 128, 6 blocks, FFN 512, patch (1, 2, 2), 16 latent channels. Every
+  value in it is what ``comfy.model_detection.detect_unet_config`` infers from the weights file,
+  which fixes some of them: the head count is ``dim // 128`` (so one head of 128 at dim 128),
+  ``freq_dim`` is 256, and ``text_dim`` is not inferred, so it stays WanModel's default 4096.
+- **Weights**: :data:`WEIGHTS` (``harness/assets/reference_wan.safetensors``), fp16, ComfyUI's
+  prefix-free key names (``patch_embedding.weight``, ``blocks.0.self_attn.q.weight`` ...). It loads
+  through the stock path, ``comfy.sd.load_diffusion_model`` (the UNETLoader node), as WAN21_T2V.
+  Trained by ``harness/train_reference.py`` on :mod:`harness.reference_data`.
+- **"Latent"**: no VAE. An RGB image in [0, 1] is mapped to [-1, 1] and pixel-unshuffled by 2 into
+  12 channels at 16x16; 4 channels of zeros complete the 16; that tensor ``z`` is the model-space
+  latent (what ComfyUI feeds the transformer after ``Wan21.process_in``). The latent ComfyUI holds
+  outside the model (EmptyLatent, KSampler's output) is ``process_out(z) = z * std + mean`` with
+  Wan21's per-channel statistics, shaped as a one-frame video (B, 16, 1, 16, 16).
+  :func:`encode` and :func:`decode` convert exactly (decode clamps to [0, 1]).
+- **Conditioning**: class ``c`` is a fixed, seeded sequence of :data:`CONTEXT_TOKENS` Gaussian
+  vectors of 4096 dims (seed ``CONTEXT_SEED + c``), in ComfyUI's format ``[[context, {}]]``; the
+  unconditional/negative one is the sequence for index :data:`NUM_CLASSES`. Training dropped the
+  class for 10% of the samples, so classifier-free guidance (cfg > 1) works too.
+- **Flow matching**: rectified flow in model space, as ComfyUI's Wan sampling expects
+  (``ModelSamplingDiscreteFlow``, CONST): ``x_t = (1 - s) z + s noise``, timestep ``1000 s``, the
+  network predicts the velocity ``noise - z``; training draws ``s`` logit-normally (0, 1).
+- **Sampling shift**: the stock WAN21_T2V config says shift 8.0 (tuned for 480p video, far too
+  much for 64 tokens). :func:`load` applies :data:`SHIFT` the way the ModelSamplingSD3 node does
+  (an object patch of ``model_sampling``); in a ComfyUI graph: Load Diffusion Model ->
+  ModelSamplingSD3 (shift :data:`SHIFT`) -> KSampler, euler / simple, :data:`STEPS` steps.
+- **Classifier**: :class:`Classifier`, a small CNN trained on the same data
+  (:data:`CLASSIFIER_WEIGHTS`), to score whether a sample shows its class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import comfy_runtime
+from .reference_data import IMAGE_SIZE, NUM_CLASSES
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+WEIGHTS = ASSETS / "reference_wan.safetensors"
+CLASSIFIER_WEIGHTS = ASSETS / "reference_classifier.safetensors"
+
+# The unet_config comfy.model_detection.detect_unet_config infers from WEIGHTS (checked by the tests).
+UNET_CONFIG = dict(
+    image_model="wan2.1", model_type="t2v", dim=128, out_dim=16, num_heads=1, ffn_dim=512,
+    num_layers=6, patch_size=(1, 2, 2), freq_dim=256, window_size=(-1, -1), qk_norm=True,
+    cross_attn_norm=True, eps=1e-6, in_dim=16,
+)
+TEXT_DIM = 4096  # WanModel's default text_dim; detection never infers another
+CONTEXT_TOKENS = 4
+CONTEXT_SEED = 1000
+LATENT_CHANNELS = 16
+IMAGE_CHANNELS = 12  # of the 16: 3 RGB x 2 x 2 pixel-unshuffled; the other 4 are zeros
+LATENT_SIZE = IMAGE_SIZE // 2
+
+SHIFT = 2.0  # recommended sampling shift (ModelSamplingSD3), see module docstring
+STEPS = 30  # recommended steps, euler / simple
+
+
+# ----------------------------------------------------------------------------------------------
+# latent <-> image
+
+
+def _latent_stats(device, dtype):
+    comfy_runtime.load()
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.Wan21()
+    return fmt.latents_mean.to(device, dtype), fmt.latents_std.to(device, dtype)
+
+
+def image_to_model_space(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> model-space latent z (B, 16, 1, 16, 16)."""
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {tuple(images.shape)}")
+    x = images.movedim(-1, 1).float() * 2 - 1
+    z = F.pixel_unshuffle(x, 2)
+    pad = z.new_zeros(z.shape[0], LATENT_CHANNELS - IMAGE_CHANNELS, *z.shape[2:])
+    return torch.cat([z, pad], dim=1).unsqueeze(2)
+
+
+def model_space_to_image(z: torch.Tensor) -> torch.Tensor:
+    """Model-space latent (B, 16, 1, 16, 16) -> ComfyUI IMAGE (B, 32, 32, 3), clamped to [0, 1]."""
+    x = F.pixel_shuffle(z[:, :IMAGE_CHANNELS, 0].float(), 2)
+    return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def encode(images: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> the latent ComfyUI holds (B, 16, 1, 16, 16)."""
+    z = image_to_model_space(images)
+    mean, std = _latent_stats(z.device, z.dtype)
+    return z * std + mean  # Wan21.process_out
+
+
+def decode(latent: torch.Tensor) -> torch.Tensor:
+    """The latent ComfyUI holds (e.g. ``comfy.sample.sample``'s output) -> IMAGE (B, 32, 32, 3)."""
+    mean, std = _latent_stats(latent.device, latent.float().dtype)
+    return model_space_to_image((latent.float() - mean) / std)  # Wan21.process_in
+
+
+def empty_latent(batch: int) -> torch.Tensor:
+    """An empty latent batch (what EmptyLatent gives) of the model's shape."""
+    return torch.zeros(batch, LATENT_CHANNELS, 1, LATENT_SIZE, LATENT_SIZE)
+
+
+# ----------------------------------------------------------------------------------------------
+# conditioning
+
+
+def _context_row(index: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(CONTEXT_SEED + index)
+    return torch.randn(CONTEXT_TOKENS, TEXT_DIM, generator=generator)
+
+
+_CONTEXTS = None
+
+
+def contexts() -> torch.Tensor:
+    """All context sequences (NUM_CLASSES + 1, CONTEXT_TOKENS, TEXT_DIM); the last is unconditional."""
+    global _CONTEXTS
+    if _CONTEXTS is None:
+        _CONTEXTS = torch.stack([_context_row(i) for i in range(NUM_CLASSES + 1)])
+    return _CONTEXTS
+
+
+def context_batch(labels) -> torch.Tensor:
+    """(B, CONTEXT_TOKENS, TEXT_DIM) for class labels; label NUM_CLASSES (or -1) is unconditional."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    labels = torch.where(labels < 0, torch.full_like(labels, NUM_CLASSES), labels)
+    if (labels > NUM_CLASSES).any():
+        raise ValueError(f"class labels must be in [0, {NUM_CLASSES})")
+    return contexts()[labels]
+
+
+def conditioning(class_id) -> list:
+    """ComfyUI conditioning for one class (int) or one class per batch item (sequence of ints)."""
+    return [[context_batch(class_id), {}]]
+
+
+def unconditional(batch: int = 1) -> list:
+    """The unconditional / negative conditioning."""
+    return [[context_batch([NUM_CLASSES] * batch), {}]]
+
+
+# ----------------------------------------------------------------------------------------------
+# model
+
+
+def model_config():
+    """ComfyUI's model config (WAN21_T2V) for :data:`UNET_CONFIG`."""
+    comfy_runtime.load()
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIG))
+    if config is None:
+        raise RuntimeError("ComfyUI recognizes no model family for the reference Wan config")
+    return config
+
+
+def init_weights(wan: torch.nn.Module, seed: int) -> None:
+    """Seeded initialization for training from scratch (Wan's own scheme, output head zeroed)."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for name, module in wan.named_modules():
+                if isinstance(module, torch.nn.Linear):
+                    torch.nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        module.bias.zero_()
+            torch.nn.init.xavier_uniform_(wan.patch_embedding.weight.flatten(1))
+            wan.patch_embedding.bias.zero_()
+            for sequential in (wan.text_embedding, wan.time_embedding):
+                for module in sequential:
+                    if isinstance(module, torch.nn.Linear):
+                        torch.nn.init.normal_(module.weight, std=0.02)
+            for name, param in wan.named_parameters():
+                if name.endswith("modulation"):
+                    param.copy_(torch.randn_like(param) / wan.dim**0.5)
+                elif "norm" in name and name.endswith("weight"):
+                    param.fill_(1.0)
+                elif "norm" in name and name.endswith("bias"):
+                    param.zero_()
+            wan.head.head.weight.zero_()
+            wan.head.head.bias.zero_()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def build_untrained(seed: int = 0):
+    """A fresh (BaseModel, WanModel) pair in fp32 on the CPU, initialized for training."""
+    config = model_config()
+    config.set_inference_dtype(torch.float32, None)
+    base = config.get_model({}, "")
+    init_weights(base.diffusion_model, seed)
+    return base, base.diffusion_model
+
+
+def state_dict_for_file(wan: torch.nn.Module, dtype=torch.float16) -> dict:
+    """The weights file's contents: ComfyUI's prefix-free Wan key names."""
+    return {k: v.detach().to(dtype).contiguous() for k, v in wan.state_dict().items()}
+
+
+def with_shift(model, shift: float, multiplier: float = 1000):
+    """A clone of ``model`` sampling with ``shift``, exactly as ComfyUI's ModelSamplingSD3 node does it."""
+    import comfy.model_sampling
+
+    class ModelSamplingAdvanced(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
+        pass
+
+    patched = model.clone()
+    sampling = ModelSamplingAdvanced(model.model.model_config)
+    sampling.set_parameters(shift=shift, multiplier=multiplier)
+    patched.add_object_patch("model_sampling", sampling)
+    return patched
+
+
+def load(path=None, shift: float | None = SHIFT):
+    """The reference model as ComfyUI's UNETLoader loads it (``comfy.sd.load_diffusion_model``).
+
+    With ``shift`` (default :data:`SHIFT`) the result samples with that shift, like the graph
+    Load Diffusion Model -> ModelSamplingSD3; ``shift=None`` keeps the stock WAN21_T2V shift 8.0.
+    """
+    comfy_runtime.load()
+    import comfy.sd
+
+    path = Path(path) if path is not None else WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: train it with `python -m harness.train_reference`")
+    model = comfy.sd.load_diffusion_model(str(path))
+    return with_shift(model, shift) if shift is not None else model
+
+
+def sample(model, labels, seed: int = 0, steps: int = STEPS, cfg: float = 1.0, sampler: str = "euler",
+           scheduler: str = "simple") -> torch.Tensor:
+    """One latent per class label, sampled through ``comfy.sample.sample``; decode with :func:`decode`."""
+    from . import sampling
+
+    labels = list(labels)
+    return sampling.sample(model, conditioning(labels), unconditional(len(labels)), empty_latent(len(labels)),
+                           steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# classifier
+
+
+class Classifier(torch.nn.Module):
+    """Small CNN: ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> class logits (B, 10)."""
+
+    def __init__(self, width: int = 24):
+        super().__init__()
+        w = width
+
+        def block(cin, cout):
+            return [torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False), torch.nn.BatchNorm2d(cout),
+                    torch.nn.ReLU(inplace=True)]
+
+        self.features = torch.nn.Sequential(
+            *block(3, w), *block(w, w), torch.nn.MaxPool2d(2),
+            *block(w, 2 * w), *block(2 * w, 2 * w), torch.nn.MaxPool2d(2),
+            *block(2 * w, 4 * w), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        )
+        self.head = torch.nn.Linear(4 * w, NUM_CLASSES)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.movedim(-1, 1).float() * 2 - 1
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self(images[i:i + batch]).argmax(-1) for i in range(0, len(images), batch)])
+        finally:
+            self.train(was_training)
+
+
+def load_classifier(path=None) -> Classifier:
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else CLASSIFIER_WEIGHTS
+    state = load_file(str(path))
+    classifier = Classifier(width=int(state["head.weight"].shape[1]) // 4)
+    classifier.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return classifier.eval()
