@@ -103,3 +103,10 @@ def test_conditioning_format():
     assert batch.shape[0] == 3 and torch.equal(batch[2:3], reference_model.conditioning(2)[0][0])
     negative = reference_model.unconditional()[0][0]
     assert not any(torch.equal(negative, reference_model.conditioning(c)[0][0]) for c in range(10))
+
+
+def test_its_solver_map_ships_in_calibrations_and_is_found(pack, model):
+    found = pack.nodes.map_store.find(model)
+    assert found is not None and found.parent == pack.nodes.map_store.SHIPPED
+    solver_map = pack.hyca_core.solver_map.SolverMap.load(found)
+    solver_map.check_fits(pack.nodes.patching.model_architecture(model), pack.nodes.patching.block_widths(model))
