@@ -1,7 +1,9 @@
 """Which sampler steps run the full model ("all-time solving") and which are predicted.
 
 Three ways to decide, all pure:
-- `Schedule`: the fixed pattern of the paper (warm-up, then one full step every N).
+- `Schedule`: the fixed pattern of the paper (warm-up, then one full step every N), fixed for one run's
+  steps by `Schedule.within` (a window of sigmas outside which every step computes) and
+  `Schedule.for_speedup` (the N of a target speed-up).
 - `calibrated_mask`: the same budget of full steps, placed where a probe says prediction is hardest
   (early steps change fastest, so gaps should grow along the trajectory).
 - `AdaptiveGate`: decided at run time from the measured error of the map's own prediction.
@@ -9,9 +11,13 @@ Three ways to decide, all pure:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import numpy as np
+
+# A step at a window bound is inside it: sigmas are float32 values, a bound may be computed in float64.
+BOUND_RTOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,45 @@ class Schedule:
         mask[warmup - 1 :: self.interval] = True
         mask[max(num_steps - self.final, 0) :] = True
         return mask
+
+    def within(self, step_sigmas, start_sigma: float = math.inf, end_sigma: float = 0.0) -> "RunSchedule":
+        """This schedule for a run with these step sigmas that predicts only steps with
+        ``end_sigma <= sigma <= start_sigma``; the steps before that window compute like warm-up steps
+        (the every-N pattern starts where it opens), those after it like final steps. Sigmas decrease
+        along a run, so the window is one stretch of steps."""
+        sigmas = np.asarray(step_sigmas, dtype=np.float64)
+        inside = np.flatnonzero((sigmas <= start_sigma * (1 + BOUND_RTOL))
+                                & (sigmas >= end_sigma * (1 - BOUND_RTOL)))
+        opens = int(inside[0]) if len(inside) else len(sigmas)
+        after = len(sigmas) - 1 - int(inside[-1]) if len(inside) else 0
+        return RunSchedule(self.interval, self.warmup, max(self.final, after), opens=opens)
+
+    def for_speedup(self, num_steps: int, target: float) -> "Schedule":
+        """This schedule with the interval whose speed-up on `num_steps` steps is the smallest that
+        reaches `target`, or where none does, the largest (speed-up grows with the interval)."""
+        candidates = [replace(self, interval=n) for n in range(1, max(num_steps, 1) + 1)]
+        speedups = [speedup(s.mask(num_steps)) for s in candidates]
+        # a widget's float noise (2.5000000000000004) must not push an exact match below the target
+        reaching = [s for s, x in zip(candidates, speedups) if x >= target * (1 - 1e-9)]
+        return reaching[0] if reaching else candidates[int(np.argmax(speedups))]
+
+
+@dataclass(frozen=True)
+class RunSchedule(Schedule):
+    """A schedule fixed for one run, whose first `opens` steps lie before its prediction window.
+
+    They compute like warm-up steps, but `warmup` keeps bounding the predictors' history, and so the
+    memory it holds: a late window does not make every cached residual history longer.
+    """
+
+    opens: int = 0
+
+    def mask(self, num_steps: int, min_warmup: int = 0) -> np.ndarray:
+        return super().mask(num_steps, max(min_warmup, self.opens))
+
+    def widened(self) -> Schedule:
+        """The plain schedule with this mask, the steps before the window counted as warm-up."""
+        return Schedule(self.interval, max(self.warmup, self.opens), self.final)
 
 
 def calibrated_mask(gap_cost: np.ndarray, budget: int, min_warmup: int) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..hyca_core.calibration import calibrate
-from ..hyca_core.schedule import AdaptiveGate, Schedule
+from ..hyca_core.schedule import AdaptiveGate, RunSchedule, Schedule, speedup
 from ..hyca_core.solver_map import CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import map_store
@@ -28,17 +28,23 @@ class MapSource:
     """
 
     def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
-                 adaptive: bool = False, only: tuple[str, str] | None = None, granularity: str = "block"):
+                 adaptive: bool = False, only: tuple[str, str] | None = None, granularity: str = "block",
+                 target_speedup: float = 0.0, window: tuple[float, float] = (0.0, 1.0)):
         self.architecture = model_architecture(model)
         self.granularity = granularity
         self.widths = block_widths(model, granularity)
         self.fingerprint = map_store.fingerprint(model)
+        # Shared by every clone; during a run it holds the run's model_sampling (a ModelSampling node
+        # placed after Apply included), which turns the window's percents into sigmas.
+        self.base_model = model.model
         self.schedule = schedule
+        self.target_speedup = target_speedup
+        self.window = window
         self.fitted = fitted
         self.adaptive = adaptive
         self.only = only
         self.solver_map = None
-        self._compiled: dict[tuple[float, ...], CompiledMap] = {}  # runs repeat their schedules
+        self._compiled: dict[tuple, CompiledMap] = {}  # runs repeat their schedules
         if solver_map is not None:
             self.use(solver_map)
 
@@ -49,18 +55,32 @@ class MapSource:
 
     def plan(self, step_sigmas) -> CompiledMap | DynamicMap:
         """What a run with these step sigmas predicts with."""
-        if self.adaptive:
-            return DynamicMap(self.solver_map, self.schedule, len(step_sigmas))
-        return self.compile(tuple(float(s) for s in step_sigmas))
+        schedule = self.schedule_for(step_sigmas)
+        if self.adaptive:  # its history length comes from the map: the warm-up may take in the window's lead
+            return DynamicMap(self.solver_map, schedule.widened(), len(step_sigmas))
+        return self.compile(tuple(float(s) for s in step_sigmas), schedule)
 
-    def compile(self, step_sigmas: tuple[float, ...]) -> CompiledMap:
+    def schedule_for(self, step_sigmas) -> RunSchedule:
+        """The schedule of a run with these step sigmas: predicting only inside the window of the
+        denoising, with the interval of the target speed-up if one is set."""
+        sampling = self.base_model.model_sampling
+        start, end = (float(sampling.percent_to_sigma(percent)) for percent in self.window)
+        schedule = self.schedule.within(step_sigmas, start, end)
+        if self.target_speedup:
+            schedule = schedule.for_speedup(len(step_sigmas), self.target_speedup)
+        return schedule
+
+    def compile(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> CompiledMap:
         """The map for one sampling schedule; compiling refits every block, so it is kept."""
-        if step_sigmas in self._compiled:
-            return self._compiled[step_sigmas]
-        compiled = self._compiled[step_sigmas] = self.solver_map.compile(
-            np.array(step_sigmas), self.schedule, fitted=self.fitted, only=self.only)
-        logging.info("HyCa: %d steps, %d computed, %d predicted (N=%d, warm-up %d)", len(compiled.mask),
-                     compiled.mask.sum(), (~compiled.mask).sum(), self.schedule.interval, self.schedule.warmup)
+        key = (step_sigmas, schedule)
+        if key in self._compiled:
+            return self._compiled[key]
+        compiled = self._compiled[key] = self.solver_map.compile(
+            np.array(step_sigmas), schedule, fitted=self.fitted, only=self.only)
+        mask = compiled.mask
+        logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx speed-up (N=%d; first %d and last %d "
+                     "steps computed)", len(mask), mask.sum(), (~mask).sum(), speedup(mask),
+                     schedule.interval, schedule.widened().warmup, schedule.final)
         return compiled
 
     def calibrate_from(self, recorder: TrajectoryRecorder) -> None:
@@ -98,14 +118,24 @@ class ApplyRunState(RunState):
 def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
                history_dtype: torch.dtype | None = None, offload: bool = False,
                adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None,
-               granularity: str = "block"):
+               granularity: str = "block", target_speedup: float = 0.0, start_percent: float = 0.0,
+               end_percent: float = 1.0):
     """The patched clone. Without a map, the map stored for this base model is used, or the first
     run calibrates one. With ``adaptive_tolerance``, steps are predicted while the map's measured
     relative error on the first block, summed since the last full step, stays within it (at most
-    2N - 1 steps in a row) instead of on the fixed every-N pattern. ``only`` = (solver, time variable)
-    predicts every channel with one pool solver: the single-solver baselines of the benchmark.
-    ``granularity``: "block" (per transformer block, the paper) or "model" (the whole model's output).
-    Raises MapError/UnsupportedModel with a clear message if they do not fit."""
+    2N - 1 steps in a row) instead of on the fixed every-N pattern. ``target_speedup`` > 0 replaces
+    N by the interval whose speed-up on each run's step count reaches it (`Schedule.for_speedup`).
+    Steps before ``start_percent`` or after ``end_percent`` of the denoising always compute fully.
+    ``only`` = (solver, time variable) predicts every channel with one pool solver: the single-solver
+    baselines of the benchmark. ``granularity``: "block" (per transformer block, the paper) or "model"
+    (the whole model's output). Raises MapError/UnsupportedModel with a clear message if they do not fit."""
+    adaptive = adaptive_tolerance is not None
+    if adaptive and granularity != "block":
+        raise ValueError("adaptive mode measures the first block's error, so it needs block granularity")
+    if adaptive and target_speedup:
+        raise ValueError("adaptive mode decides each step by the measured error: it takes no target speed-up")
+    if not 0.0 <= start_percent <= end_percent <= 1.0:
+        raise ValueError(f"the window {start_percent}..{end_percent} must lie within 0..1, start before end")
     if solver_map is None:
         try:
             solver_map = map_store.load_for(model, granularity)
@@ -113,10 +143,8 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
             logging.warning("HyCa: %s; calibrating a new map from the next run", error)
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
-    adaptive = adaptive_tolerance is not None
-    if adaptive and granularity != "block":
-        raise ValueError("adaptive mode measures the first block's error, so it needs block granularity")
-    source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity)
+    source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity, target_speedup,
+                       (start_percent, end_percent))
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
     state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
     return with_hyca(model, state, granularity)
@@ -130,8 +158,9 @@ class HyCaApply(io.ComfyNode):
             display_name="HyCa Apply",
             category=CATEGORY,
             description=(
-                "Speeds up sampling: transformer blocks are computed fully only every N steps and "
-                "predicted in between, each channel group with the predictor its solver map chose. "
+                "Speeds up sampling: transformer blocks are computed fully only every N steps (or as often "
+                "as a target speed-up allows) and predicted in between, each channel group with the "
+                "predictor its solver map chose. "
                 "Without a map connected, the map saved for this base model is used; if there is none, "
                 "the first run computes fully and calibrates one. Outputs a patched copy; the input "
                 "MODEL stays untouched."
@@ -159,6 +188,17 @@ class HyCaApply(io.ComfyNode):
                                tooltip="Precision of cached residuals: bf16/fp16 halve their memory; auto keeps the model's."),
                 io.Boolean.Input("offload_history", default=False,
                                  tooltip="Keep cached residuals on the offload device (CPU RAM) instead of the GPU."),
+                # optional, after the older widgets: saved workflows and API prompts without them still load
+                io.Float.Input("target_speedup", default=0.0, min=0.0, max=20.0, step=0.1, optional=True,
+                               tooltip="Instead of N: the speed-up to aim for (steps per full computation). "
+                                       "Each run takes the smallest N that reaches it on its own step count, "
+                                       "the largest possible if none does. 0 uses interval. Not with adaptive."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the denoising before which every step is computed fully, "
+                                       "as in EasyCache; prediction starts here. 0: right after the warm-up."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Fraction of the denoising after which every step is computed fully, "
+                                       "as in EasyCache. 1: predict up to the last step."),
                 SolverMapType.Input("solver_map", optional=True,
                                     tooltip="Solver map from HyCa Calibrate. Leave empty to use the saved map "
                                             "for this base model, or calibrate automatically on the first run."),
@@ -168,8 +208,10 @@ class HyCaApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
-                history_dtype, offload_history, solver_map=None) -> io.NodeOutput:
+                history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
+                solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
                                         offload_history, adaptive_tolerance if adaptive else None,
-                                        granularity=granularity))
+                                        granularity=granularity, target_speedup=target_speedup,
+                                        start_percent=start_percent, end_percent=end_percent))
