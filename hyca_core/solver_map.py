@@ -4,20 +4,24 @@ A map holds, per block stream (``"double_block.3.img"``): the cluster of every c
 solver each cluster chose on the probe (with every pool member's error, so users can see why),
 the clusters' mean indicators, and a compact sample of the probe from which the solvers are
 re-selected and fitted for whatever schedule a later run uses (`compile`). It is data only:
-written with safetensors (no pickle), atomically, and checked field by field when read.
+written with safetensors (no pickle), atomically, and read only within size limits, every header
+field, dtype and shape checked before any tensor is, then every value.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
-from dataclasses import asdict, dataclass, field
+import re
+import secrets
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save as serialize
 
 from .indicators import INDICATOR_NAMES
 from .schedule import Schedule, calibrated_mask
@@ -27,11 +31,24 @@ from .solvers import MAX_HISTORY, POOL, POOL_VERSION, TIME_VARIABLES, solver
 
 FORMAT = "hyca-solver-map"
 FORMAT_VERSION = 1
-MAX_FILE_BYTES = 256 * 2**20  # a FLUX map is a few MB; anything far larger is not ours
+# Limits a file must keep before any of it is parsed or allocated: a FLUX map is a few MB with a
+# header of ~100 bytes per tensor, so anything far larger is not ours.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_HEADER_BYTES = 4 * 2**20
+MAX_BLOCKS = 4096
 MAX_CHANNELS = 1 << 16
 MAX_CLUSTERS = 256
 MAX_STEPS = 10_000
-_FIELDS = ("labels", "series", "solver", "variable", "errors", "indicators")
+MIN_PROBE_STEPS = 4  # fewer leave too little to choose solvers from (HyCa Calibrate's minimum)
+MAX_ELEMENTS = 2**26  # per tensor
+# Tensors stored per block stream: dtype and number of dimensions.
+_FIELDS = {"labels": (np.int32, 1), "series": (np.float32, 3), "solver": (np.int32, 1),
+           "variable": (np.int32, 1), "errors": (np.float32, 3), "indicators": (np.float32, 2)}
+_SIGMAS = (np.float64, 1)
+_SAFETENSORS_DTYPES = {np.int32: "I32", np.float32: "F32", np.float64: "F64"}
+_BLOCK_KEY = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)+")  # "double_block.3.img"
+_ARCHITECTURE = re.compile(r"[A-Za-z0-9_.]{0,256}")  # a Python class path, "" if unknown
+_FINGERPRINT = re.compile(r"[0-9a-f]{0,64}")
 
 
 class MapError(ValueError):
@@ -69,25 +86,30 @@ class SolverMap:
         name a block's stream ("double_block.0.img").
         """
         if architecture != self.architecture:
-            raise MapError(f"map is for {self.architecture}, model is {architecture}")
+            raise MapError(f"map is for {self.architecture}, model is {architecture}: "
+                           "calibrate one for this model")
         mapped = {key.rsplit(".", 1)[0]: len(block.labels) for key, block in self.blocks.items()}
         if mapped.keys() != block_widths.keys():
             missing = sorted(block_widths.keys() - mapped.keys())
             extra = sorted(mapped.keys() - block_widths.keys())
-            raise MapError(f"map does not cover the model's blocks: missing {missing[:4]}, unknown {extra[:4]}")
+            granularity = self.info.get("granularity", "block")
+            raise MapError(f"map does not cover the model's blocks: missing {missing[:4]}, unknown "
+                           f"{extra[:4]} (the map's granularity is {granularity!r}; use the same)")
         wrong = [name for name, width in block_widths.items() if mapped[name] != width]
         if wrong:
-            raise MapError(f"blocks {wrong[:4]} have width {block_widths[wrong[0]]}, map has {mapped[wrong[0]]}")
+            raise MapError(f"blocks {wrong[:4]} have width {block_widths[wrong[0]]}, map has "
+                           f"{mapped[wrong[0]]}: it was calibrated for another model of this family")
 
     # --- persistence ---------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Write atomically: a temporary file in the same folder, flushed to disk, then a rename, so
+        an existing map is either left whole or replaced whole."""
         path = Path(path)
-        tensors = {"probe_sigmas": np.asarray(self.probe_sigmas, dtype=np.float64)}
+        tensors = {"probe_sigmas": np.asarray(self.probe_sigmas, dtype=_SIGMAS[0])}
         for key, block in self.blocks.items():
-            for name in _FIELDS:
-                tensors[f"{key}/{name}"] = np.ascontiguousarray(getattr(block, name))
+            for name, (dtype, _) in _FIELDS.items():
+                tensors[f"{key}/{name}"] = np.ascontiguousarray(getattr(block, name), dtype=dtype)
         metadata = {
             "format": FORMAT,
             "format_version": str(FORMAT_VERSION),
@@ -98,30 +120,32 @@ class SolverMap:
             "blocks": json.dumps(list(self.blocks)),
             "info": json.dumps(self.info),
         }
+        data = serialize(tensors, metadata=metadata)
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        # Created exclusively (never through an existing file or link), with the permissions any new
+        # file gets: safetensors' own save_file makes owner-only files.
+        handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         try:
-            save_file(tensors, temporary, metadata=metadata)
+            with open(handle, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the map
             os.replace(temporary, path)
         except BaseException:
-            Path(temporary).unlink(missing_ok=True)
+            temporary.unlink(missing_ok=True)
             raise
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SolverMap":
-        path = Path(path)
-        try:
-            size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise MapError(f"{size} bytes, more than a solver map can be ({MAX_FILE_BYTES})")
-            with safe_open(path, framework="numpy") as f:
-                return _read(f)
-        except MapError as error:
-            raise MapError(f"{path}: {error}") from None
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError) as error:
-            raise MapError(f"{path}: not a readable HyCa solver map ({error})") from None
+    def load(cls, path: str | os.PathLike, fits: tuple[str, dict[str, int]] | None = None) -> "SolverMap":
+        """Read and validate a map file; with ``fits`` = (architecture, block widths), also check
+        that it fits that model (`check_fits`). Raises MapError naming the file and the reason."""
+        with _opened(path) as f:
+            solver_map = _read(f)
+            if fits is not None:
+                solver_map.check_fits(*fits)
+            return solver_map
 
     # --- inference -----------------------------------------------------------------------------
 
@@ -243,51 +267,140 @@ class DynamicMap:
         return np.ascontiguousarray(cluster_weights[block.labels].T, dtype=np.float32)
 
 
-def _read(f) -> SolverMap:
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """A map file's header (architecture, fingerprint, info ...), its tensors unread; MapError if
+    it is not a map this HyCa reads."""
+    with _opened(path) as f:
+        return _metadata(f)
+
+
+@contextmanager
+def _opened(path: str | os.PathLike):
+    """safe_open (data only, never code) after the size limits; any failure a MapError naming the file."""
+    path = Path(path)
+    try:
+        _check_size(path)
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except MapError as error:
+        raise MapError(f"{path}: {error}") from None
+    except (OSError, SafetensorError) as error:
+        raise MapError(f"{path}: not a readable safetensors file ({error})") from None
+
+
+def _check_size(path: Path) -> None:
+    """Refuse a file or header too large to be a map before safetensors parses any of it."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise MapError(f"{size} bytes, more than a solver map can be ({MAX_FILE_BYTES})")
+    with path.open("rb") as f:
+        header = int.from_bytes(f.read(8), "little")  # safetensors: the header's length, then the header
+    if header > MAX_HEADER_BYTES:
+        raise MapError(f"a {header}-byte header, more than a solver map has ({MAX_HEADER_BYTES})")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _metadata(f) -> dict[str, str]:
     meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
         raise MapError("not a HyCa solver map (format tag missing)")
     if meta.get("format_version") != str(FORMAT_VERSION):
-        raise MapError(f"format version {meta.get('format_version')!r}, this HyCa reads {FORMAT_VERSION}")
+        raise MapError(f"format version {_short(meta.get('format_version'))}, "
+                       f"this HyCa reads {FORMAT_VERSION}")
     if meta.get("pool_version") != str(POOL_VERSION):
-        raise MapError(f"solver pool version {meta.get('pool_version')!r}, this HyCa has {POOL_VERSION}")
-    keys = json.loads(meta["blocks"])
-    if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
-        raise MapError("block list missing or malformed")
-    schedule = Schedule(**{k: int(v) for k, v in json.loads(meta["probe_schedule"]).items()})
+        raise MapError(f"solver pool version {_short(meta.get('pool_version'))}, "
+                       f"this HyCa has {POOL_VERSION}")
+    return meta
+
+
+def _json_field(meta: dict[str, str], name: str, default: str | None = None):
+    text = meta.get(name, default)
+    if text is None:
+        raise MapError(f"metadata field {name!r} missing")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise MapError(f"metadata field {name!r} is not valid JSON ({_short(str(error))})") from None
+
+
+def _schedule(value) -> Schedule:
+    names = {f.name for f in fields(Schedule)}
+    if not (isinstance(value, dict) and value.keys() <= names
+            and all(type(v) is int and 0 <= v <= MAX_STEPS for v in value.values())):
+        raise MapError(f"probe_schedule {_short(value)} is not a schedule")
+    try:
+        return Schedule(**value)
+    except ValueError as error:
+        raise MapError(f"probe_schedule: {error}") from None
+
+
+def _read(f) -> SolverMap:
+    meta = _metadata(f)
+    keys = _json_field(meta, "blocks")
+    if not (isinstance(keys, list) and 0 < len(keys) <= MAX_BLOCKS
+            and all(isinstance(k, str) and _BLOCK_KEY.fullmatch(k) for k in keys)
+            and len(set(keys)) == len(keys)):
+        raise MapError(f"block list {_short(keys)} missing or malformed")
+    schedule = _schedule(_json_field(meta, "probe_schedule"))
+    info = _json_field(meta, "info", "{}")
+    if not isinstance(info, dict):
+        raise MapError(f"info {_short(info)} is not a JSON object")
+    architecture, fingerprint = meta.get("architecture", ""), meta.get("fingerprint", "")
+    if not _ARCHITECTURE.fullmatch(architecture):
+        raise MapError(f"architecture {_short(architecture)} is not a class path")
+    if not _FINGERPRINT.fullmatch(fingerprint):
+        raise MapError(f"fingerprint {_short(fingerprint)} is not a hex digest")
+    expected = {"probe_sigmas": _SIGMAS}
+    expected |= {f"{k}/{name}": spec for k in keys for name, spec in _FIELDS.items()}
     stored = set(f.keys())
-    expected = {"probe_sigmas"} | {f"{k}/{name}" for k in keys for name in _FIELDS}
-    if stored != expected:
-        raise MapError(f"tensors missing {sorted(expected - stored)[:3]} / unexpected {sorted(stored - expected)[:3]}")
-    for name in stored:  # shapes before data: a huge declared tensor is refused unread
-        shape = f.get_slice(name).get_shape()
-        if any(d > max(MAX_CHANNELS, MAX_STEPS) for d in shape) or np.prod(shape, dtype=np.int64) > 2**26:
-            raise MapError(f"tensor {name} has implausible shape {shape}")
+    if stored != expected.keys():
+        raise MapError(f"tensors missing {sorted(expected.keys() - stored)[:3]} / "
+                       f"unexpected {_short(sorted(stored - expected.keys())[:3])}")
+    for name, spec in expected.items():  # dtypes and shapes before data: nothing implausible is read
+        _check_declared(f.get_slice(name), name, *spec)
     sigmas = f.get_tensor("probe_sigmas")
-    if sigmas.ndim != 1 or not 4 <= len(sigmas) <= MAX_STEPS or not np.all(np.isfinite(sigmas)):
-        raise MapError("probe_sigmas must be a finite 1-D array of at least 4 steps")
+    if not (MIN_PROBE_STEPS <= len(sigmas) <= MAX_STEPS and np.all(np.isfinite(sigmas))
+            and np.all(sigmas >= 0) and np.all(np.diff(sigmas) < 0)):
+        raise MapError(f"probe_sigmas must be {MIN_PROBE_STEPS} to {MAX_STEPS} finite, non-negative, "
+                       "strictly decreasing sigmas")
     blocks = {k: _read_block(f, k, len(sigmas)) for k in keys}
-    return SolverMap(meta.get("architecture", ""), meta.get("fingerprint", ""), sigmas, schedule, blocks,
-                     info=json.loads(meta.get("info", "{}")))
+    return SolverMap(architecture, fingerprint, sigmas, schedule, blocks, info=info)
+
+
+def _check_declared(view, name: str, dtype, rank: int) -> None:
+    declared, shape = view.get_dtype(), view.get_shape()
+    if declared != _SAFETENSORS_DTYPES[dtype]:
+        raise MapError(f"tensor {name} is {declared}, expected {_SAFETENSORS_DTYPES[dtype]}")
+    largest = max(MAX_CHANNELS, MAX_STEPS)
+    if len(shape) != rank or max(shape, default=0) > largest or math.prod(shape) > MAX_ELEMENTS:
+        raise MapError(f"tensor {name} has shape {_short(shape)}; expected {rank} dimensions of at most "
+                       f"{largest}, {MAX_ELEMENTS} values")
 
 
 def _read_block(f, key: str, steps: int) -> BlockMap:
     block = BlockMap(**{name: f.get_tensor(f"{key}/{name}") for name in _FIELDS})
-    C = block.series.shape[0] if block.series.ndim == 3 else -1
-    checks = [
-        (block.labels.ndim == 1 and 0 < len(block.labels) <= MAX_CHANNELS, "labels must be 1-D channel ids"),
-        (0 < C <= MAX_CLUSTERS and block.series.shape[2] == steps, "series shape does not match the probe"),
-        (np.issubdtype(block.labels.dtype, np.integer) and block.labels.min() >= 0 and block.labels.max() < C,
-         "cluster ids out of range"),
-        (block.solver.shape == (C,) and np.isin(block.solver, [s.id for s in POOL]).all(), "unknown solver ids"),
-        (block.variable.shape == (C,) and ((block.variable >= 0) & (block.variable < len(TIME_VARIABLES))).all(),
+    C = block.series.shape[0]
+    checks = (  # in order: each assumes the ones before it hold
+        (lambda: 0 < len(block.labels) <= MAX_CHANNELS, f"labels must hold 1 to {MAX_CHANNELS} channels"),
+        (lambda: 0 < C <= MAX_CLUSTERS and block.series.shape[2] == steps,
+         "series shape does not match the probe"),
+        (lambda: block.labels.min() >= 0 and block.labels.max() < C, "cluster ids out of range"),
+        (lambda: block.solver.shape == (C,) and np.isin(block.solver, [s.id for s in POOL]).all(),
+         "unknown solver ids"),
+        (lambda: block.variable.shape == (C,)
+         and ((block.variable >= 0) & (block.variable < len(TIME_VARIABLES))).all(),
          "unknown time variable ids"),
-        (block.errors.shape == (len(POOL), len(TIME_VARIABLES), C), "errors table has the wrong shape"),
-        (block.indicators.shape == (C, len(INDICATOR_NAMES)), "indicators table has the wrong shape"),
-        (all(np.all(np.isfinite(a)) for a in (block.series, block.indicators)) and not np.isnan(block.errors).any(),
-         "NaN or inf values"),
-    ]
+        (lambda: block.errors.shape == (len(POOL), len(TIME_VARIABLES), C),
+         "errors table has the wrong shape"),
+        (lambda: block.indicators.shape == (C, len(INDICATOR_NAMES)), "indicators table has the wrong shape"),
+        (lambda: np.isfinite(block.series).all() and np.isfinite(block.indicators).all()
+         and not np.isnan(block.errors).any(), "NaN or inf values"),
+    )
     for ok, message in checks:
-        if not ok:
+        if not ok():
             raise MapError(f"block {key}: {message}")
     return block

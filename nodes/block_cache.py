@@ -7,6 +7,9 @@ patches then either run the real block and cache its residual, or add the predic
 the block input. An ``OUTER_SAMPLE`` wrapper gives every sampling run a fresh state and drops it in
 a ``finally``, so a cancelled run leaves nothing behind. State is keyed by conditioning branch and
 input shape, never kept on the model.
+
+A predicted residual that is not finite (NaN or inf, from a fitted weight or a half-precision history
+that overflowed) never reaches the image: its unit is computed instead, see `apply_model_wrapper`.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ class Call:
     undecided: bool = False  # adaptive: the first block computes and measures, then decides
     cache: bool = True  # a computed call whose residuals the history keeps (an on-grid step's newest)
     unit_inputs: dict = field(default_factory=dict)  # inputs of the unit being computed, by stream
+    checks: list = field(default_factory=list)  # (unit, 0-d bool tensor: its predicted residuals are finite)
+    fallback: frozenset = frozenset()  # units computed although the call predicts: their prediction was not
 
 
 class RunPlan(Protocol):
@@ -110,6 +115,7 @@ class RunState:
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
         self.predicted = 0
+        self.fallbacks = 0  # block calls computed because their prediction was not finite
         self.peak_bytes = 0
         self._coefficients: dict[tuple, torch.Tensor] = {}
 
@@ -192,6 +198,24 @@ class RunState:
             del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
         self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
+    def faults(self, call: Call) -> frozenset[str]:
+        """The units whose predicted residual in this call was not finite; the first in a run is logged.
+
+        Each predicted block only queues its check on the device; they are read here, once the call
+        has run: one sync per predicted model call, whose output the sampler waits for next anyway,
+        instead of one per predicted block, each stalling the queue of the next block's kernels.
+        """
+        if not call.checks:
+            return frozenset()
+        finite = torch.stack([ok for _, ok in call.checks]).tolist()
+        faults = frozenset(unit for (unit, _), ok in zip(call.checks, finite) if not ok)
+        call.checks.clear()
+        if faults and not self.fallbacks:  # every fault leads to counted fallbacks: none yet, none logged yet
+            logging.warning("HyCa: the predicted residual of %s at step %d is not finite (NaN or inf); "
+                            "computing instead. Reported once per run, counted in the summary.",
+                            ", ".join(sorted(faults)[:4]), int(call.step))
+        return faults
+
     def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
         history = call.branch.histories[key]
         branch = call.branch
@@ -218,12 +242,30 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if state is None or transformer_options.get("sample_sigmas") is None:
         return executor(*args, **kwargs)
     call = transformer_options[_CALL_KEY] = state.begin_call(args[0], transformer_options)
+    counts = state.computed, state.predicted
     try:
         out = executor(*args, **kwargs)
+        faults = state.faults(call)
+        if faults:
+            # A prediction depends on the cached history only, not on the call's input: running the call
+            # again with the faulty units computed gives what computing them in the first place would have.
+            # Faults are rare: paying a second (mostly predicted) call for them beats a sync per block.
+            state.computed, state.predicted = counts
+            call.fallback = faults
+            out = executor(*args, **kwargs)
     finally:
         del transformer_options[_CALL_KEY]
     state.end_call(call)
     return out
+
+
+def _finite(residual: torch.Tensor) -> torch.Tensor:
+    """Whether every value is finite, as a device scalar (no sync): a NaN or inf makes the sum NaN or inf.
+    One reduction pass, 5-15% of a prediction's cost, where isfinite().all() writes and reads a bool
+    tensor (2-7x a prediction on CPU). fp16 sums overflow at 65504, so they accumulate in fp32; the
+    other float types hold any real residual's sum."""
+    total = residual.sum(dtype=torch.float32) if residual.dtype == torch.float16 else residual.sum()
+    return torch.isfinite(total)
 
 
 def _as_tokens(latent: torch.Tensor) -> torch.Tensor:
@@ -244,9 +286,14 @@ def whole_model_wrapper(executor, *args, **kwargs):
     x = args[0]
     call = state.begin_call(x, transformer_options)
     if call.predict:
-        state.predicted += 1
         residual = state.predicted_residual(call, MODEL_KEY, _as_tokens(x))
-        return x + residual.transpose(1, 2).reshape(x.shape)
+        call.checks.append((MODEL_KEY, _finite(residual)))
+        if not state.faults(call):  # the whole model is one unit: one sync per predicted call, as per block
+            state.predicted += 1
+            return x + residual.transpose(1, 2).reshape(x.shape)
+        state.fallbacks += 1
+        state.computed += 1
+        return executor(*args, **kwargs)  # not cached: the history stays what the plan fitted its weights to
     out = executor(*args, **kwargs)
     state.computed += 1
     state.store(call, MODEL_KEY, _as_tokens(out - x))
@@ -271,11 +318,12 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     finally:
         state.finish(completed)
         total = state.computed + state.predicted
-        if state.predicted:
+        if state.predicted or state.fallbacks:
             logging.info(
                 "HyCa: %d block calls computed, %d predicted (%.2fx fewer block computations); "
-                "residual history held %.1f MB at most",
-                state.computed, state.predicted, total / max(state.computed, 1), state.peak_bytes / 2**20,
+                "residual history held %.1f MB at most%s", state.computed, state.predicted,
+                total / max(state.computed, 1), state.peak_bytes / 2**20,
+                f"; {state.fallbacks} computed as their prediction was not finite" if state.fallbacks else "",
             )
         guider.model_options = original_options
 
@@ -308,14 +356,15 @@ class BlockPatch:
         state: RunState | None = options.get(OPTIONS_KEY)
         if call is None or state is None:
             return extra["original_block"](args)
-        if call.predict:
+        if call.predict and self.unit.name not in call.fallback:
             if not self.first:  # the unit's prediction was added at its first block
                 return {s: args[s] for s in STREAMS if s in args}
             state.predicted += self.unit.size
-            # A stream with no history is one the block does not output (Wan/LTX-Video get the text
-            # as "txt" but return only "img"; SD3's last joint block returns "txt" None): None, as computed.
-            return {s: args[s] + state.predicted_residual(call, self.unit.key(s), args[s])
-                    if self.unit.key(s) in call.branch.histories else None for s in STREAMS if s in args}
+            return {s: self._predicted(state, call, args[s], s) for s in STREAMS if s in args}
+        if call.predict:  # its prediction was not finite: computed, not cached (the plan's history stays)
+            state.computed += 1
+            state.fallbacks += 1
+            return extra["original_block"](args)
         if self.first:
             # FLUX-family blocks add their residuals in place: keep the inputs before the block runs.
             call.unit_inputs = {s: args[s].clone() for s in STREAMS if isinstance(args.get(s), torch.Tensor)}
@@ -332,3 +381,14 @@ class BlockPatch:
         for s, residual in residuals.items():
             state.store(call, self.unit.key(s), residual)
         return out
+
+    def _predicted(self, state: RunState, call: Call, x: torch.Tensor, stream: str) -> torch.Tensor | None:
+        """The stream's input plus its predicted residual, its finiteness queued for `RunState.faults`. A
+        stream with no history is one the block does not output (Wan/LTX-Video get the text as "txt" but
+        return only "img"; SD3's last joint block returns "txt" None): None, as computed."""
+        key = self.unit.key(stream)
+        if key not in call.branch.histories:
+            return None
+        residual = state.predicted_residual(call, key, x)
+        call.checks.append((self.unit.name, _finite(residual)))
+        return x + residual

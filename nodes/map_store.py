@@ -13,21 +13,22 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import folder_paths
 import numpy as np
 import torch
-from safetensors import safe_open
 
-from ..hyca_core.solver_map import MapError, SolverMap
-from .patching import model_architecture
+from ..hyca_core.solver_map import MapError, SolverMap, read_metadata
+from .patching import block_widths, model_architecture
 
 FOLDER = "hyca"
 SUFFIX = ".hyca.safetensors"
 SHIPPED = Path(__file__).resolve().parent.parent / "calibrations"
 _SAMPLED_TENSORS = 4
 _SAMPLED_VALUES = 256
+_NAME_PART_LENGTH = 64  # three parts and the suffix stay far below any file system's 255
 
 
 def register_folder() -> None:
@@ -75,9 +76,17 @@ def _sampled(names: list[str], state: dict) -> list[str]:
 
 
 def file_name(solver_map: SolverMap) -> str:
-    family = re.sub(r"[^A-Za-z0-9_]+", "_", solver_map.architecture.rsplit(".", 1)[-1])
+    """``Flux-<fingerprint>[-<granularity>].hyca.safetensors``, every part sanitized: whatever the
+    map holds, the name stays one file inside the folder it is saved to."""
+    family = _name_part(solver_map.architecture.rsplit(".", 1)[-1], "model")
     granularity = _granularity(solver_map.info)
-    return f"{family}-{solver_map.fingerprint}{'' if granularity == 'block' else '-' + granularity}{SUFFIX}"
+    suffix = "" if granularity == "block" else "-" + _name_part(granularity, "other")
+    return f"{family}-{_name_part(solver_map.fingerprint, 'unknown')}{suffix}{SUFFIX}"
+
+
+def _name_part(text: str, fallback: str) -> str:
+    """Letters, digits and underscores only (no separator, dot, drive or NUL), at most _NAME_PART_LENGTH."""
+    return re.sub(r"[^A-Za-z0-9_]+", "_", str(text))[:_NAME_PART_LENGTH].strip("_") or fallback
 
 
 def _granularity(info: dict) -> str:
@@ -89,35 +98,51 @@ def search_folders() -> list[Path]:
     return [Path(p) for p in folder_paths.get_folder_paths(FOLDER)] + [SHIPPED]
 
 
-def find(model, granularity: str = "block") -> Path | None:
-    """The stored map whose header names this model's architecture, base-weight fingerprint and
-    granularity."""
+def _candidates(model, granularity: str) -> Iterator[Path]:
+    """Stored maps whose header names this model's architecture, base-weight fingerprint and
+    granularity, in search order. Files that are not maps are skipped with a warning."""
     architecture, wanted = model_architecture(model), fingerprint(model)
     for folder in search_folders():
         for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
             try:
-                with safe_open(path, framework="numpy") as f:
-                    meta = f.metadata() or {}
-            except Exception as error:  # a broken file must not hide the others
-                logging.warning("HyCa: skipping unreadable map %s (%s)", path, error)
+                meta = read_metadata(path)
+            except MapError as error:  # a broken file must not hide the others
+                logging.warning("HyCa: skipping %s", error)
                 continue
             if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
                 try:
                     info = json.loads(meta.get("info", "{}"))
-                except ValueError:
+                except (ValueError, RecursionError):
                     info = {}
                 if _granularity(info) == granularity:
-                    return path
-    return None
+                    yield path
+
+
+def find(model, granularity: str = "block") -> Path | None:
+    """The first stored map made for this model (see `_candidates`), unread."""
+    return next(_candidates(model, granularity), None)
 
 
 def load_for(model, granularity: str = "block") -> SolverMap | None:
-    path = find(model, granularity)
-    if path is None:
-        return None
-    solver_map = SolverMap.load(path)
-    logging.info("HyCa: using solver map %s", path)
-    return solver_map
+    """The first stored map for this model that loads and fits it, or None if there is none.
+
+    Raises MapError naming each file and what is wrong if maps were found but none could be used
+    (HyCa Apply then warns and calibrates a new one, which replaces a map of the standard name).
+    """
+    fits, refused = (model_architecture(model), block_widths(model, granularity)), []
+    for path in _candidates(model, granularity):
+        try:
+            solver_map = SolverMap.load(path, fits=fits)
+        except MapError as error:
+            refused.append(str(error))
+            continue
+        for reason in refused:
+            logging.warning("HyCa: skipped %s", reason)
+        logging.info("HyCa: using solver map %s", path)
+        return solver_map
+    if refused:
+        raise MapError("; ".join(refused))
+    return None
 
 
 def save_for(solver_map: SolverMap) -> Path:

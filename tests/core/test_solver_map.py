@@ -1,6 +1,8 @@
 """Solver map files: exact round trip, clear refusal of anything that is not a sound map."""
 
 import json
+import os
+import stat
 import struct
 
 import numpy as np
@@ -50,11 +52,31 @@ def test_round_trip_is_exact(solver_map, saved):
 
 def test_write_is_atomic_and_leaves_no_temp_on_failure(solver_map, saved, monkeypatch):
     before = saved.read_bytes()
-    monkeypatch.setattr(sm, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(sm, "serialize", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         solver_map.save(saved)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+@pytest.mark.parametrize("fail", ["fsync", "replace"])
+def test_an_interrupted_write_leaves_the_old_map_whole(solver_map, saved, monkeypatch, fail):
+    """Interrupted with the new map written but not yet renamed, or failing at the rename."""
+    before = saved.read_bytes()
+    monkeypatch.setattr(sm.os, fail, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        solver_map.save(saved)
+    assert saved.read_bytes() == before and sm.SolverMap.load(saved).fingerprint == "abc123"
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+def test_a_new_map_gets_the_permissions_of_any_new_file(solver_map, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = solver_map.save(tmp_path / "new.hyca.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's owner-only 0o600
 
 
 @pytest.mark.parametrize(
@@ -71,7 +93,29 @@ def test_write_is_atomic_and_leaves_no_temp_on_failure(solver_map, saved, monkey
         (lambda t, m: t["single_block.0.img/variable"].__setitem__(0, 7), "time variable"),
         (lambda t, m: t.update({"probe_sigmas": np.array([1.0, np.inf, 0.5, 0.2])}), "probe_sigmas"),
         (lambda t, m: t.update({"double_block.0.txt/errors": np.zeros((2, 2, 2), np.float32)}), "errors table"),
-        (lambda t, m: m.update(blocks="not json"), "not a readable"),
+        (lambda t, m: m.update(blocks="not json"), "'blocks' is not valid JSON"),
+        (lambda t, m: m.update(blocks="[" * 100_000 + "]" * 100_000), "'blocks' is not valid JSON"),
+        (lambda t, m: m.update(blocks='["a/b.img"]'), "block list"),
+        (lambda t, m: m.update(blocks='["double_block.0.img", "double_block.0.img"]'), "block list"),
+        (lambda t, m: m.pop("probe_schedule"), "'probe_schedule' missing"),
+        (lambda t, m: m.update(probe_schedule="[4, 3]"), "not a schedule"),
+        (lambda t, m: m.update(probe_schedule='{"interval": 1e999}'), "not a schedule"),
+        (lambda t, m: m.update(probe_schedule='{"interval": 0}'), "invalid schedule"),
+        (lambda t, m: m.update(info="[]"), "not a JSON object"),
+        (lambda t, m: m.update(architecture="../../evil"), "not a class path"),
+        (lambda t, m: m.update(fingerprint="../x"), "not a hex digest"),
+        (lambda t, m: t.update({"double_block.0.img/labels": t["double_block.0.img/labels"].astype(np.int64)}),
+         "is I64, expected I32"),
+        (lambda t, m: t.update({"single_block.0.img/series": t["single_block.0.img/series"].astype(np.float16)}),
+         "is F16, expected F32"),
+        (lambda t, m: t.update({"single_block.0.img/solver": t["single_block.0.img/solver"].view(np.float32)}),
+         "is F32, expected I32"),
+        (lambda t, m: t.update({"double_block.0.img/labels": t["double_block.0.img/labels"].reshape(8, 8)}),
+         "expected 1 dimensions"),
+        (lambda t, m: t.update({"double_block.0.img/labels": np.zeros(70_000, np.int32)}), "at most 65536"),
+        (lambda t, m: t.update({"probe_sigmas": t["probe_sigmas"][::-1].copy()}), "strictly decreasing"),
+        (lambda t, m: t["double_block.0.img/indicators"].__setitem__((0, 0), -np.inf), "NaN or inf"),
+        (lambda t, m: t["double_block.0.img/errors"].__setitem__((0, 0, 0), np.nan), "NaN or inf"),
     ],
 )
 def test_tampered_file_is_refused_with_the_reason(saved, mutate, message):
@@ -86,7 +130,7 @@ def test_tampered_file_is_refused_with_the_reason(saved, mutate, message):
 def test_truncated_garbage_and_huge_files_are_refused(saved, tmp_path):
     data = saved.read_bytes()
     saved.write_bytes(data[: len(data) // 2])
-    with pytest.raises(sm.MapError, match="not a readable"):
+    with pytest.raises(sm.MapError, match="not a readable safetensors file"):
         sm.SolverMap.load(saved)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00" * 64)
@@ -102,6 +146,21 @@ def test_truncated_garbage_and_huge_files_are_refused(saved, tmp_path):
         sm.SolverMap.load(huge)
 
 
+def test_oversized_file_or_header_is_refused_before_safetensors_reads_it(saved, tmp_path, monkeypatch):
+    monkeypatch.setattr(sm, "safe_open", lambda *a, **k: pytest.fail("safetensors opened an oversized file"))
+    big = tmp_path / "big.hyca.safetensors"
+    with big.open("wb") as f:
+        f.truncate(sm.MAX_FILE_BYTES + 1)  # sparse: nothing is really written
+    with pytest.raises(sm.MapError, match=f"{big}: {sm.MAX_FILE_BYTES + 1} bytes, more than a solver map"):
+        sm.SolverMap.load(big)
+    data = saved.read_bytes()
+    saved.write_bytes(struct.pack("<Q", sm.MAX_HEADER_BYTES + 1) + data[8:])
+    with pytest.raises(sm.MapError, match="header, more than a solver map has"):
+        sm.SolverMap.load(saved)
+    with pytest.raises(sm.MapError, match="header, more than a solver map has"):
+        sm.read_metadata(saved)
+
+
 def test_check_fits_names_what_does_not_fit(solver_map):
     widths = {"double_block.0": 64, "single_block.0": 64}
     solver_map.check_fits(ARCH, widths)
@@ -111,6 +170,15 @@ def test_check_fits_names_what_does_not_fit(solver_map):
         solver_map.check_fits(ARCH, {**widths, "single_block.1": 64})
     with pytest.raises(sm.MapError, match="width"):
         solver_map.check_fits(ARCH, {"double_block.0": 64, "single_block.0": 32})
+
+
+def test_load_checks_the_fit_and_names_the_file(saved):
+    widths = {"double_block.0": 64, "single_block.0": 64}
+    assert sm.SolverMap.load(saved, fits=(ARCH, widths)).fingerprint == "abc123"
+    with pytest.raises(sm.MapError, match=f"{saved}: map is for {ARCH}, model is comfy.ldm.wan"):
+        sm.SolverMap.load(saved, fits=("comfy.ldm.wan.model.WanModel", widths))
+    with pytest.raises(sm.MapError, match=f"{saved}: blocks .* have width 32, map has 64"):
+        sm.SolverMap.load(saved, fits=(ARCH, {"double_block.0": 32, "single_block.0": 32}))
 
 
 @pytest.mark.parametrize("steps", [20, 30, 50])
