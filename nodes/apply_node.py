@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -10,30 +11,36 @@ from comfy_api.latest import io
 
 from ..hyca_core.calibration import calibrate
 from ..hyca_core.schedule import AdaptiveGate, RunSchedule, Schedule, speedup
-from ..hyca_core.solver_map import CompiledMap, DynamicMap, MapError, SolverMap
+from ..hyca_core.solver_map import MIN_PROBE_STEPS, CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
-from . import map_store
+from . import checkpoint_path, map_store
 from .block_cache import RunState
 from .patching import GRANULARITIES, block_widths, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 
 HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Compiled schedules a MapSource keeps: enough for the few a session alternates between (step counts, a
+# hires pass), bounded so that a long session of ever-new schedules (img2img denoise values) holds no more.
+COMPILED_KEPT = 8
 
 
 class MapSource:
     """The solver map a patched model predicts with, compiled once per sampling schedule.
 
-    With no map (auto mode) the model's first complete sampling run is recorded at full compute,
-    calibrated, and saved to the hyca models folder for later runs and sessions.
+    With no map (auto mode) the model's first complete sampling run that predicts some step is
+    recorded at full compute, calibrated, and saved (beside ``checkpoint``, the model's file if known,
+    and in the hyca models folder) for later runs and sessions.
     """
 
     def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
                  adaptive: bool = False, only: tuple[str, str] | None = None, granularity: str = "block",
-                 target_speedup: float = 0.0, window: tuple[float, float] = (0.0, 1.0)):
+                 target_speedup: float = 0.0, window: tuple[float, float] = (0.0, 1.0),
+                 checkpoint: Path | None = None):
         self.architecture = model_architecture(model)
         self.granularity = granularity
         self.widths = block_widths(model, granularity)
         self.fingerprint = map_store.fingerprint(model)
+        self.checkpoint = checkpoint
         # Shared by every clone; during a run it holds the run's model_sampling (a ModelSampling node
         # placed after Apply included), which turns the window's percents into sigmas.
         self.base_model = model.model
@@ -44,7 +51,7 @@ class MapSource:
         self.adaptive = adaptive
         self.only = only
         self.solver_map = None
-        self._compiled: dict[tuple, CompiledMap] = {}  # runs repeat their schedules
+        self._compiled: dict[tuple, CompiledMap] = {}  # runs repeat their schedules; least recent first
         if solver_map is not None:
             self.use(solver_map)
 
@@ -71,24 +78,40 @@ class MapSource:
         return schedule
 
     def compile(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> CompiledMap:
-        """The map for one sampling schedule; compiling refits every block, so it is kept."""
+        """The map for one sampling schedule; compiling refits every block, so the COMPILED_KEPT most
+        recently used are kept."""
         key = (step_sigmas, schedule)
-        if key in self._compiled:
-            return self._compiled[key]
-        compiled = self._compiled[key] = self.solver_map.compile(
-            np.array(step_sigmas), schedule, fitted=self.fitted, only=self.only)
-        mask = compiled.mask
-        logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx speed-up (N=%d; first %d and last %d "
-                     "steps computed)", len(mask), mask.sum(), (~mask).sum(), speedup(mask),
-                     schedule.interval, schedule.widened().warmup, schedule.final)
+        compiled = self._compiled.pop(key, None)
+        if compiled is None:
+            compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.fitted, only=self.only)
+            mask = compiled.mask
+            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx speed-up (N=%d; first %d and last %d "
+                         "steps computed)", len(mask), mask.sum(), (~mask).sum(), speedup(mask),
+                         schedule.interval, schedule.widened().warmup, schedule.final)
+        self._compiled[key] = compiled  # now the most recent
+        while len(self._compiled) > COMPILED_KEPT:
+            del self._compiled[next(iter(self._compiled))]
         return compiled
 
     def calibrate_from(self, recorder: TrajectoryRecorder) -> None:
-        solver_map = calibrate(recorder, self.schedule, architecture=self.architecture,
-                               fingerprint=self.fingerprint, info={"auto": True, "granularity": self.granularity})
+        """Calibrate from a full-compute run, for the schedule it would have predicted with. A run too
+        short to choose solvers on, or whose schedule predicts no step, is passed over (it ends inside
+        the sampler: raising would lose its image); the next run tries again."""
+        sigmas = recorder[next(iter(recorder))].sigmas if len(recorder) else np.empty(0)
+        schedule = self.schedule_for(sigmas).widened()  # a plain Schedule with the run's mask
+        steps = len(sigmas)
+        if steps < MIN_PROBE_STEPS or schedule.mask(steps).all():
+            why = (f"calibration takes {MIN_PROBE_STEPS} steps or more" if steps < MIN_PROBE_STEPS
+                   else f"at N={schedule.interval} with a warm-up of {schedule.warmup} it predicts no step")
+            logging.info("HyCa: a %d-step run is too short to calibrate from (%s); the next long enough run "
+                         "calibrates", steps, why)
+            return
+        solver_map = calibrate(recorder, schedule, architecture=self.architecture, fingerprint=self.fingerprint,
+                               info={"auto": True, "granularity": self.granularity})
         self.use(solver_map)
         try:
-            logging.info("HyCa: calibrated from this run; map saved to %s", map_store.save_for(solver_map))
+            saved = map_store.save_for(solver_map, self.checkpoint)
+            logging.info("HyCa: calibrated from this run; map saved to %s", " and ".join(map(str, saved)))
         except MapError as error:
             logging.warning("HyCa: calibrated map kept in memory only: %s", error)
 
@@ -119,11 +142,12 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
                history_dtype: torch.dtype | None = None, offload: bool = False,
                adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None,
                granularity: str = "block", target_speedup: float = 0.0, start_percent: float = 0.0,
-               end_percent: float = 1.0):
-    """The patched clone. Without a map, the map stored for this base model is used, or the first
-    run calibrates one. With ``adaptive_tolerance``, steps are predicted while the map's measured
-    relative error on the first block, summed since the last full step, stays within it (at most
-    2N - 1 steps in a row) instead of on the fixed every-N pattern. ``target_speedup`` > 0 replaces
+               end_percent: float = 1.0, checkpoint: Path | None = None):
+    """The patched clone. Without a map, the map stored for this base model is used (looked for
+    first beside ``checkpoint``, the model's file if known), or the first run long enough calibrates
+    one. With ``adaptive_tolerance``, steps are predicted while the map's measured relative error on
+    the first block, summed since the last full step, stays within it (at most 2N - 1 steps in a
+    row) instead of on the fixed every-N pattern. ``target_speedup`` > 0 replaces
     N by the interval whose speed-up on each run's step count reaches it (`Schedule.for_speedup`).
     Steps before ``start_percent`` or after ``end_percent`` of the denoising always compute fully.
     ``only`` = (solver, time variable) predicts every channel with one pool solver: the single-solver
@@ -138,13 +162,13 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
         raise ValueError(f"the window {start_percent}..{end_percent} must lie within 0..1, start before end")
     if solver_map is None:
         try:
-            solver_map = map_store.load_for(model, granularity)
+            solver_map = map_store.load_for(model, granularity, checkpoint)
         except MapError as error:
             logging.warning("HyCa: %s; calibrating a new map from the next run", error)
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
     source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity, target_speedup,
-                       (start_percent, end_percent))
+                       (start_percent, end_percent), checkpoint)
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
     state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
     return with_hyca(model, state, granularity)
@@ -161,9 +185,14 @@ class HyCaApply(io.ComfyNode):
                 "Speeds up sampling: transformer blocks are computed fully only every N steps (or as often "
                 "as a target speed-up allows) and predicted in between, each channel group with the "
                 "predictor its solver map chose. "
-                "Without a map connected, the map saved for this base model is used; if there is none, "
-                "the first run computes fully and calibrates one. Outputs a patched copy; the input "
-                "MODEL stays untouched."
+                "Without a map connected, the map saved for this base model (beside its checkpoint or in "
+                "models/hyca) is used; if there is none, the first run long enough to calibrate from "
+                f"({MIN_PROBE_STEPS} steps or more, some of them predicted) computes fully and calibrates one. "
+                "A saved map that cannot be used (unreadable, tampered, or made for another model shape) is "
+                "skipped with a warning naming the file, and the first run calibrates a new one. A map "
+                "connected here that does not fit this model stops the node with the reason. A prediction "
+                "that comes out NaN or inf is computed instead (warned once per run). Outputs a patched "
+                "copy; the input MODEL stays untouched."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model to accelerate; chain it after LoRA loaders."),
@@ -204,6 +233,7 @@ class HyCaApply(io.ComfyNode):
                                             "for this base model, or calibrate automatically on the first run."),
             ],
             outputs=[io.Model.Output(tooltip="The model with HyCa caching.")],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to find the checkpoint's file: maps go beside it
         )
 
     @classmethod
@@ -214,4 +244,5 @@ class HyCaApply(io.ComfyNode):
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
                                         offload_history, adaptive_tolerance if adaptive else None,
                                         granularity=granularity, target_speedup=target_speedup,
-                                        start_percent=start_percent, end_percent=end_percent))
+                                        start_percent=start_percent, end_percent=end_percent,
+                                        checkpoint=checkpoint_path.for_node(cls)))

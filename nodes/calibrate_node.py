@@ -13,7 +13,7 @@ from ..hyca_core.calibration import calibrate
 from ..hyca_core.clustering import DEFAULT_CLUSTERS
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
-from . import map_store
+from . import checkpoint_path, map_store
 from .block_cache import RunState
 from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
@@ -75,12 +75,14 @@ class HyCaCalibrate(io.ComfyNode):
                                        "blocks (less memory). model: the whole model's output, for families without "
                                        "block patches. Use the same in Apply."),
                 io.Boolean.Input("save", default=True,
-                                 tooltip="Save the map in models/hyca, where HyCa Apply finds it for this base model."),
+                                 tooltip="Save the map beside the checkpoint (<file name>.hyca) when its folder is "
+                                         "writable, and in models/hyca: where HyCa Apply finds it for this base model."),
             ],
             outputs=[
                 SolverMapType.Output(display_name="solver_map", tooltip="The solver map, for HyCa Apply and the Inspector."),
                 io.Latent.Output(display_name="LATENT", tooltip="The probe's full-compute result, so the run is not wasted."),
             ],
+            hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # to find the checkpoint's file: the map goes beside it
         )
 
     @classmethod
@@ -90,5 +92,6 @@ class HyCaCalibrate(io.ComfyNode):
                                    latent_image, Schedule(interval=interval, warmup=warmup), clusters,
                                    granularity=granularity)
         if save:
-            logging.info("HyCa: solver map saved to %s", map_store.save_for(solver_map))
+            saved = map_store.save_for(solver_map, checkpoint_path.for_node(cls))
+            logging.info("HyCa: solver map saved to %s", " and ".join(map(str, saved)))
         return io.NodeOutput(solver_map, latent)

@@ -1,9 +1,11 @@
 """Where solver maps live on disk, and how a MODEL finds the map made for its base weights.
 
-A MODEL does not know its checkpoint's path, so maps are keyed by architecture and a fingerprint
-of the base weights (LoRA patches live in ``model.patches`` and in ``model.backup`` once applied,
-so they never change it). Maps are searched in the ``hyca`` models folder (registered with
-folder_paths, so extra_model_paths.yaml can add more) and in this package's ``calibrations/``.
+Maps are keyed by architecture and a fingerprint of the base weights (LoRA patches live in
+``model.patches`` and in ``model.backup`` once applied, so they never change it). A map is saved in
+the ``hyca`` models folder (registered with folder_paths, so extra_model_paths.yaml can add more)
+and, when the nodes learn the checkpoint's file from the prompt (`checkpoint_path`), beside it as
+``<checkpoint file name>.hyca`` (`side_file`). Maps are searched beside the checkpoint first, then
+in the hyca folders and in this package's ``calibrations/``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from .patching import block_widths, model_architecture
 
 FOLDER = "hyca"
 SUFFIX = ".hyca.safetensors"
+SIDE_SUFFIX = ".hyca"
 SHIPPED = Path(__file__).resolve().parent.parent / "calibrations"
 _SAMPLED_TENSORS = 4
 _SAMPLED_VALUES = 256
@@ -93,44 +96,62 @@ def _granularity(info: dict) -> str:
     return info.get("granularity", "block") if isinstance(info, dict) else "block"
 
 
+def side_file(checkpoint: Path, granularity: str = "block") -> Path:
+    """The map beside a checkpoint: ``flux1-dev.safetensors.hyca`` (``.stack.hyca`` for another
+    granularity). Not ``*.safetensors``: ComfyUI's loaders list every such file in their folder, and
+    picking a map there fails with "Could not detect model type"."""
+    suffix = "" if granularity == "block" else "." + _name_part(granularity, "other")
+    return checkpoint.with_name(f"{checkpoint.name}{suffix}{SIDE_SUFFIX}")
+
+
 def search_folders() -> list[Path]:
     register_folder()
     return [Path(p) for p in folder_paths.get_folder_paths(FOLDER)] + [SHIPPED]
 
 
-def _candidates(model, granularity: str) -> Iterator[Path]:
+def _stored(granularity: str, checkpoint: Path | None) -> Iterator[Path]:
+    """Files that may hold this model's map, in search order: beside its checkpoint, then the folders'."""
+    side = side_file(checkpoint, granularity) if checkpoint is not None else None
+    if side is not None and side.is_file():
+        yield side
+    for folder in search_folders():
+        if folder.is_dir():
+            yield from sorted(folder.glob(f"*{SUFFIX}"))
+
+
+def _candidates(model, granularity: str, checkpoint: Path | None = None) -> Iterator[Path]:
     """Stored maps whose header names this model's architecture, base-weight fingerprint and
     granularity, in search order. Files that are not maps are skipped with a warning."""
     architecture, wanted = model_architecture(model), fingerprint(model)
-    for folder in search_folders():
-        for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else ():
+    for path in _stored(granularity, checkpoint):
+        try:
+            meta = read_metadata(path)
+        except MapError as error:  # a broken file must not hide the others
+            logging.warning("HyCa: skipping %s", error)
+            continue
+        if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
             try:
-                meta = read_metadata(path)
-            except MapError as error:  # a broken file must not hide the others
-                logging.warning("HyCa: skipping %s", error)
-                continue
-            if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
-                try:
-                    info = json.loads(meta.get("info", "{}"))
-                except (ValueError, RecursionError):
-                    info = {}
-                if _granularity(info) == granularity:
-                    yield path
+                info = json.loads(meta.get("info", "{}"))
+            except (ValueError, RecursionError):
+                info = {}
+            if _granularity(info) == granularity:
+                yield path
 
 
-def find(model, granularity: str = "block") -> Path | None:
+def find(model, granularity: str = "block", checkpoint: Path | None = None) -> Path | None:
     """The first stored map made for this model (see `_candidates`), unread."""
-    return next(_candidates(model, granularity), None)
+    return next(_candidates(model, granularity, checkpoint), None)
 
 
-def load_for(model, granularity: str = "block") -> SolverMap | None:
-    """The first stored map for this model that loads and fits it, or None if there is none.
+def load_for(model, granularity: str = "block", checkpoint: Path | None = None) -> SolverMap | None:
+    """The first stored map for this model that loads and fits it, or None if there is none;
+    ``checkpoint``: the model's file if known, beside which a map is looked for first.
 
     Raises MapError naming each file and what is wrong if maps were found but none could be used
     (HyCa Apply then warns and calibrates a new one, which replaces a map of the standard name).
     """
     fits, refused = (model_architecture(model), block_widths(model, granularity)), []
-    for path in _candidates(model, granularity):
+    for path in _candidates(model, granularity, checkpoint):
         try:
             solver_map = SolverMap.load(path, fits=fits)
         except MapError as error:
@@ -145,14 +166,27 @@ def load_for(model, granularity: str = "block") -> SolverMap | None:
     return None
 
 
-def save_for(solver_map: SolverMap) -> Path:
-    """Save into the first writable hyca folder, atomically; the map must carry the fingerprint."""
+def save_for(solver_map: SolverMap, checkpoint: Path | None = None) -> list[Path]:
+    """Save atomically into the first writable hyca folder and, if the checkpoint's file is known,
+    beside it (`side_file`); the map must carry the fingerprint. Returns the files written; MapError
+    if none could be."""
     name = file_name(solver_map)
-    errors = []
+    saved, errors = [], []
     for folder in search_folders()[:-1]:  # never write into the package
         try:
-            return solver_map.save(folder / name)
+            saved.append(solver_map.save(folder / name))
+            break
         except OSError as error:
             errors.append(f"{folder}: {error}")
             logging.warning("HyCa: cannot write %s (%s), trying the next hyca folder", folder / name, error)
-    raise MapError("no writable hyca models folder: " + "; ".join(errors))
+    if checkpoint is not None:
+        side = side_file(checkpoint, _granularity(solver_map.info))
+        try:
+            saved.insert(0, solver_map.save(side))
+        except OSError as error:  # a read-only models folder (shared, mounted) is a normal setup
+            errors.append(f"{side.parent}: {error}")
+            logging.info("HyCa: cannot write %s beside the checkpoint (%s); the hyca models folder keeps the map",
+                         side.name, error)
+    if not saved:
+        raise MapError("no writable folder for the map: " + "; ".join(errors))
+    return saved

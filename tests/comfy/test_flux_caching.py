@@ -166,7 +166,7 @@ def test_lora_patches_do_not_change_the_fingerprint(pack, conditioning, latent):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
     base_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", *conditioning,
                                                   {"samples": latent}, schedule)
-    saved = pack.nodes.map_store.save_for(base_map)
+    (saved,) = pack.nodes.map_store.save_for(base_map)
     assert pack.nodes.map_store.find(lora) == saved
 
 

@@ -9,7 +9,8 @@
    fallback is counted and logged once per run.
 4. Patched clones of one model never share state, faults included; the unpatched model is untouched.
 5. Limits: maps calibrated at other step counts and samplers serve any run; a map of another
-   granularity is refused with what to do.
+   granularity is refused with what to do; auto mode passes over runs too short to calibrate from
+   (their image intact) and calibrates for the interval a target speed-up gives.
 (Fewer steps than the warm-up, N above the step count, families without block patches: see
 test_sampling_paths.py's schedules and test_families.py.)
 """
@@ -91,18 +92,18 @@ def test_a_bad_saved_map_warns_and_calibrates_a_new_one(pack, store, conditionin
     model = tiny_models.build(FLUX, seed=51)  # its own base weights: its own saved map
     if damage == "other width":  # a map with this model's fingerprint, of a model twice as wide
         wide = tiny_models.build(dict(FLUX, hidden_size=128, num_heads=8), seed=51)
-        saved = store.save_for(dataclasses.replace(_probe(pack, wide, conditioning),
-                                                   fingerprint=store.fingerprint(model)))
+        (saved,) = store.save_for(dataclasses.replace(_probe(pack, wide, conditioning),
+                                                      fingerprint=store.fingerprint(model)))
         reason = r"blocks \['double_block.0', 'single_block.0'\] have width 64, map has 128"
     else:
         solver_map = _probe(pack, model, conditioning)
         if damage == "truncated":
-            saved = store.save_for(solver_map)
+            (saved,) = store.save_for(solver_map)
             saved.write_bytes(saved.read_bytes()[:-100])
             reason = "not a readable safetensors file"
         else:  # a cluster id far out of range
             solver_map.blocks["double_block.0.img"].labels[0] = 1000
-            saved = store.save_for(solver_map)
+            (saved,) = store.save_for(solver_map)
             reason = "cluster ids out of range"
     with caplog.at_level(logging.INFO):
         patched = _apply(pack, model, None)
@@ -122,7 +123,7 @@ def test_a_bad_saved_map_warns_and_calibrates_a_new_one(pack, store, conditionin
 
 def test_broken_files_never_hide_a_good_map(pack, store, solver_map, flux, caplog):
     folder = store.search_folders()[0]
-    good = store.save_for(solver_map)
+    (good,) = store.save_for(solver_map)
     # found before it: not a safetensors file, too large, a map for this model with a NaN in it
     (folder / "0-garbage.hyca.safetensors").write_bytes(b"\x00" * 64)
     with (folder / "1-huge.hyca.safetensors").open("wb") as f:
@@ -180,7 +181,7 @@ def test_file_names_from_map_data_stay_in_the_folder(store, solver_map, tmp_path
         name = store.file_name(hostile)
         assert re.fullmatch(r"[A-Za-z0-9_]+-[A-Za-z0-9_]+(-[A-Za-z0-9_]+)?\.hyca\.safetensors", name), name
         assert len(name.encode()) <= 255
-        path = store.save_for(hostile)
+        (path,) = store.save_for(hostile)
         assert path.parent == folder and path.name == name
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder]
     assert outside == []
@@ -305,17 +306,46 @@ def test_a_faulty_clone_leaves_its_siblings_and_the_model_untouched(pack, flux, 
 # 5. Maps calibrated at other step counts and samplers
 
 
-@pytest.mark.xfail(strict=True, reason="needs nodes/apply_node.py: auto mode must not calibrate from a run too "
-                                      "short to calibrate from (today: a ValueError out of the sampler)")
-def test_auto_mode_calibrates_from_the_first_run_long_enough(pack, store, conditioning):
+SHORT = "too short to calibrate from"
+
+
+def test_auto_mode_calibrates_from_the_first_run_long_enough(pack, store, conditioning, caplog):
+    """Runs too short to calibrate from end with their image and one log line each, not an error out of the
+    sampler; the first run long enough calibrates."""
     model = tiny_models.build(FLUX, seed=52)
     patched = _apply(pack, model, None)
     min_steps = pack.hyca_core.solver_map.MIN_PROBE_STEPS
     for steps in range(1, min_steps):  # nothing predicted or too few steps: nothing to calibrate from
-        assert torch.equal(_sample(patched, conditioning, steps=steps), _sample(model, conditioning, steps=steps))
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            out = _sample(patched, conditioning, steps=steps)
+        assert torch.equal(out, _sample(model, conditioning, steps=steps))
+        assert caplog.text.count(SHORT) == 1 and f"a {steps}-step run is {SHORT}" in caplog.text
         assert store.find(model) is None
     _sample(patched, conditioning, steps=min_steps)
     assert len(store.load_for(model).probe_sigmas) == min_steps
+
+
+def test_auto_mode_at_interval_1_never_calibrates(pack, store, conditioning, caplog):
+    """N=1 predicts no step: every run is the unpatched model's, bit for bit, and none calibrates."""
+    model = tiny_models.build(FLUX, seed=53)
+    patched = _apply(pack, model, None, interval=1)
+    for _ in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert torch.equal(_sample(patched, conditioning), _sample(model, conditioning))
+        assert f"a {STEPS}-step run is {SHORT} (at N=1 with a warm-up of {WARMUP} it predicts no step)" in caplog.text
+        assert store.find(model) is None
+
+
+def test_auto_mode_calibrates_for_the_interval_of_the_target_speedup(pack, store, conditioning):
+    """With a target speed-up the run would have predicted at its own N, so the map is chosen for that N."""
+    model = tiny_models.build(FLUX, seed=54)
+    patched = _apply(pack, model, None, target_speedup=3.0)
+    _sample(patched, conditioning)
+    interval = pack.hyca_core.schedule.Schedule(N, WARMUP).for_speedup(STEPS, 3.0).interval
+    assert interval != N
+    assert store.load_for(model).probe_schedule == pack.hyca_core.schedule.Schedule(interval, WARMUP)
 
 
 # (probe steps, probe sampler, run steps, run sampler, PSNR bound): measured 75.7, 70.2, 70.4, 71.2 dB
