@@ -1,6 +1,6 @@
 """Train the reference model (tiny ComfyUI Wan 2.1 over 32x32 digits) and its judging classifier.
 
-    .venv/bin/python -m harness.train_reference                 # the shipped run (CPU, 1 thread)
+    .venv/bin/python -m harness.train_reference                 # the shipped run (CPU, 2 threads)
     .venv/bin/python -m harness.train_reference --smoke         # 3-minute end-to-end check
 
 Steps, in order (all seeded):
@@ -9,8 +9,12 @@ Steps, in order (all seeded):
 2. Classifier (:class:`harness.reference_model.Classifier`) on the training set, with mild Gaussian
    noise as augmentation; its accuracy on the held-out set is printed.
 3. Diffusion: rectified flow in the model's own space (see :mod:`harness.reference_model`), AdamW,
-   warm-up then cosine decay over ``progress = max(step / steps, elapsed / time budget)``, EMA of
-   the weights, 10% of the classes dropped to the unconditional context. The run is reproducible
+   noise levels drawn logit-normally and shifted by the
+   sampling shift (more training where the digit's shape is decided), warm-up then cosine decay over ``progress = max(step / steps, elapsed / time budget)``, EMA of
+   the weights, 10% of the classes dropped to the unconditional context, the first text-embedding
+   layer's learning rate scaled by 1/64 (its input is a dense 4096-dim context), cross-attention
+   output projections zero-initialized (a first run without these two and with a data recipe whose
+   classes shared one pixel mean ignored its class entirely). The run is reproducible
    when the step count, not the time budget, ends it. For speed on CPU the training forward uses
    PyTorch's SDPA for attention (ComfyUI picks sub-quadratic attention on CPU; same math).
 4. Both the raw and the EMA weights are saved in fp16 with ComfyUI's key names, loaded back through
@@ -46,7 +50,7 @@ def log(*parts) -> None:
 
 
 def dataset(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    path = DATA_CACHE / f"seed{seed}_n{n}.npz"
+    path = DATA_CACHE / f"recipe{data.RECIPE}_seed{seed}_n{n}.npz"
     if path.is_file():
         cached = np.load(path)
         return cached["images"], cached["labels"]
@@ -92,19 +96,33 @@ def train_classifier(train_x, train_y, test_x, test_y, epochs: int, seed: int) -
     return classifier.eval()
 
 
+def shifted(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """The time shift of ComfyUI's flow sampling (ModelSamplingDiscreteFlow.time_snr_shift)."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
 def train_diffusion(train_x, train_y, args):
     import comfy.ldm.modules.attention as attention
     import comfy.ldm.wan.model as wan_module
 
     torch.manual_seed(args.seed)
     _, wan = ref.build_untrained(seed=args.seed)
-    wan.train()
+    device = torch.device(args.device)
+    wan.to(device).train()
     params = [p for p in wan.parameters()]
     ema = [p.detach().clone() for p in params]
-    decay_params = [p for n, p in wan.named_parameters() if p.ndim >= 2 and "modulation" not in n]
-    other_params = [p for n, p in wan.named_parameters() if not (p.ndim >= 2 and "modulation" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay_params, "weight_decay": 0.01},
-                                   {"params": other_params, "weight_decay": 0.0}],
+    # The first text-embedding layer reads dense 4096-dim contexts: Adam moves every weight by ~lr
+    # per step, which moves its outputs by ~lr * sum|context| (~2.6 at lr 8e-4), so the class signal
+    # would be noise the network learns to ignore. Its learning rate is scaled by 1/sqrt(4096).
+    text_in = wan.text_embedding[0].weight
+    groups = {"text_in": [], "decay": [], "other": []}
+    for n, p in wan.named_parameters():
+        key = "text_in" if p is text_in else "decay" if p.ndim >= 2 and "modulation" not in n else "other"
+        groups[key].append(p)
+    lr_scale = {"text_in": 1 / math.sqrt(ref.TEXT_DIM), "decay": 1.0, "other": 1.0}
+    optimizer = torch.optim.AdamW([{"params": groups["text_in"], "weight_decay": 0.0, "name": "text_in"},
+                                   {"params": groups["decay"], "weight_decay": 0.01, "name": "decay"},
+                                   {"params": groups["other"], "weight_decay": 0.0, "name": "other"}],
                                   lr=args.lr, betas=(0.9, 0.99), eps=1e-8)
     log(f"diffusion model: {sum(p.numel() for p in params):,} parameters, config {ref.UNET_CONFIG}")
 
@@ -114,6 +132,20 @@ def train_diffusion(train_x, train_y, args):
     budget = args.minutes * 60
     start = time.time()
     losses, step, last_report, last_checkpoint = [], 0, start, start
+    # a fixed probe batch: the loss with the right class vs. a wrong one shows the class is used
+    probe_idx = np.random.default_rng(args.seed + 1).integers(0, len(train_x), size=64)
+    probe_z = ref.image_to_model_space(as_images(train_x[probe_idx])).to(device)
+    probe_noise = torch.randn(probe_z.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    probe_labels = torch.from_numpy(train_y[probe_idx])
+
+    def class_gap(sigma=0.7):
+        xt = (1 - sigma) * probe_z + sigma * probe_noise
+        t = torch.full((len(probe_z),), sigma * 1000, device=device)
+        with torch.no_grad():
+            right, wrong = (F.mse_loss(wan(xt, t, ref.context_batch(labels).to(device)), probe_noise - probe_z).item()
+                            for labels in (probe_labels, (probe_labels + 3) % data.NUM_CLASSES))
+        return wrong - right
+
     original_attention = wan_module.optimized_attention
     wan_module.optimized_attention = attention.attention_pytorch
     try:
@@ -125,15 +157,17 @@ def train_diffusion(train_x, train_y, args):
             warm = min(1.0, (step + 1) / args.warmup)
             lr = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * lr_scale[group["name"]]
 
             idx = rng.integers(0, len(train_x), size=args.batch)
             z0 = ref.image_to_model_space(as_images(train_x[idx]))
             labels = labels_all[idx].clone()
             labels[torch.rand(args.batch, generator=generator) < args.uncond] = data.NUM_CLASSES
             context = ref.context_batch(labels)
-            sigma = torch.sigmoid(torch.randn(args.batch, generator=generator))
+            sigma = shifted(torch.sigmoid(torch.randn(args.batch, generator=generator)), args.train_shift)
             noise = torch.randn(z0.shape, generator=generator)
+            # drawn on the CPU whatever the device, so a GPU run sees the same batches
+            z0, context, sigma, noise = (t.to(device) for t in (z0, context, sigma, noise))
             s = sigma.view(-1, 1, 1, 1, 1)
             xt = (1 - s) * z0 + s * noise
             velocity = wan(xt, sigma * 1000, context)
@@ -152,6 +186,7 @@ def train_diffusion(train_x, train_y, args):
             now = time.time()
             if now - last_report > args.report_s:
                 log(f"step {step}: loss {np.mean(losses[-100:]):.4f} (last 100), lr {lr:.2e}, "
+                    f"class gap {class_gap():.4f}, "
                     f"{step / (now - start):.2f} steps/s, {(now - start) / 60:.1f} min")
                 last_report = now
             if args.checkpoint and now - last_checkpoint > 300:
@@ -192,22 +227,50 @@ def sample_grid(images: torch.Tensor, labels: np.ndarray, per_row: int) -> "data
     return data.grid(pixels, per_row, scale=3)
 
 
+# The probe the shipped solver map comes from (and quality benchmark's calibration): one pair, N=6.
+MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3)
+
+
+def ship_map(weights: Path) -> Path:
+    """Calibrate the model at ``weights`` on :data:`MAP_PROBE` and save its solver map in the
+    package's ``calibrations/``, replacing the map of earlier reference weights."""
+    from . import node_pack
+
+    pack = node_pack.load()
+    map_store = pack.nodes.map_store
+    model = ref.load(weights)
+    schedule = pack.hyca_core.schedule.Schedule(interval=MAP_PROBE["interval"], warmup=MAP_PROBE["warmup"])
+    solver_map, _ = pack.nodes.calibrate_node.probe(
+        model, MAP_PROBE["seed"], MAP_PROBE["steps"], 1.0, "euler", "simple", ref.conditioning([MAP_PROBE["label"]]),
+        ref.unconditional(1), {"samples": ref.empty_latent(1)}, schedule)
+    for old in map_store.SHIPPED.glob(f"{solver_map.architecture.rsplit('.', 1)[-1]}-*.hyca.safetensors"):
+        old.unlink()
+    path = solver_map.save(map_store.SHIPPED / map_store.file_name(solver_map))
+    log(f"solver map shipped: {path.relative_to(ROOT)}")
+    return path
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="3-minute end-to-end check, writes under artifacts/")
-    parser.add_argument("--steps", type=int, default=3000, help="diffusion optimizer steps (upper bound)")
-    parser.add_argument("--minutes", type=float, default=34.0, help="diffusion training time budget (upper bound)")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--map-only", action="store_true", help="only calibrate --out's weights and ship their map")
+    parser.add_argument("--steps", type=int, default=6500, help="diffusion optimizer steps (upper bound)")
+    parser.add_argument("--minutes", type=float, default=58.0, help="diffusion training time budget (upper bound)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="training device (e.g. cuda); sampling uses ComfyUI's choice")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=150)
     parser.add_argument("--ema", type=float, default=0.998)
+    parser.add_argument("--train-shift", type=float, default=ref.SHIFT,
+                        help="noise levels drawn logit-normally, then shifted like sampling with this shift")
     parser.add_argument("--uncond", type=float, default=0.1, help="share of samples trained unconditionally")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=40000)
     parser.add_argument("--test-size", type=int, default=2000)
     parser.add_argument("--classifier-images", type=int, default=16000, help="first N training images")
     parser.add_argument("--classifier-epochs", type=int, default=2)
+    parser.add_argument("--reuse-classifier", type=Path, help="load this classifier instead of training one")
     parser.add_argument("--eval-per-class", type=int, default=20)
     parser.add_argument("--report-s", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=ref.WEIGHTS)
@@ -215,6 +278,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", type=Path, default=ROOT / "output" / "reference_samples.png")
     parser.add_argument("--checkpoint", type=Path, default=ROOT / "artifacts" / "reference_train_checkpoint.pt")
     args = parser.parse_args(argv)
+    if args.map_only:
+        ship_map(args.out)
+        return
     if args.smoke:
         smoke = ROOT / "artifacts" / "reference_smoke"
         args.minutes, args.train_size, args.test_size = 1.5, 4000, 500
@@ -231,12 +297,16 @@ def main(argv=None) -> None:
     train_x, train_y = dataset(args.train_size, TRAIN_SEED)
     test_x, test_y = dataset(args.test_size, TEST_SEED)
 
-    n = min(args.classifier_images, len(train_x))
-    classifier = train_classifier(train_x[:n], train_y[:n], test_x, test_y, args.classifier_epochs, args.seed)
+    if args.reuse_classifier:
+        classifier = ref.load_classifier(args.reuse_classifier)
+    else:
+        n = min(args.classifier_images, len(train_x))
+        classifier = train_classifier(train_x[:n], train_y[:n], test_x, test_y, args.classifier_epochs, args.seed)
+        args.classifier_out.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(args.classifier_out))
+        classifier = ref.load_classifier(args.classifier_out)
     real_accuracy = float((classifier.predict(as_images(test_x)).numpy() == test_y).mean())
-    args.classifier_out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(args.classifier_out))
-    classifier = ref.load_classifier(args.classifier_out)
+    log(f"classifier held-out real accuracy {real_accuracy:.4f} on {len(test_y)}")
 
     raw, ema, info = train_diffusion(train_x, train_y, args)
 
@@ -254,8 +324,7 @@ def main(argv=None) -> None:
     for name, (_, path) in results.items():
         if name != best and path.exists():
             path.unlink()
-    log(f"kept the {best} weights: {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); "
-        f"classifier {args.classifier_out} ({args.classifier_out.stat().st_size / 1e6:.2f} MB)")
+    log(f"kept the {best} weights: {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
 
     base = ref.load(args.out, shift=None)
     settings = [(shift, 1.0, ref.STEPS) for shift in (1.0, 2.0, 3.0, 8.0)]
@@ -272,6 +341,8 @@ def main(argv=None) -> None:
     log(f"SUMMARY: classifier held-out real accuracy {real_accuracy:.4f}; diffusion {info['steps']} steps, "
         f"{info['minutes']:.1f} min, final loss {info['final_loss']:.4f}; kept {best} "
         f"(accuracy {results[best][0]:.3f}); grid {args.grid}; total {(time.time() - total_start) / 60:.1f} min")
+    if args.out.resolve() == ref.WEIGHTS.resolve():
+        ship_map(args.out)
 
 
 if __name__ == "__main__":

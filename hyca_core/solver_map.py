@@ -16,7 +16,7 @@ import os
 import re
 import secrets
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +156,8 @@ class SolverMap:
 
         step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
         budget: if given, compute that many steps, placed where the probe says prediction errs
-        most (`calibrated_mask`) instead of every `schedule.interval`-th. only: one (solver name,
+        most (`calibrated_mask`) instead of every `schedule.interval`-th; the schedule's warm-up,
+        final steps and steps outside its window are computed all the same. only: one (solver name,
         time variable) for every channel, the single-solver baselines (FORA = ("reuse", "step"),
         TaylorSeer-like = ("taylorseer2", "step")). Only pool members whose
         history fits in the warm-up are used, so the warm-up asked for is the warm-up run.
@@ -167,7 +168,9 @@ class SolverMap:
         if budget is None:
             mask = schedule.mask(len(step_sigmas))
         else:
-            mask = self._calibrated_mask(step_sigmas, budget, warmup, pool)
+            # the schedule with no every-N pattern: what it computes whatever the budget
+            forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas))
+            mask = self._calibrated_mask(step_sigmas, budget, warmup, forced, pool)
         if mask.all():
             return CompiledMap(mask, {})
         plan = plan_schedule(mask, step_sigmas, pool=pool)
@@ -181,8 +184,9 @@ class SolverMap:
             coefficient_tables[key] = coefficients(assignment, block.labels, mask, step_sigmas)
         return CompiledMap(mask, coefficient_tables)
 
-    def _calibrated_mask(self, step_sigmas, budget, warmup, pool) -> np.ndarray:
-        """One mask for all blocks, from the summed gap costs of their resampled probes."""
+    def _calibrated_mask(self, step_sigmas, budget, warmup, forced, pool) -> np.ndarray:
+        """One mask for all blocks, from the summed gap costs of their resampled probes; no gap
+        spans a `forced` step."""
         values, labels, offset = [], [], 0
         for block in self.blocks.values():
             v, l = resample(CompactSample(self.probe_sigmas, block.series), step_sigmas)
@@ -192,7 +196,18 @@ class SolverMap:
         max_gap = min(len(step_sigmas) - 1, 2 * len(step_sigmas) // max(budget, 1) + 2)
         costs = gap_costs(np.concatenate(values, axis=2), np.concatenate(labels), step_sigmas, warmup,
                           max_gap, pool=pool)
-        return calibrated_mask(costs, budget, warmup)
+        first_forced_after = np.full(len(step_sigmas) + 1, len(step_sigmas))  # next forced step > a
+        for a in range(len(step_sigmas) - 1, -1, -1):
+            first_forced_after[a] = a + 1 if a + 1 < len(step_sigmas) and forced[a + 1] else first_forced_after[a + 1]
+        gaps = np.arange(costs.shape[1])
+        costs[np.arange(len(step_sigmas))[:, None] + gaps[None, :] >= first_forced_after[:-1, None]] = np.inf
+        costs[:, 0] = 0.0
+        return calibrated_mask(costs, max(budget, int(forced.sum())), max(warmup, _leading(forced)))
+
+
+def _leading(mask: np.ndarray) -> int:
+    """Length of the run of True at the start of `mask`."""
+    return int(np.argmin(mask)) if not mask.all() else len(mask)
 
 
 @dataclass

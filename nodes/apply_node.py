@@ -18,6 +18,9 @@ from .block_cache import RunState
 from .patching import GRANULARITIES, block_widths, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 
+# fixed: warm-up, then every N-th step (the paper); calibrated: the same number of full steps,
+# placed where the map's probe says prediction errs most (early steps change fastest)
+PLACEMENTS = ("fixed", "calibrated")
 HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Compiled schedules a MapSource keeps: enough for the few a session alternates between (step counts, a
 # hires pass), bounded so that a long session of ever-new schedules (img2img denoise values) holds no more.
@@ -35,7 +38,10 @@ class MapSource:
     def __init__(self, model, solver_map: SolverMap | None, schedule: Schedule, fitted: bool = True,
                  adaptive: bool = False, only: tuple[str, str] | None = None, granularity: str = "block",
                  target_speedup: float = 0.0, window: tuple[float, float] = (0.0, 1.0),
-                 checkpoint: Path | None = None):
+                 checkpoint: Path | None = None, placement: str = "fixed"):
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+        self.placement = placement
         self.architecture = model_architecture(model)
         self.granularity = granularity
         self.widths = block_widths(model, granularity)
@@ -83,11 +89,14 @@ class MapSource:
         key = (step_sigmas, schedule)
         compiled = self._compiled.pop(key, None)
         if compiled is None:
-            compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.fitted, only=self.only)
+            # calibrated placement: as many full steps as the every-N pattern, where the probe errs most
+            budget = int(schedule.mask(len(step_sigmas)).sum()) if self.placement == "calibrated" else None
+            compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.fitted, only=self.only,
+                                               budget=budget)
             mask = compiled.mask
-            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx speed-up (N=%d; first %d and last %d "
-                         "steps computed)", len(mask), mask.sum(), (~mask).sum(), speedup(mask),
-                         schedule.interval, schedule.widened().warmup, schedule.final)
+            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx speed-up (N=%d, %s placement; first %d "
+                         "and last %d steps computed)", len(mask), mask.sum(), (~mask).sum(), speedup(mask),
+                         schedule.interval, self.placement, schedule.widened().warmup, schedule.final)
         self._compiled[key] = compiled  # now the most recent
         while len(self._compiled) > COMPILED_KEPT:
             del self._compiled[next(iter(self._compiled))]
@@ -142,7 +151,7 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
                history_dtype: torch.dtype | None = None, offload: bool = False,
                adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None,
                granularity: str = "block", target_speedup: float = 0.0, start_percent: float = 0.0,
-               end_percent: float = 1.0, checkpoint: Path | None = None):
+               end_percent: float = 1.0, checkpoint: Path | None = None, placement: str = "fixed"):
     """The patched clone. Without a map, the map stored for this base model is used (looked for
     first beside ``checkpoint``, the model's file if known), or the first run long enough calibrates
     one. With ``adaptive_tolerance``, steps are predicted while the map's measured relative error on
@@ -168,7 +177,7 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
         if solver_map is None:
             logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
     source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity, target_speedup,
-                       (start_percent, end_percent), checkpoint)
+                       (start_percent, end_percent), checkpoint, placement)
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
     state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
     return with_hyca(model, state, granularity)
@@ -207,8 +216,9 @@ class HyCaApply(io.ComfyNode):
                                          "instead of the fixed every-N pattern (N then caps the skips at 2N-1)."),
                 io.Float.Input("adaptive_tolerance", default=0.15, min=0.0, max=5.0, step=0.01,
                                tooltip="Adaptive mode: summed relative error allowed before a full step."),
-                io.Boolean.Input("fitted", default=True,
-                                 tooltip="Use least-squares fitted predictor weights (on) or the paper's fixed solvers (off)."),
+                io.Boolean.Input("fitted", default=False,
+                                 tooltip="Use least-squares fitted predictor weights (on) or the paper's fixed solvers "
+                                         "(off; better on the trained reference model, see the README's benchmark)."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
                                tooltip="block: predict every transformer block (the paper, best quality). stack: "
                                        "one residual per run of blocks (far less memory). model: the whole model's "
@@ -228,6 +238,10 @@ class HyCaApply(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="Fraction of the denoising after which every step is computed fully, "
                                        "as in EasyCache. 1: predict up to the last step."),
+                io.Combo.Input("placement", options=list(PLACEMENTS), default="fixed", optional=True,
+                               tooltip="fixed: the warm-up, then every N-th step computed (the paper). calibrated: "
+                                       "as many full steps, placed where the map's probe says prediction errs most "
+                                       "(more early on); same speed-up, better quality on the reference model."),
                 SolverMapType.Input("solver_map", optional=True,
                                     tooltip="Solver map from HyCa Calibrate. Leave empty to use the saved map "
                                             "for this base model, or calibrate automatically on the first run."),
@@ -239,10 +253,10 @@ class HyCaApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
                 history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
-                solver_map=None) -> io.NodeOutput:
+                placement="fixed", solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
                                         offload_history, adaptive_tolerance if adaptive else None,
                                         granularity=granularity, target_speedup=target_speedup,
                                         start_percent=start_percent, end_percent=end_percent,
-                                        checkpoint=checkpoint_path.for_node(cls)))
+                                        checkpoint=checkpoint_path.for_node(cls), placement=placement))

@@ -78,7 +78,7 @@ def test_target_speedup_picks_each_runs_interval(pack, flux, solver_map, conditi
     """2.5x asked: 20 steps take N=3 (8 computed: 2.5x), 12 steps N=4 (4 computed: 3x; N=3 gives 2.4x)."""
     Schedule = pack.hyca_core.schedule.Schedule
     patched = _apply(pack, flux, solver_map, target_speedup=2.5)
-    for steps, interval, logged in ((20, 3, "2.50x speed-up (N=3;"), (12, 4, "3.00x speed-up (N=4;")):
+    for steps, interval, logged in ((20, 3, "2.50x speed-up (N=3, fixed placement;"), (12, 4, "3.00x speed-up (N=4, fixed placement;")):
         caplog.clear()
         with caplog.at_level(logging.INFO):
             out, computed = _run(patched, conditioning, finished, steps)

@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from hyca_core import solver_map as sm
 from hyca_core.calibration import calibrate
-from hyca_core.schedule import Schedule
+from hyca_core.schedule import RunSchedule, Schedule
 from hyca_core.trajectories import Trajectory
 from harness.synthetic import flow_sigmas, mixture
 
@@ -202,3 +202,12 @@ def test_calibrated_budget_places_full_steps_where_prediction_errs_most(solver_m
     compiled = solver_map.compile(sigmas, uniform, budget=budget)
     assert compiled.mask.sum() <= budget and compiled.mask[:3].all()
     assert not np.array_equal(compiled.mask, uniform.mask(30))
+
+
+def test_calibrated_budget_keeps_the_steps_the_schedule_forces(solver_map):
+    sigmas = flow_sigmas(30, 3.0)
+    schedule = RunSchedule(interval=4, warmup=3, final=2, opens=5)  # 5 steps before the window, 2 after
+    budget = int(schedule.mask(30).sum())
+    compiled = solver_map.compile(sigmas, schedule, budget=budget)
+    assert compiled.mask[:5].all() and compiled.mask[-2:].all()
+    assert compiled.mask.sum() <= budget and not compiled.mask.all()
