@@ -69,3 +69,13 @@ def sample(model, positive, negative, latent: torch.Tensor, steps: int = 20, cfg
         model, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
         denoise=denoise, disable_pbar=True, seed=seed, noise_mask=noise_mask,
     )
+
+
+def probe_map(pack, model, conditioning, latent_shape, interval, warmup, steps=12, sampler="euler",
+              granularity="block"):
+    """HyCa Calibrate's probe (seed 0, cfg 1, simple scheduler) on a zero latent: the solver map."""
+    schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=warmup)
+    solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, steps, 1.0, sampler, "simple", *conditioning,
+                                                    {"samples": torch.zeros(latent_shape)}, schedule,
+                                                    granularity=granularity)
+    return solver_map

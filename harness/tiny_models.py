@@ -16,6 +16,8 @@ FLUX = dict(
     context_in_dim=32, vec_in_dim=16, mlp_ratio=4.0, num_heads=4, depth=2, depth_single_blocks=2,
     axes_dim=[4, 6, 6], theta=10000, qkv_bias=True, guidance_embed=False,
 )
+# one double and one single block: every FLUX code path at the least compute
+FLUX_SMALLEST = dict(FLUX, depth=1, depth_single_blocks=1)
 
 # One config per DiT family ComfyUI runs with ``dit`` block patches. Each holds the keys
 # comfy.model_detection.detect_unet_config infers for that family (so model_config_from_unet_config

@@ -5,7 +5,7 @@ import tempfile
 import pytest
 import torch
 
-from harness import comfy_runtime, node_pack
+from harness import comfy_runtime, node_pack, sampling, tiny_models
 
 # Like `main.py --base-directory`: models/, output/ ... of a throw-away folder, never site-packages.
 comfy_runtime.load(base_directory=tempfile.mkdtemp(prefix="hyca-comfy-"))
@@ -24,3 +24,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The tiny FLUX most node-layer tests run (test files with another model define their own fixtures).
+LATENT = (1, 16, 16, 16)
+N, WARMUP = 2, 2
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return tiny_models.build(tiny_models.FLUX_SMALLEST, seed=1)
+
+
+@pytest.fixture(scope="module")
+def conditioning():
+    return sampling.flux_conditioning(tiny_models.FLUX_SMALLEST["context_in_dim"], tiny_models.FLUX_SMALLEST["vec_in_dim"])
+
+
+@pytest.fixture(scope="module")
+def solver_map(pack, flux, conditioning):
+    return sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP)

@@ -13,27 +13,8 @@ import torch
 from harness import sampling, tiny_models
 from harness.metrics import psnr
 
-FLUX = dict(tiny_models.FLUX, depth=1, depth_single_blocks=1)  # every code path, little compute
 LATENT = (1, 16, 16, 16)
-N, WARMUP = 2, 2
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_models.build(FLUX, seed=1)
-
-
-@pytest.fixture(scope="module")
-def conditioning():
-    return sampling.flux_conditioning(FLUX["context_in_dim"], FLUX["vec_in_dim"])
-
-
-@pytest.fixture(scope="module")
-def solver_map(pack, flux, conditioning):
-    schedule = pack.hyca_core.schedule.Schedule(interval=N, warmup=WARMUP)
-    solver_map, _ = pack.nodes.calibrate_node.probe(flux, 0, 12, 1.0, "euler", "simple", *conditioning,
-                                                    {"samples": torch.zeros(LATENT)}, schedule)
-    return solver_map
+N, WARMUP = 2, 2  # as the conftest's solver_map
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import torch
 from harness import sampling, tiny_models
 
 RUNS = 200
-FLUX = dict(tiny_models.FLUX, depth=1, depth_single_blocks=1)
+FLUX = tiny_models.FLUX_SMALLEST
 WAN = tiny_models.WAN21_T2V
 N, WARMUP = 2, 2
 SIZES = ((8, 8), (8, 12), (12, 12))  # latent height, width

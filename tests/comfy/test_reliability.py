@@ -26,35 +26,12 @@ import torch
 from harness import sampling, tiny_models
 from harness.metrics import psnr
 
-FLUX = dict(tiny_models.FLUX, depth=1, depth_single_blocks=1)  # one double and one single block
+FLUX = tiny_models.FLUX_SMALLEST  # the conftest's flux
 LATENT = (1, 16, 16, 16)
 STEPS = 10
 N, WARMUP = 2, 2
 BLOCKS = 2
 FAULT = "HyCa: the predicted residual"
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_models.build(FLUX, seed=1)
-
-
-@pytest.fixture(scope="module")
-def conditioning():
-    return sampling.flux_conditioning(FLUX["context_in_dim"], FLUX["vec_in_dim"])
-
-
-def _probe(pack, model, conditioning, steps=12, sampler="euler", granularity="block"):
-    schedule = pack.hyca_core.schedule.Schedule(interval=N, warmup=WARMUP)
-    solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, steps, 1.0, sampler, "simple", *conditioning,
-                                                    {"samples": torch.zeros(LATENT)}, schedule,
-                                                    granularity=granularity)
-    return solver_map
-
-
-@pytest.fixture(scope="module")
-def solver_map(pack, flux, conditioning):
-    return _probe(pack, flux, conditioning)
 
 
 @pytest.fixture
@@ -92,11 +69,11 @@ def test_a_bad_saved_map_warns_and_calibrates_a_new_one(pack, store, conditionin
     model = tiny_models.build(FLUX, seed=51)  # its own base weights: its own saved map
     if damage == "other width":  # a map with this model's fingerprint, of a model twice as wide
         wide = tiny_models.build(dict(FLUX, hidden_size=128, num_heads=8), seed=51)
-        (saved,) = store.save_for(dataclasses.replace(_probe(pack, wide, conditioning),
+        (saved,) = store.save_for(dataclasses.replace(sampling.probe_map(pack, wide, conditioning, LATENT, N, WARMUP),
                                                       fingerprint=store.fingerprint(model)))
         reason = r"blocks \['double_block.0', 'single_block.0'\] have width 64, map has 128"
     else:
-        solver_map = _probe(pack, model, conditioning)
+        solver_map = sampling.probe_map(pack, model, conditioning, LATENT, N, WARMUP)
         if damage == "truncated":
             (saved,) = store.save_for(solver_map)
             saved.write_bytes(saved.read_bytes()[:-100])
@@ -158,7 +135,7 @@ def test_a_map_that_does_not_fit_passed_explicitly_stops_apply_with_the_reason(p
 
 
 def test_a_map_of_another_granularity_says_which(pack, flux, conditioning):
-    stack_map = _probe(pack, flux, conditioning, granularity="stack")
+    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
     with pytest.raises(pack.hyca_core.solver_map.MapError, match="the map's granularity is 'stack'; use the same"):
         _apply(pack, flux, stack_map)
     assert _sample(_apply(pack, flux, stack_map, granularity="stack"), conditioning).isfinite().all()
@@ -270,7 +247,7 @@ def test_an_overflowing_fp16_history_computes_that_block(pack, solver_map, condi
 
 
 def test_whole_model_granularity_falls_back_too(pack, flux, conditioning, caplog):
-    model_map = _probe(pack, flux, conditioning, granularity="model")
+    model_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="model")
     patched = _poison(pack, _apply(pack, flux, model_map, granularity="model"), lambda unit, step: step == 6)
     with caplog.at_level(logging.INFO):
         out = _sample(patched, conditioning)
@@ -285,7 +262,7 @@ def test_whole_model_granularity_falls_back_too(pack, flux, conditioning, caplog
 
 
 def test_a_faulty_clone_leaves_its_siblings_and_the_model_untouched(pack, flux, solver_map, conditioning, caplog):
-    other_map = _probe(pack, flux, conditioning, steps=16, sampler="dpmpp_2m")
+    other_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, steps=16, sampler="dpmpp_2m")
     fresh = {"a": _sample(_apply(pack, flux, solver_map), conditioning),
              "b": _sample(_apply(pack, flux, other_map, interval=3), conditioning),
              "unpatched": _sample(tiny_models.build(FLUX, seed=1), conditioning)}  # same weights, never patched
@@ -360,7 +337,7 @@ MISMATCHES = {
 @pytest.mark.parametrize("name", list(MISMATCHES))
 def test_maps_serve_other_step_counts_and_samplers(pack, flux, conditioning, caplog, name):
     probe_steps, probe_sampler, steps, sampler, bound = MISMATCHES[name]
-    solver_map = _probe(pack, flux, conditioning, steps=probe_steps, sampler=probe_sampler)
+    solver_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, steps=probe_steps, sampler=probe_sampler)
     full = _sample(flux, conditioning, steps=steps, sampler=sampler)
     with caplog.at_level(logging.INFO):
         out = _sample(_apply(pack, flux, solver_map), conditioning, steps=steps, sampler=sampler)

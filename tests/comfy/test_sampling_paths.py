@@ -24,29 +24,11 @@ from harness import sampling, tiny_models
 from harness.metrics import psnr as _psnr
 
 # FLUX with one double and one single block: every code path, little compute
-FLUX = dict(tiny_models.FLUX, depth=1, depth_single_blocks=1)
+FLUX = tiny_models.FLUX_SMALLEST  # the conftest's flux
 LATENT = (1, 16, 16, 16)
 STEPS = 10
 N, WARMUP = 2, 2
 FIRST = ("double_block", 0)  # the first block HyCa patches, in FLUX and Wan alike
-
-
-@pytest.fixture(scope="module")
-def flux():
-    return tiny_models.build(FLUX, seed=1)
-
-
-@pytest.fixture(scope="module")
-def conditioning():
-    return sampling.flux_conditioning(FLUX["context_in_dim"], FLUX["vec_in_dim"])
-
-
-@pytest.fixture(scope="module")
-def solver_map(pack, flux, conditioning):
-    schedule = pack.hyca_core.schedule.Schedule(interval=N, warmup=WARMUP)
-    solver_map, _ = pack.nodes.calibrate_node.probe(flux, 0, 12, 1.0, "euler", "simple", *conditioning,
-                                                    {"samples": torch.zeros(LATENT)}, schedule)
-    return solver_map
 
 
 def _randn(*shape, seed=0):
