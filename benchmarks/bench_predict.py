@@ -63,7 +63,7 @@ def main() -> int:
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(SHAPE).to(dtype) for _ in range(2))
         add_out = torch.empty(SHAPE, dtype=dtype)
-        for m, kind in ((2, "map"), (3, "map"), (4, "map"), (4, "arbitrary")):
+        for m, kind in ((1, "map"), (2, "map"), (3, "map"), (4, "map"), (4, "arbitrary")):
             history = torch.randn(m, *SHAPE).to(dtype)
             coeffs = map_coefficients(m, SHAPE[-1]) if kind == "map" else torch.randn(m, SHAPE[-1])
             out = torch.empty(SHAPE, dtype=dtype)

@@ -7,6 +7,8 @@ and a compact sample of the probe so that later runs can re-select and fit for t
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import numpy as np
@@ -34,7 +36,7 @@ def calibrate(
     """The solver map of a probe run; ``progress(done, total)`` is called after each block.
 
     ``trajectories``: any mapping, e.g. a TrajectoryRecorder, which converts a block only when
-    it is looked up, so that at most one block is held in float32 at a time.
+    it is looked up, so that at most one block per CPU core is held in float32 at a time.
     """
     if not len(trajectories):
         raise ValueError("no trajectories were recorded: did the probe run any patched block?")
@@ -45,17 +47,27 @@ def calibrate(
     if mask.all():
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
     plan = plan_schedule(mask, sigmas, pool=pool)
+
+    def block_map(key: str) -> BlockMap:
+        trajectory = trajectories[key]  # looked up in the worker: converted only when its turn comes
+        if not np.array_equal(trajectory.sigmas, sigmas):
+            raise ValueError(f"block {key} was recorded on other steps than the rest")
+        return _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
+
+    keys = list(trajectories)
     blocks = {}
-    # The linear algebra here is many small products and eigendecompositions, which BLAS threads
-    # slow down (8x for the batched 50x50 eigh) instead of speeding up.
-    with single_threaded("blas"):
-        for done, key in enumerate(trajectories, start=1):
-            trajectory = trajectories[key]  # one block in float32 at a time, if the mapping is lazy
-            if not np.array_equal(trajectory.sigmas, sigmas):
-                raise ValueError(f"block {key} was recorded on other steps than the rest")
-            blocks[key] = _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
-            if progress:
-                progress(done, len(trajectories))
+    # Blocks are independent, so each CPU core takes one at a time (numpy's and BLAS's loops release
+    # the GIL). Within a block the linear algebra is many small products and eigendecompositions,
+    # which BLAS threads slow down (8x for the batched 50x50 eigh) instead of speeding up.
+    workers = min(os.cpu_count() or 1, len(keys))
+    with single_threaded("blas"), ThreadPoolExecutor(workers) as executor:
+        try:
+            for done, (key, block) in enumerate(zip(keys, executor.map(block_map, keys)), start=1):
+                blocks[key] = block
+                if progress:
+                    progress(done, len(keys))
+        finally:  # after an error, or a cancellation raised by `progress`, start no further block
+            executor.shutdown(cancel_futures=True)
     return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
 
 

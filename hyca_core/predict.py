@@ -10,7 +10,9 @@ machine is shared, contended runs read ~0.2 higher):
     fp32 m=2: lerp 1.05, addcmul chain 1.49      m=3: lerp 1.83, chain 2.21
     fp32 m=4: lerp 2.67, chain 3.05, chunked variants keeping the accumulator in L2 2.9-4.7
       (per-op overhead and the in-cache speed of eager ops eat the saved traffic), depthwise
-      conv2d over a channels_last view 3.7-6, einsum 135 (bmm with permuted copies)
+      conv2d over a channels_last view 3.7-6, einsum 135 (bmm with permuted copies); nor do
+      forms reading each term once: linalg.vecdot over a (T, C, m)-interleaved history 19,
+      numpy.einsum (one thread) 3.0, numexpr 5.7-9, a torch.compile'd sum 3.4 (42 s to compile)
     bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4; fp32 accumulation through
       mixed-dtype kernels 7-29; lerp would need bf16 weights (inaccurate).
 Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise.

@@ -121,9 +121,10 @@ def cluster_gram(values: np.ndarray, labels: np.ndarray, clusters: int | None = 
     clusters = int(labels.max()) + 1 if clusters is None else clusters
     steps = values.shape[0]
     # channels grouped by cluster (one gather), then each cluster copied once into a contiguous
-    # float64 (steps, rows x channels) block for the product
+    # float64 (steps, rows x channels) block for the product. The indices are valid by
+    # construction: mode="clip" skips take's bounds checks, which double its cost.
     order = np.argsort(labels, kind="stable")
-    grouped = np.take(np.asarray(values), order, axis=2)
+    grouped = np.take(np.asarray(values), order, axis=2, mode="clip")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(labels, minlength=clusters))])
     gram = np.zeros((clusters, steps, steps))
     for c in range(clusters):

@@ -1,0 +1,143 @@
+"""HyCa's added cost per skipped FLUX double block, as a share of computing that block.
+
+Usage: python benchmarks/bench_block_overhead.py [--steps 28] [--dtype float32|bfloat16] [--runs 5]
+
+One full-size block of ComfyUI's own class (comfy.ldm.flux.layers.DoubleStreamBlock: hidden 3072,
+24 heads, mlp_ratio 4, seeded weights) on 1024 image + 256 text tokens. HyCa's work goes through
+the node layer's own BlockPatch and RunState, with a solver map calibrated on synthetic
+trajectories and compiled for an N=6 schedule with the default warm-up:
+- a computed step keeps the block's inputs, takes its img/txt residuals and pushes them into the
+  history (the block itself is a stand-in returning outputs made beforehand, so only HyCa's
+  work is timed);
+- a predicted step predicts both residuals from the history, queues their finiteness check and
+  adds them to the block's inputs.
+The whole run's HyCa time divided by its predicted steps is the cost per skipped block; the
+per-call work (the step decision, one finiteness sync per model call) is shared by all 57
+blocks of a FLUX call and left out. Target: under 2% of the block's compute.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import node_pack, tiny_models  # noqa: E402
+from harness.synthetic import flow_sigmas, mixture  # noqa: E402
+
+HIDDEN, HEADS, MLP_RATIO = 3072, 24, 4.0
+IMAGE_TOKENS, TEXT_TOKENS = 1024, 256  # a 512x512 image: 64x64 latent in 2x2 patches
+INTERVAL, TARGET = 6, 0.02
+
+
+def flux_block(dtype: torch.dtype):
+    """ComfyUI's DoubleStreamBlock at FLUX.1 size, and its inputs (img, txt, vec, pe)."""
+    import comfy.ops
+    from comfy.ldm.flux.layers import DoubleStreamBlock, EmbedND
+
+    block = DoubleStreamBlock(HIDDEN, HEADS, MLP_RATIO, qkv_bias=True, dtype=dtype,
+                              operations=comfy.ops.disable_weight_init)
+    tiny_models.initialize(block, seed=0)  # ComfyUI builds layers uninitialized
+    generator = torch.Generator().manual_seed(0)
+    img, txt = (torch.randn(1, n, HIDDEN, generator=generator).to(dtype) for n in (IMAGE_TOKENS, TEXT_TOKENS))
+    vec = torch.randn(1, HIDDEN, generator=generator).to(dtype)
+    side = int(IMAGE_TOKENS**0.5)
+    img_ids = torch.zeros(side, side, 3)
+    img_ids[..., 1], img_ids[..., 2] = torch.arange(side)[:, None], torch.arange(side)[None, :]
+    ids = torch.cat([torch.zeros(1, TEXT_TOKENS, 3), img_ids.reshape(1, -1, 3)], dim=1)
+    pe = EmbedND(dim=HIDDEN // HEADS, theta=10000, axes_dim=[16, 56, 56])(ids)  # FLUX.1's rope
+    return block, (img, txt, vec, pe)
+
+
+def block_seconds(block, inputs, runs: int) -> float:
+    """Median time of one forward pass (each on fresh copies: the block adds into its inputs)."""
+    img, txt, vec, pe = inputs
+    times = []
+    with torch.inference_mode():
+        for _ in range(runs + 1):  # the first is a warm-up
+            a, b = img.clone(), txt.clone()
+            start = time.perf_counter()
+            block(img=a, txt=b, vec=vec, pe=pe)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def compiled_map(pack, keys, step_sigmas: np.ndarray, schedule):
+    """A map of the block's two streams calibrated on synthetic trajectories, compiled for the run."""
+    sigmas, values, _ = mixture(steps=50, rows=32, channels_per_group=HIDDEN // 4, seed=0, shift=3.0)
+    Trajectory = pack.hyca_core.trajectories.Trajectory
+    solver_map = pack.hyca_core.calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
+    return solver_map.compile(step_sigmas, schedule)
+
+
+def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[float]:
+    """HyCa's time at each step of one sampling run, the block's compute left out."""
+    block_cache, families = pack.nodes.block_cache, pack.nodes.families
+    img, txt, vec, pe = inputs
+    generator = torch.Generator().manual_seed(1)
+    outputs = {s: x + 0.1 * torch.randn(x.shape, generator=generator).to(dtype)
+               for s, x in (("img", img), ("txt", txt))}
+    patch = block_cache.BlockPatch(families.Block("double_block", 0, HIDDEN),
+                                   block_cache.Unit("double_block.0", 1))
+    stand_in = {"original_block": lambda args: dict(outputs)}
+    state = block_cache.RunState(make_plan=lambda sigmas: plan)
+    options = {"sample_sigmas": torch.tensor([*step_sigmas, 0.0]), block_cache.OPTIONS_KEY: state}
+    args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
+    times = []
+    with torch.inference_mode():
+        for sigma in step_sigmas:
+            options["sigmas"] = torch.tensor([sigma])
+            call = options[block_cache._CALL_KEY] = state.begin_call(img, options)
+            start = time.perf_counter()
+            patch(args, stand_in)
+            times.append(time.perf_counter() - start)
+            state.faults(call)
+            state.end_call(call)
+            del options[block_cache._CALL_KEY]
+    return times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--runs", type=int, default=5, help="sampling runs for HyCa's time (median per step)")
+    parser.add_argument("--block-runs", type=int, default=3, help="timed forward passes of the block")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    pack = node_pack.load()
+    schedule = pack.hyca_core.schedule.Schedule(interval=INTERVAL)
+    step_sigmas = flow_sigmas(args.steps, 3.0)
+    mask = schedule.mask(args.steps)
+    plan = compiled_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
+
+    block, inputs = flux_block(dtype)
+    hyca_seconds(pack, inputs, plan, step_sigmas, dtype)  # warm-up: allocations, coefficient tables
+    runs = [hyca_seconds(pack, inputs, plan, step_sigmas, dtype) for _ in range(args.runs)]
+    per_step = np.median(runs, axis=0)
+    t_block = block_seconds(block, inputs, args.block_runs)
+
+    predicted, computed = (~mask).sum(), mask.sum()
+    per_skipped = per_step.sum() / predicted
+    share = per_skipped / t_block
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, DoubleStreamBlock "
+          f"{HIDDEN} wide, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
+          f"history of {plan.history('double_block.0.img')}")
+    print(f"block compute                  {t_block * 1e3:9.1f} ms")
+    print(f"{args.steps} steps, N={INTERVAL}, warm-up {schedule.warmup}: "
+          f"{computed} computed, {predicted} predicted")
+    print(f"per predicted block (predict)  {per_step[~mask].mean() * 1e3:9.2f} ms")
+    print(f"per computed block (keep)      {per_step[mask].mean() * 1e3:9.2f} ms")
+    verdict = "PASS" if share < TARGET else "FAIL"
+    print(f"HyCa per skipped block         {per_skipped * 1e3:9.2f} ms = {share:.2%} of the block "
+          f"(target < {TARGET:.0%}: {verdict})")
+    return 0 if share < TARGET else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

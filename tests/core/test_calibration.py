@@ -1,0 +1,45 @@
+import dataclasses
+
+import numpy as np
+import pytest
+
+import hyca_core.calibration as calibration
+from hyca_core.calibration import calibrate
+from hyca_core.schedule import Schedule
+from hyca_core.trajectories import Trajectory
+from harness.synthetic import mixture
+
+
+def test_blocks_calibrated_in_parallel_match_one_at_a_time(monkeypatch):
+    sigmas, values, _ = mixture(steps=12, rows=4, channels_per_group=8, seed=0)
+    rng = np.random.default_rng(0)
+    trajectories = {f"block.{i}": Trajectory(sigmas, values[..., rng.permutation(values.shape[2])])
+                    for i in range(5)}
+    maps = {}
+    for cores in (4, 1):
+        monkeypatch.setattr(calibration.os, "cpu_count", lambda: cores)
+        done = []
+        maps[cores] = calibrate(trajectories, Schedule(interval=3, warmup=3),
+                                progress=lambda finished, total: done.append((finished, total)))
+        assert done == [(i, 5) for i in range(1, 6)]
+    assert list(maps[4].blocks) == list(trajectories)
+    for key, block in maps[4].blocks.items():
+        alone = maps[1].blocks[key]
+        for field in dataclasses.fields(block):
+            np.testing.assert_array_equal(getattr(block, field.name), getattr(alone, field.name))
+
+
+def test_a_cancelled_calibration_starts_no_further_block(monkeypatch):
+    sigmas, values, _ = mixture(steps=12, rows=4, channels_per_group=8, seed=0)
+    trajectories = {f"block.{i}": Trajectory(sigmas, values) for i in range(6)}
+    started = []
+    block_map = calibration._block_map
+    monkeypatch.setattr(calibration, "_block_map", lambda *args: started.append(1) or block_map(*args))
+    monkeypatch.setattr(calibration.os, "cpu_count", lambda: 1)
+
+    def cancel(done, total):
+        raise InterruptedError("cancelled")  # ComfyUI's progress hook raises when the user cancels
+
+    with pytest.raises(InterruptedError):
+        calibrate(trajectories, Schedule(interval=3, warmup=3), progress=cancel)
+    assert len(started) <= 2  # the first block, and the one the worker had already begun
