@@ -9,9 +9,9 @@ Steps, in order (all seeded):
 2. Classifier (:class:`harness.reference_model.Classifier`) on the training set, with mild Gaussian
    noise as augmentation; its accuracy on the held-out set is printed.
 3. Diffusion: rectified flow in the model's own space (see :mod:`harness.reference_model`), AdamW,
-   noise levels drawn logit-normally and shifted by the
-   sampling shift (more training where the digit's shape is decided), warm-up then cosine decay over ``progress = max(step / steps, elapsed / time budget)``, EMA of
-   the weights, 10% of the classes dropped to the unconditional context, the first text-embedding
+   noise levels drawn logit-normally and shifted by the sampling shift (more training where the
+   digit's shape is decided), warm-up then cosine decay over
+   ``progress = max(step / steps, elapsed / time budget)``, EMA of the weights, 10% of the classes dropped to the unconditional context, the first text-embedding
    layer's learning rate scaled by 1/64 (its input is a dense 4096-dim context), cross-attention
    output projections zero-initialized (a first run without these two and with a data recipe whose
    classes shared one pixel mean ignored its class entirely). The run is reproducible
@@ -22,6 +22,12 @@ Steps, in order (all seeded):
    scores the samples; the better of the two is kept as the weights file, and the accuracy of
    full-compute samples is printed for several shifts and cfg values, with a PNG grid
    (rows = classes).
+5. The shipped run (``--out`` the default weights file) then calibrates the model on
+   :data:`MAP_PROBE` and ships its solver map in ``calibrations/`` (``--map-only`` does just that).
+
+The shipped weights: 6,500 steps of batch 32 in 57.9 min with 2 threads on this project's 2-core
+machine, ended by the step count; 77% of full-compute samples read as their class at cfg 1, 89.5%
+at cfg 2.
 """
 
 from __future__ import annotations
