@@ -196,12 +196,10 @@ class SolverMap:
         max_gap = min(len(step_sigmas) - 1, 2 * len(step_sigmas) // max(budget, 1) + 2)
         costs = gap_costs(np.concatenate(values, axis=2), np.concatenate(labels), step_sigmas, warmup,
                           max_gap, pool=pool)
-        first_forced_after = np.full(len(step_sigmas) + 1, len(step_sigmas))  # next forced step > a
-        for a in range(len(step_sigmas) - 1, -1, -1):
-            first_forced_after[a] = a + 1 if a + 1 < len(step_sigmas) and forced[a + 1] else first_forced_after[a + 1]
-        gaps = np.arange(costs.shape[1])
-        costs[np.arange(len(step_sigmas))[:, None] + gaps[None, :] >= first_forced_after[:-1, None]] = np.inf
-        costs[:, 0] = 0.0
+        # cost[a, g] predicts steps a+1..a+g: forbidden when a forced step lies among them
+        count = np.concatenate([[0], np.cumsum(forced)])  # forced steps before each index
+        a, g = np.ogrid[: len(step_sigmas), : costs.shape[1]]
+        costs[count[np.minimum(a + g + 1, len(step_sigmas))] > count[a + 1]] = np.inf
         return calibrated_mask(costs, max(budget, int(forced.sum())), max(warmup, _leading(forced)))
 
 
