@@ -91,11 +91,13 @@ def _plan(sigmas: np.ndarray, pool: tuple[Solver, ...], skips: dict[str, list[Sk
     """`skips`: the same predicted steps timed on each variable."""
     first = next(iter(skips.values()))
     m = max(s.history for s in pool)
-    weights = np.zeros((len(pool), len(skips), len(first), m))
-    for v, plan in enumerate(skips.values()):
-        for k, skip in enumerate(plan):
-            for p, s in enumerate(pool):
-                weights[p, v, k, m - s.history :] = s.weights(skip.times[-s.history :], skip.target)
+    V, K = len(skips), len(first)
+    times = np.array([[s.times for s in plan] for plan in skips.values()]).reshape(V * K, m)
+    targets = np.array([[s.target for s in plan] for plan in skips.values()]).reshape(V * K)
+    weights = np.zeros((len(pool), V, K, m))
+    for p, s in enumerate(pool):
+        weights[p, ..., m - s.history :] = s.batch_weights(times[:, m - s.history :], targets).reshape(
+            V, K, s.history)
     return Plan(
         sigmas=np.asarray(sigmas, dtype=np.float64),
         steps=np.array([s.step for s in first], dtype=int),
@@ -172,8 +174,13 @@ def solver_errors(values: np.ndarray, labels: np.ndarray, plan: Plan,
     """
     gram = cluster_gram(values, labels, clusters)
     P, V, K, m = plan.weights.shape
-    weights = np.broadcast_to(plan.weights[:, :, None], (P, V, len(gram), K, m))
-    return ErrorTable(plan, gram, _relative_errors(gram, plan, weights))
+    # the weights are the same for every cluster: per step, one product of the pool's (u u^T)
+    # with all clusters' window Grams, u = (w, -1)
+    u = np.concatenate([plan.weights, -np.ones((P, V, K, 1))], axis=-1)
+    outer = (u[..., :, None] * u[..., None, :]).reshape(P * V, K, -1).transpose(1, 0, 2)
+    window = _window_grams(gram, plan).reshape(len(gram), K, -1).transpose(1, 2, 0)
+    err = np.matmul(outer, window).transpose(1, 2, 0).reshape(P, V, len(gram), K)
+    return ErrorTable(plan, gram, np.maximum(err, 0.0) / _energy(gram)[:, None])
 
 
 @dataclass(frozen=True)
@@ -276,37 +283,41 @@ def fit(table: ErrorTable, assignment: Assignment, lam: float = FIT_LAMBDA) -> A
     plan = table.plan
     K, m = plan.history.shape
     base = _map_weights(assignment, plan, corrected=False)
-    window = _window_grams(table.gram, plan)
+    window = _window_grams(table.gram, plan)  # (C, K, m+1, m+1)
+    positions = list(dict.fromkeys(plan.positions))
+    # per (position, cluster): the normal equations over the position's steps, all slots at once
+    member = np.array([[p == pos for p in plan.positions] for pos in positions], dtype=float)  # (Q, K)
+    normal = np.einsum("qk,ckij->qcij", member, window[:, :, :m, :m])
+    target = window[:, :, :m, m] - np.einsum("ckij,ckj->cki", window[:, :, :m, :m], base)
+    rhs = np.einsum("qk,cki->qci", member, target)
     history_of = {s.id: s.history for s in plan.pool}
-    by_position = {}
-    for pos in dict.fromkeys(plan.positions):
-        ks = [k for k in range(K) if plan.positions[k] == pos]
-        chosen = assignment.choices(pos)
-        correction = np.zeros_like(chosen.correction)
-        for c, solver_id in enumerate(chosen.solver):
-            h = history_of[int(solver_id)]
-            g = window[c, ks]
-            normal = g[:, m - h : m, m - h : m].sum(axis=0)
-            rhs = (g[:, m - h : m, m] - np.einsum("kij,kj->ki", g[:, m - h : m, :m], base[c, ks])).sum(axis=0)
-            scale = np.trace(normal) / h
-            if scale > 0:
-                correction[c, MAX_HISTORY - h :] = np.linalg.solve(normal + lam * scale * np.eye(h), rhs)
-        by_position[pos] = Choices(chosen.solver, chosen.variable, correction)
-    return Assignment(assignment.default, by_position)
+    chosen = [assignment.choices(pos) for pos in positions]
+    h = np.array([[history_of[int(i)] for i in ch.solver] for ch in chosen])  # (Q, C)
+    correction = np.zeros((len(positions), len(base), MAX_HISTORY))
+    for length in np.unique(h):  # the solver's own slots, batched over equal lengths
+        q, c = np.nonzero(h == length)
+        slots = slice(m - length, m)
+        a, b = normal[q, c, slots, slots], rhs[q, c, slots]
+        scale = np.trace(a, axis1=1, axis2=2) / length
+        ok = scale > 0
+        a = a[ok] + lam * scale[ok, None, None] * np.eye(length)
+        correction[q[ok], c[ok], MAX_HISTORY - length :] = np.linalg.solve(a, b[ok][..., None])[..., 0]
+    return Assignment(assignment.default, {pos: Choices(ch.solver, ch.variable, corr)
+                                           for pos, ch, corr in zip(positions, chosen, correction)})
 
 
-def coefficients(assignment: Assignment, labels: np.ndarray, mask: np.ndarray,
-                 sigmas: np.ndarray) -> dict[int, np.ndarray]:
+def coefficients(assignment: Assignment, labels: np.ndarray, plan: Plan) -> dict[int, np.ndarray]:
     """The map collapsed for one inference schedule: {predicted step: (m, D) float32}.
 
     Row i weighs the i-th of the last m computed residuals (oldest first), so a predicted residual
-    is sum_i coeffs[i] * history[i], channel-wise; m is the longest history the map uses. Steps at
+    is sum_i coeffs[i] * history[i], channel-wise; m is the longest history the map uses (the
+    plan's weights are right-aligned, so one plan of the whole pool serves every block). Steps at
     positions the map has no entry for take its per-cluster default.
     """
-    plan = plan_schedule(mask, sigmas, pool=assignment.solvers())  # m = the longest history used
-    weights = _map_weights(assignment, plan)
-    return {int(step): np.ascontiguousarray(weights[labels, k].T, dtype=np.float32)
-            for k, step in enumerate(plan.steps)}
+    m = max(s.history for s in assignment.solvers())
+    weights = _map_weights(assignment, plan)[..., plan.history.shape[1] - m :]
+    per_step = np.ascontiguousarray(weights.astype(np.float32)[labels].transpose(1, 2, 0))  # (K, m, D)
+    return {int(step): per_step[k] for k, step in enumerate(plan.steps)}
 
 
 def gap_costs(

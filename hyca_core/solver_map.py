@@ -181,7 +181,7 @@ class SolverMap:
             else:
                 sample = CompactSample(self.probe_sigmas, block.series)
                 assignment = refit(sample, plan, per_position=per_position, lam=FIT_LAMBDA if fitted else None)
-            coefficient_tables[key] = coefficients(assignment, block.labels, mask, step_sigmas)
+            coefficient_tables[key] = coefficients(assignment, block.labels, plan)
         return CompiledMap(mask, coefficient_tables)
 
     def _calibrated_mask(self, step_sigmas, budget, warmup, forced, pool) -> np.ndarray:

@@ -42,7 +42,7 @@ TIME_VARIABLES = ("step", "sigma")
 def _lagrange(nodes, x) -> np.ndarray:
     """l_i(x): values at x of the Lagrange basis polynomials on `nodes`."""
     nodes = np.asarray(nodes, dtype=np.float64)
-    out = np.ones(len(nodes))
+    out = np.ones(nodes.shape)
     for i, ti in enumerate(nodes):
         for j, tj in enumerate(nodes):
             if j != i:
@@ -53,7 +53,7 @@ def _lagrange(nodes, x) -> np.ndarray:
 def _lagrange_derivative(nodes, x) -> np.ndarray:
     """l_i'(x): derivatives at x of the Lagrange basis polynomials on `nodes`."""
     nodes = np.asarray(nodes, dtype=np.float64)
-    out = np.zeros(len(nodes))
+    out = np.zeros(nodes.shape)
     for i, ti in enumerate(nodes):
         for k, tk in enumerate(nodes):
             if k == i:
@@ -74,8 +74,7 @@ def _gauss_legendre(n: int):
 def _integral(nodes, a, b) -> np.ndarray:
     """w_i with integral_a^b P(s) ds = sum_i w_i P(nodes_i) for P interpolating at `nodes`."""
     x, g = _gauss_legendre(len(nodes))
-    s = (a + b) / 2 + (b - a) / 2 * x
-    return (b - a) / 2 * sum(gq * _lagrange(nodes, sq) for gq, sq in zip(g, s))
+    return (b - a) / 2 * sum(gq * _lagrange(nodes, (a + b) / 2 + (b - a) / 2 * xq) for gq, xq in zip(g, x))
 
 
 def _combine(coefficients, values):
@@ -183,14 +182,27 @@ class Solver:
     def weights(self, times, target) -> np.ndarray:
         """Weights (float64, shape (history,), oldest first, summing to 1) such that the
         prediction at `target` is sum_j w_j F_j, F_j the residuals cached at `times`."""
+        return self.batch_weights(np.asarray(times, dtype=np.float64)[None], [target])[0]
+
+    def batch_weights(self, times, targets) -> np.ndarray:
+        """`weights` of many grids at once: times (B, history), targets (B,) -> (B, history).
+
+        The formulas broadcast: slot j of the history is the basis vector e_j as a (history, 1)
+        column, every time a (B,) row, so each formula's result is the (history, B) weights."""
         t = np.asarray(times, dtype=np.float64)
-        if t.shape != (self.history,):
-            raise ValueError(f"{self.name} needs {self.history} history times, got shape {t.shape}")
-        gaps = np.diff(np.append(t, float(target)))
-        if self.history > 1 and not (np.all(gaps > 0) or np.all(gaps < 0)):
+        target = np.asarray(targets, dtype=np.float64)
+        if t.ndim != 2 or t.shape[1] != self.history or target.shape != t.shape[:1]:
+            raise ValueError(f"{self.name} needs {self.history} history times per target, got "
+                             f"times of shape {t.shape} for targets of shape {target.shape}")
+        gaps = np.diff(np.concatenate([t, target[:, None]], axis=1), axis=1)
+        monotone = np.all(gaps > 0, axis=1) | np.all(gaps < 0, axis=1)
+        if self.history > 1 and not monotone.all():
+            bad = int(np.argmin(monotone))
             raise ValueError(f"{self.name}: times must be strictly monotone with the target "
-                             f"beyond the last one, got times={t.tolist()}, target={target}")
-        return np.array(self.formula(np.eye(self.history), t, float(target)), dtype=np.float64)
+                             f"beyond the last one, got times={t[bad].tolist()}, target={target[bad]}")
+        basis = np.eye(self.history)[:, :, None]
+        result = self.formula(basis, t.T, target)
+        return np.ascontiguousarray(np.broadcast_to(result, (self.history, len(t))).T)
 
 
 POOL: tuple[Solver, ...] = (

@@ -391,4 +391,4 @@ class BlockPatch:
             return None
         residual = state.predicted_residual(call, key, x)
         call.checks.append((self.unit.name, _finite(residual)))
-        return x + residual
+        return residual.add_(x)  # a fresh tensor (never a view of the history): no new allocation

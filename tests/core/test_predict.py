@@ -86,10 +86,12 @@ def test_predict_accepts_a_sequence_of_views():
 
 
 def test_predict_into_out_and_validation():
-    history, coeffs = torch.randn(3, 4, 6), torch.randn(3, 6)
+    g = torch.Generator().manual_seed(4)
+    history, coeffs = torch.randn(3, 4, 6, generator=g), torch.randn(3, 6, generator=g)
     out = torch.empty(4, 6)
     assert predict(history, coeffs, out) is out
-    torch.testing.assert_close(out.double(), naive(history, coeffs))
+    # arbitrary weights may cancel: the bound is relative to the terms, not the result
+    assert ((out.double() - naive(history, coeffs)).abs() <= 8 * torch.finfo().eps * scale(history, coeffs)).all()
     with pytest.raises(ValueError, match="do not match"):
         predict(history, torch.randn(2, 6))
     with pytest.raises(ValueError, match="out must be"):

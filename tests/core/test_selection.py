@@ -127,7 +127,7 @@ def test_coefficients_of_a_single_cluster_map_are_the_solvers_weights():
     mask = uniform_mask(steps, 4)
     for s in (solver("taylor2"), solver("am2"), solver("reuse")):
         single = selection.single(s.id, "sigma", 1)
-        coeffs = selection.coefficients(single, np.zeros(channels, dtype=int), mask, sigmas)
+        coeffs = selection.coefficients(single, np.zeros(channels, dtype=int), selection.plan_schedule(mask, sigmas))
         plan = selection.skip_plan(mask, sigmas, "sigma", s.history)
         assert sorted(coeffs) == [p.step for p in plan]
         for p in plan:
@@ -140,7 +140,7 @@ def test_coefficients_predict_with_the_error_the_map_was_measured_with(case):
     """Scattering clusters to channels, positions and fitted corrections: predicting the probe
     with the coefficient matrices gives exactly the error `total_error` reports."""
     assignment = selection.fit(case.table, selection.select(case.table, per_position=True))
-    coeffs = selection.coefficients(assignment, case.labels, case.mask, case.sigmas)
+    coeffs = selection.coefficients(assignment, case.labels, case.plan)
     x = case.values.astype(np.float64)
     computed = np.flatnonzero(case.mask)
     errors = []
