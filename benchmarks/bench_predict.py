@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hyca_core.predict import predict  # noqa: E402
+from hyca_core.predict import predict, prepare  # noqa: E402
 from hyca_core.solvers import POOL  # noqa: E402
 
 SHAPE = (1, 4096, 3072)
@@ -66,6 +66,7 @@ def main() -> int:
         for m, kind in ((1, "map"), (2, "map"), (3, "map"), (4, "map"), (4, "arbitrary")):
             history = torch.randn(m, *SHAPE).to(dtype)
             coeffs = map_coefficients(m, SHAPE[-1]) if kind == "map" else torch.randn(m, SHAPE[-1])
+            coeffs = prepare(coeffs, dtype, "cpu")  # as the node does, once per weight table
             out = torch.empty(SHAPE, dtype=dtype)
             t_add, t_pred = _median_times(
                 [lambda: torch.add(a, b, out=add_out), lambda: predict(history, coeffs, out)],

@@ -20,6 +20,7 @@ Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -49,40 +50,65 @@ def _lerp_weights(coeffs: torch.Tensor) -> torch.Tensor | None:
     return w if w.abs().max() <= _LERP_MAX_WEIGHT else None
 
 
-def predict(history: torch.Tensor | Sequence[torch.Tensor], coeffs: torch.Tensor,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j coeffs[j] * history[j], coefficients broadcast over all but the last dimension.
+class Weights(NamedTuple):
+    """Per-channel weights made ready once for histories of one dtype and device (`prepare`)."""
 
-    history: (m, *shape, D) cached residuals oldest first, or a sequence of m (*shape, D)
-    tensors (e.g. views into a ring buffer); any float dtype.  coeffs: (m, D) per-channel weights
-    on history's device.  out: optional (*shape, D) tensor of history's dtype.
+    dtype: torch.dtype  # the histories'
+    coeffs: torch.Tensor  # (m, D): in the dtype the terms are combined in
+    lerp: torch.Tensor | None  # (m-1, D) lerp-chain weights, where that chain is exact and well conditioned
+    fp32_accumulate: bool  # half precision off the CPU: combined in fp32, rounded once
+
+
+def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> Weights:
+    """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
+
     Off-CPU, half-precision histories are accumulated in fp32 and rounded once; on CPU they are
     combined in their own dtype, because mixed-dtype kernels there cost 5-10x a plain add.
+    Deriving the lerp form costs about as much as predicting a small model's residual, so a hot
+    loop prepares each set of weights once.
     """
-    m, channels = coeffs.shape
+    device = torch.device(device)
+    coeffs = coeffs.to(device)
+    on_cpu = device.type == "cpu"
+    if dtype in _HALF and not on_cpu:
+        return Weights(dtype, coeffs.float(), None, True)
+    # lerp weights rounded to half precision would cost accuracy; off-CPU the chain is cheap
+    lerp = _lerp_weights(coeffs) if on_cpu and len(coeffs) > 1 and dtype not in _HALF else None
+    return Weights(dtype, coeffs.to(dtype), None if lerp is None else lerp.to(dtype), False)
+
+
+def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Weights,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j weights[j] * history[j], weights broadcast over all but the last dimension.
+
+    history: (m, *shape, D) cached residuals oldest first, or a sequence of m (*shape, D)
+    tensors (e.g. views into a ring buffer); any float dtype.  weights: (m, D) per-channel
+    weights, or the same `prepare`d for history's dtype and device.  out: optional (*shape, D)
+    tensor of history's dtype.
+    """
     first = history[0]
-    if len(history) != m or first.shape[-1] != channels:
-        raise ValueError(f"{len(history)} history terms of shape {tuple(first.shape)} do not match "
-                         f"coeffs {tuple(coeffs.shape)}")
+    if not isinstance(weights, Weights):
+        weights = prepare(weights, first.dtype, first.device)
+    m, channels = weights.coeffs.shape
+    if len(history) != m or first.shape[-1] != channels or weights.dtype != first.dtype:
+        raise ValueError(f"{len(history)} history terms of shape {tuple(first.shape)} {first.dtype} do not "
+                         f"match weights {tuple(weights.coeffs.shape)} prepared for {weights.dtype}")
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
     elif out.shape != first.shape or out.dtype != first.dtype:
         raise ValueError(f"out must be {tuple(first.shape)} {first.dtype}, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    on_cpu = first.device.type == "cpu"
-    if first.dtype in _HALF and not on_cpu:
-        return _fp32_accumulate(history, coeffs, out)
-    # lerp weights rounded to half precision would cost accuracy; off-CPU the chain is cheap
-    lerp = _lerp_weights(coeffs) if on_cpu and m > 1 and first.dtype not in _HALF else None
-    if lerp is not None:
-        return _lerp_chain(history, lerp.to(first.dtype), out)
-    return _addcmul_chain(history, coeffs.to(first.dtype), out)
+    if weights.fp32_accumulate:
+        return _fp32_accumulate(history, weights.coeffs, out)
+    if weights.lerp is not None:
+        return _lerp_chain(history, weights.lerp, out)
+    return _addcmul_chain(history, weights.coeffs, out)
 
 
 def _fp32_accumulate(history, coeffs, out):
-    acc = torch.mul(history[0], coeffs[0].float())  # promotes to an fp32 accumulator
+    acc = torch.mul(history[0], coeffs[0])  # fp32 weights promote to an fp32 accumulator
     for j in range(1, len(history)):
-        acc.addcmul_(history[j], coeffs[j].float())
+        acc.addcmul_(history[j], coeffs[j])
     return out.copy_(acc)
 
 
@@ -162,12 +188,18 @@ class ResidualHistory:
         """The stored residuals oldest first, as views of the storage (no copies)."""
         return [self._buffer[s] for s in self.slots()]
 
-    def predict(self, coeffs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """predict() over the newest coeffs.shape[0] residuals; coeffs rows oldest first."""
-        k = coeffs.shape[0]
+    def prepare(self, coeffs: torch.Tensor) -> Weights:
+        """`prepare` for this history's storage (after the first push)."""
+        return prepare(coeffs, self._buffer.dtype, self._buffer.device)
+
+    def predict(self, weights: torch.Tensor | Weights, out: torch.Tensor | None = None) -> torch.Tensor:
+        """predict() over the newest m residuals, m the weights' rows (oldest first)."""
+        if not isinstance(weights, Weights):
+            weights = self.prepare(weights)
+        k = weights.coeffs.shape[0]
         if not 1 <= k <= self._len:
             raise ValueError(f"{k} coefficient rows but {self._len} residuals stored")
-        return predict(self.views()[-k:], coeffs.to(self._buffer.device), out)
+        return predict(self.views()[-k:], weights, out)
 
     def clear(self) -> None:
         """Forget all residuals and release the storage."""

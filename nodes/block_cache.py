@@ -223,7 +223,7 @@ class RunState:
         coefficients = self._coefficients.get(cache_key)
         if coefficients is None:
             table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas), call.sigma)
-            coefficients = self._coefficients[cache_key] = torch.from_numpy(table).to(history.device)
+            coefficients = self._coefficients[cache_key] = history.prepare(torch.from_numpy(table))
         return history.predict(coefficients).to(like.device, like.dtype)
 
 

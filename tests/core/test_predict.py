@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from hyca_core import predict as predict_module
-from hyca_core.predict import ResidualHistory, predict
+from hyca_core.predict import ResidualHistory, predict, prepare
 from hyca_core.solvers import POOL
 
 
@@ -168,3 +168,15 @@ def test_history_errors_and_clear():
     assert len(hist) == 1
     with pytest.raises(ValueError):
         ResidualHistory(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_prepared_weights_predict_the_same(dtype):
+    g = torch.Generator().manual_seed(5)
+    history = torch.randn(3, 4, 8, generator=g).to(dtype)
+    coeffs = pool_coefficients(3, 8, seed=4)
+    prepared = prepare(coeffs, dtype, "cpu")
+    assert torch.equal(predict(history, prepared), predict(history, coeffs))
+    other = torch.float64 if dtype != torch.float64 else torch.float32
+    with pytest.raises(ValueError, match="prepared for"):
+        predict(history.to(other), prepared)
