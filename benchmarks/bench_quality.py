@@ -344,6 +344,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine one thread is faster and steadier)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for quality.txt and quality.png")
+    parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
+                        help="only the overhead target: HyCa (defaults) and FORA at each N, alternated back to "
+                             "back ROUNDS times (fastest of each), written to overhead.txt")
     args = parser.parse_args(argv)
     quick = args.quick
     pairs = args.pairs or (16 if quick else 32)
@@ -392,6 +395,15 @@ def main(argv=None) -> None:
 
     labels = [i % 10 for i in range(pairs)]
     seeds = [EVAL_SEED0 + i for i in range(pairs)]
+    if args.overhead:
+        def pair(n):
+            return [apply_hyca(model, solver_map, Schedule(interval=n, warmup=WARMUP), fitted=False, only=only)
+                    for only in (None, ("reuse", "step"))]
+        overhead_only(bench, pair, [(labels, seeds, size) for size in sizes], args.overhead)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead.txt").write_text("\n".join(bench.out_lines) + "\n")
+        print(f"wrote {args.out / 'overhead.txt'}")
+        return
     say(f"evaluation: {pairs} (class, seed) pairs in one batch: classes i % 10, seeds {seeds[0]}..{seeds[-1]}; "
         f"sizes {', '.join(f'{s} px' for s in sizes)}")
     say("columns: stp = sampler steps; blocks = transformer-block executions counted by forward hooks; compute = "
@@ -575,6 +587,31 @@ def main(argv=None) -> None:
     (args.out / "quality.txt").write_text("\n".join(bench.out_lines) + "\n")
     plot(all_results, args.out / "quality.png")
     print(f"wrote {args.out / 'quality.txt'} and {args.out / 'quality.png'}")
+
+
+def overhead_only(bench: Bench, pair, settings, rounds: int) -> None:
+    """HyCa's overhead target alone: at each N, HyCa (Apply's defaults) and FORA on the same schedule
+    sampled alternately, back to back, `rounds` times; the fastest run of each. Back-to-back pairs
+    see the same load on a shared machine, which rounds over a dozen methods do not."""
+    for setting in settings:
+        size = setting[2]
+        parts, ok = [], True
+        for n in INTERVALS:
+            models = pair(n)
+            for m in models:
+                bench.compile_ahead(m, STEPS)
+                bench.seconds(m, setting, STEPS)  # warm
+            best = [float("inf")] * len(models)
+            for _ in range(rounds):
+                for i, m in enumerate(models):
+                    best[i] = min(best[i], bench.seconds(m, setting, STEPS))
+            ratio = best[0] / best[1]
+            ok &= ratio <= 1.05
+            parts.append(f"N={n}: {best[0]:.2f} s vs {best[1]:.2f} s = {ratio:.3f}")
+            print(f"  [{time.strftime('%H:%M:%S')}] {size} px {parts[-1]}", file=sys.stderr, flush=True)
+        bench.say(f"[{size} px] HyCa (Apply's defaults) wall-clock within 5% of FORA at the same N (same schedule; "
+                  f"fastest of {rounds} back-to-back alternations each): {'HOLDS' if ok else 'FAILS'}; "
+                  + "; ".join(parts))
 
 
 # ----------------------------------------------------------------------------------------------
