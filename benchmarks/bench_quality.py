@@ -395,10 +395,13 @@ def main(argv=None) -> None:
 
     labels = [i % 10 for i in range(pairs)]
     seeds = [EVAL_SEED0 + i for i in range(pairs)]
+    def hyca_model(n, fitted=True, only=None, tolerance=None, warmup=WARMUP, placement="fixed"):
+        return apply_hyca(model, solver_map, Schedule(interval=n, warmup=warmup), fitted=fitted,
+                          adaptive_tolerance=tolerance, only=only, placement=placement)
+
     if args.overhead:
         def pair(n):
-            return [apply_hyca(model, solver_map, Schedule(interval=n, warmup=WARMUP), fitted=False, only=only)
-                    for only in (None, ("reuse", "step"))]
+            return [hyca_model(n, fitted=False), hyca_model(n, only=("reuse", "step"))]
         overhead_only(bench, pair, [(labels, seeds, size) for size in sizes], args.overhead)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "overhead.txt").write_text("\n".join(bench.out_lines) + "\n")
@@ -441,10 +444,6 @@ def main(argv=None) -> None:
 
         def spec(name, family, patched, **extra):
             return dict(name=name, family=family, model=patched, **extra)
-
-        def hyca_model(n, fitted=True, only=None, tolerance=None, warmup=WARMUP, placement="fixed"):
-            return apply_hyca(model, solver_map, Schedule(interval=n, warmup=warmup), fitted=fitted,
-                              adaptive_tolerance=tolerance, only=only, placement=placement)
 
         # per N, interleaved: HyCa fixed and fitted, FORA, uniform Taylor, TaylorSeer
         trios = (("reuse", "FORA"), ("taylor1", "Taylor"), ("taylorseer2", "TaylorSeer"))

@@ -26,19 +26,25 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# The tiny FLUX most node-layer tests run (test files with another model define their own fixtures).
+# The tiny FLUX most node-layer tests run (a test file overrides `flux_config` for another size,
+# and defines its own fixtures for another model).
 LATENT = (1, 16, 16, 16)
 N, WARMUP = 2, 2
 
 
 @pytest.fixture(scope="module")
-def flux():
-    return tiny_models.build(tiny_models.FLUX_SMALLEST, seed=1)
+def flux_config():
+    return tiny_models.FLUX_SMALLEST
 
 
 @pytest.fixture(scope="module")
-def conditioning():
-    return sampling.flux_conditioning(tiny_models.FLUX_SMALLEST["context_in_dim"], tiny_models.FLUX_SMALLEST["vec_in_dim"])
+def flux(flux_config):
+    return tiny_models.build(flux_config, seed=1)
+
+
+@pytest.fixture(scope="module")
+def conditioning(flux_config):
+    return sampling.flux_conditioning(flux_config["context_in_dim"], flux_config["vec_in_dim"])
 
 
 @pytest.fixture(scope="module")

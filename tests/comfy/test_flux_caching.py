@@ -12,13 +12,8 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def flux():
-    return tiny_models.build(tiny_models.FLUX, seed=1)
-
-
-@pytest.fixture(scope="module")
-def conditioning():
-    return sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
+def flux_config():
+    return tiny_models.FLUX  # the larger tiny FLUX, with its own latent and map below
 
 
 @pytest.fixture(scope="module")
