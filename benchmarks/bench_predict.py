@@ -7,8 +7,10 @@ repetitions), so a noisy machine slows both alike.  The baseline adds two tensor
 history's dtype into a preallocated output; predict also writes into a preallocated output.
 Coefficients are what a solver map produces: channels spread over the pool members that fit
 in m history slots (zero-padded), two steps ahead of a history spaced three steps apart.
-Target: ratio <= 2.5.  The "arbitrary" rows (random, non-affine coefficients, which take the
-general addcmul chain) are for information.
+Each row times both paths of predict(): "fused" (the kernel torch.compile builds, HyCa Apply's
+compile_predict; compiled before timing) and "eager" (torch ops, one pass per term: their floor
+for m=4 is 2.5x, see hyca_core/predict.py).  Target: fused ratio <= 2.5.  The "arbitrary" rows
+(random, non-affine coefficients, which take the general addcmul chain) are for information.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ def map_coefficients(m: int, channels: int) -> torch.Tensor:
     rows = []
     for s in (s for s in POOL if s.history <= m):
         w = torch.zeros(m, dtype=torch.float64)
-        w[m - s.history:] = torch.from_numpy(s.weights(times[m - s.history:], times[-1] + 2))
+        w[m - s.history:] = torch.tensor(s.weights(times[m - s.history:], times[-1] + 2))
         rows.append(w)
     table = torch.stack(rows, 1)  # (m, members)
     return table[:, torch.arange(channels) % table.shape[1]].float()
@@ -66,19 +68,24 @@ def main() -> int:
         for m, kind in ((1, "map"), (2, "map"), (3, "map"), (4, "map"), (4, "arbitrary")):
             history = torch.randn(m, *SHAPE).to(dtype)
             coeffs = map_coefficients(m, SHAPE[-1]) if kind == "map" else torch.randn(m, SHAPE[-1])
-            coeffs = prepare(coeffs, dtype, "cpu")  # as the node does, once per weight table
+            # as the node does, once per weight table
+            eager, fused = (prepare(coeffs, dtype, "cpu", fused=f) for f in (False, True))
             out = torch.empty(SHAPE, dtype=dtype)
-            t_add, t_pred = _median_times(
-                [lambda: torch.add(a, b, out=add_out), lambda: predict(history, coeffs, out)],
-                args.reps)
-            ratio = t_pred / t_add
+            if fused.fused is not None and kind == "map":
+                compiling = time.perf_counter()
+                predict(history, fused, out)
+                print(f"  (fused kernel for m={m} {dtype} ready in {time.perf_counter() - compiling:.1f} s)")
+            t_add, t_eager, t_fused = _median_times(
+                [lambda: torch.add(a, b, out=add_out), lambda: predict(history, eager, out),
+                 lambda: predict(history, fused, out)], args.reps)
+            ratio = t_fused / t_add
             if kind == "map":
                 verdict = "PASS" if ratio <= LIMIT else "FAIL"
                 failed |= ratio > LIMIT
             else:
                 verdict = "(info)"
-            print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms"
-                  f"  predict {t_pred * 1e3:6.2f} ms  ratio {ratio:4.2f}  {verdict}")
+            print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms  eager {t_eager / t_add:4.2f}x"
+                  f"  fused {t_fused * 1e3:6.2f} ms  ratio {ratio:4.2f}  {verdict}")
             del history
     return 1 if failed else 0
 

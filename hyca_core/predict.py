@@ -12,10 +12,14 @@ machine is shared, contended runs read ~0.2 higher):
       (per-op overhead and the in-cache speed of eager ops eat the saved traffic), depthwise
       conv2d over a channels_last view 3.7-6, einsum 135 (bmm with permuted copies); nor do
       forms reading each term once: linalg.vecdot over a (T, C, m)-interleaved history 19,
-      numpy.einsum (one thread) 3.0, numexpr 5.7-9, a torch.compile'd sum 3.4 (42 s to compile)
+      numpy.einsum (one thread) 3.0 (two threads 2.9-3.3), numexpr 5.7-9, a torch.compile'd sum
+      returning a new tensor 3.4-4.3 (allocating 48 MB faults its pages in on every call), or a
+      compiled sum over dim 0 of the stacked history 4-8 (inductor's reduction loop)
     bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4; fp32 accumulation through
       mixed-dtype kernels 7-29; lerp would need bf16 weights (inaccurate).
-Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise.
+Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise;
+or, on request, the single-pass kernels torch.compile builds, unrolled over the terms and writing
+into the output (fused.py: 1.1-1.8x for m=2-4, fp32 and bf16).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
+from . import fused as fused_kernels
 
 _HALF = (torch.float16, torch.bfloat16)
 _LERP_MAX_WEIGHT = 8.0
@@ -57,24 +63,30 @@ class Weights(NamedTuple):
     coeffs: torch.Tensor  # (m, D): in the dtype the terms are combined in
     lerp: torch.Tensor | None  # (m-1, D) lerp-chain weights, where that chain is exact and well conditioned
     fp32_accumulate: bool  # half precision off the CPU: combined in fp32, rounded once
+    fused: torch.Tensor | None = None  # (m, D) for the fused kernel, fp32 at least; None: eager ops
 
 
-def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str) -> Weights:
+def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
+            fused: bool = False) -> Weights:
     """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
 
     Off-CPU, half-precision histories are accumulated in fp32 and rounded once; on CPU they are
     combined in their own dtype, because mixed-dtype kernels there cost 5-10x a plain add.
     Deriving the lerp form costs about as much as predicting a small model's residual, so a hot
-    loop prepares each set of weights once.
+    loop prepares each set of weights once.  ``fused``: predict with torch.compile's single-pass
+    kernel (accumulating in fp32 at least), the eager ops where it cannot be built.
     """
     device = torch.device(device)
     coeffs = coeffs.to(device)
+    single = None
+    if fused and fused_kernels.supports(len(coeffs)):
+        single = coeffs.to(torch.promote_types(dtype, torch.float32))
     on_cpu = device.type == "cpu"
     if dtype in _HALF and not on_cpu:
-        return Weights(dtype, coeffs.float(), None, True)
+        return Weights(dtype, coeffs.float(), None, True, single)
     # lerp weights rounded to half precision would cost accuracy; off-CPU the chain is cheap
     lerp = _lerp_weights(coeffs) if on_cpu and len(coeffs) > 1 and dtype not in _HALF else None
-    return Weights(dtype, coeffs.to(dtype), None if lerp is None else lerp.to(dtype), False)
+    return Weights(dtype, coeffs.to(dtype), None if lerp is None else lerp.to(dtype), False, single)
 
 
 def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Weights,
@@ -98,6 +110,8 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
     elif out.shape != first.shape or out.dtype != first.dtype:
         raise ValueError(f"out must be {tuple(first.shape)} {first.dtype}, "
                          f"got {tuple(out.shape)} {out.dtype}")
+    if weights.fused is not None and fused_kernels.weighted_sum(history, weights.fused, out) is not None:
+        return out
     if weights.fp32_accumulate:
         return _fp32_accumulate(history, weights.coeffs, out)
     if weights.lerp is not None:
@@ -188,9 +202,9 @@ class ResidualHistory:
         """The stored residuals oldest first, as views of the storage (no copies)."""
         return [self._buffer[s] for s in self.slots()]
 
-    def prepare(self, coeffs: torch.Tensor) -> Weights:
+    def prepare(self, coeffs: torch.Tensor, fused: bool = False) -> Weights:
         """`prepare` for this history's storage (after the first push)."""
-        return prepare(coeffs, self._buffer.dtype, self._buffer.device)
+        return prepare(coeffs, self._buffer.dtype, self._buffer.device, fused)
 
     def predict(self, weights: torch.Tensor | Weights, out: torch.Tensor | None = None) -> torch.Tensor:
         """predict() over the newest m residuals, m the weights' rows (oldest first)."""

@@ -129,18 +129,19 @@ class ApplyRunState(RunState):
     """A run of a HyCa-applied model: predicts with the source's map, or records to calibrate it."""
 
     def __init__(self, source: MapSource, history_dtype: torch.dtype | None, offload_device,
-                 gate: AdaptiveGate | None = None):
+                 gate: AdaptiveGate | None = None, fused: bool = False):
         calibrated = source.solver_map is not None
         super().__init__(
             make_plan=source.plan if calibrated else None,
             recorder=None if calibrated else TrajectoryRecorder(),
             history_dtype=history_dtype, offload_device=offload_device, gate=gate if calibrated else None,
+            fused=fused,
         )
         self.source = source
         self.gate_template = gate
 
     def clone(self) -> "ApplyRunState":
-        return ApplyRunState(self.source, self.history_dtype, self.offload_device, self.gate_template)
+        return ApplyRunState(self.source, self.history_dtype, self.offload_device, self.gate_template, self.fused)
 
     def finish(self, completed: bool) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None:
@@ -151,7 +152,8 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
                history_dtype: torch.dtype | None = None, offload: bool = False,
                adaptive_tolerance: float | None = None, only: tuple[str, str] | None = None,
                granularity: str = "block", target_speedup: float = 0.0, start_percent: float = 0.0,
-               end_percent: float = 1.0, checkpoint: Path | None = None, placement: str = "fixed"):
+               end_percent: float = 1.0, checkpoint: Path | None = None, placement: str = "fixed",
+               fused: bool = False):
     """The patched clone. Without a map, the map stored for this base model is used (looked for
     first beside ``checkpoint``, the model's file if known), or the first run long enough calibrates
     one. With ``adaptive_tolerance``, steps are predicted while the map's measured relative error on
@@ -161,7 +163,8 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
     Steps before ``start_percent`` or after ``end_percent`` of the denoising always compute fully.
     ``only`` = (solver, time variable) predicts every channel with one pool solver: the single-solver
     baselines of the benchmark. ``granularity``: "block" (per transformer block, the paper) or "model"
-    (the whole model's output). Raises MapError/UnsupportedModel with a clear message if they do not fit."""
+    (the whole model's output). ``fused`` predicts with torch.compile's single-pass kernels (hyca_core.fused).
+    Raises MapError/UnsupportedModel with a clear message if they do not fit."""
     adaptive = adaptive_tolerance is not None
     if adaptive and granularity != "block":
         raise ValueError("adaptive mode measures the first block's error, so it needs block granularity")
@@ -179,7 +182,7 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
     source = MapSource(model, solver_map, schedule, fitted, adaptive, only, granularity, target_speedup,
                        (start_percent, end_percent), checkpoint, placement)
     gate = AdaptiveGate(adaptive_tolerance, max_skip=2 * schedule.interval - 1) if adaptive else None
-    state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate)
+    state = ApplyRunState(source, history_dtype, model.offload_device if offload else None, gate, fused)
     return with_hyca(model, state, granularity)
 
 
@@ -243,6 +246,13 @@ class HyCaApply(io.ComfyNode):
                                tooltip="fixed: the warm-up, then every N-th step computed (the paper). calibrated: "
                                        "as many full steps, placed where the map's probe says prediction errs most "
                                        "(more early on); same speed-up, better quality on the reference model."),
+                io.Boolean.Input("compile_predict", default=False, optional=True,
+                                 tooltip="Predict each block with one kernel built by torch.compile, reading each "
+                                         "cached residual once: 1.1-1.8x the cost of an add instead of up to 2.7x "
+                                         "(fp32) or 3.7x (bf16 on CPU). Compiles for a few seconds on first use "
+                                         "(up to half a minute on a fresh install); needs "
+                                         "a working torch.compile (Triton on GPU, a C++ compiler on CPU), else "
+                                         "warns once and predicts as usual. Helps most with offloaded histories."),
                 SolverMapType.Input("solver_map", optional=True,
                                     tooltip="Solver map from HyCa Calibrate. Leave empty to use the saved map "
                                             "for this base model, or calibrate automatically on the first run."),
@@ -254,10 +264,11 @@ class HyCaApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
                 history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
-                placement="fixed", solver_map=None) -> io.NodeOutput:
+                placement="fixed", compile_predict=False, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup, final=final_steps)
         return io.NodeOutput(apply_hyca(model, solver_map, schedule, fitted, HISTORY_DTYPES[history_dtype],
                                         offload_history, adaptive_tolerance if adaptive else None,
                                         granularity=granularity, target_speedup=target_speedup,
                                         start_percent=start_percent, end_percent=end_percent,
-                                        checkpoint=checkpoint_path.for_node(cls), placement=placement))
+                                        checkpoint=checkpoint_path.for_node(cls), placement=placement,
+                                        fused=compile_predict))

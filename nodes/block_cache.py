@@ -100,17 +100,19 @@ class RunState:
     ``make_plan(step_sigmas)`` gives the run's plan; with ``gate`` (an AdaptiveGate template) every
     predictable step first computes its first block and predicts the rest only if the map's error
     on that block is within the gate's tolerance. ``recorder`` (calibration) receives the residuals
-    of every block at every step.
+    of every block at every step. ``fused``: predict with hyca_core's compiled single-pass kernels.
     """
 
     def __init__(self, make_plan: Callable[[np.ndarray], RunPlan] | None = None,
                  recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
-                 offload_device: torch.device | None = None, gate: AdaptiveGate | None = None):
+                 offload_device: torch.device | None = None, gate: AdaptiveGate | None = None,
+                 fused: bool = False):
         self.make_plan = make_plan
         self.recorder = recorder
         self.history_dtype = history_dtype
         self.offload_device = offload_device
         self.gate = gate
+        self.fused = fused
         self.plan: RunPlan | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
@@ -120,7 +122,8 @@ class RunState:
         self._coefficients: dict[tuple, torch.Tensor] = {}
 
     def clone(self) -> "RunState":
-        return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate)
+        return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate,
+                        self.fused)
 
     def __deepcopy__(self, memo) -> "RunState":
         # ModelPatcher.clone deep-copies model_options; a template holds no run data to copy
@@ -223,7 +226,7 @@ class RunState:
         coefficients = self._coefficients.get(cache_key)
         if coefficients is None:
             table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas), call.sigma)
-            coefficients = self._coefficients[cache_key] = history.prepare(torch.from_numpy(table))
+            coefficients = self._coefficients[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
         return history.predict(coefficients).to(like.device, like.dtype)
 
 

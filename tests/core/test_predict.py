@@ -1,7 +1,14 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from hyca_core import fused
 from hyca_core import predict as predict_module
 from hyca_core.predict import ResidualHistory, predict, prepare
 from hyca_core.solvers import POOL
@@ -180,3 +187,53 @@ def test_prepared_weights_predict_the_same(dtype):
     other = torch.float64 if dtype != torch.float64 else torch.float32
     with pytest.raises(ValueError, match="prepared for"):
         predict(history.to(other), prepared)
+
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="torch.compile needs a C++ compiler on CPU")
+
+
+@needs_compiler
+@pytest.mark.parametrize("m,dtype", [(2, torch.float32), (3, torch.float32), (4, torch.float32),
+                                     (4, torch.bfloat16)])
+def test_fused_kernel_sums_ring_buffer_views(m, dtype):
+    """The kernel torch.compile builds, over a wrapped-around history, under inference mode as in ComfyUI."""
+    g = torch.Generator().manual_seed(m)
+    hist = ResidualHistory(m)
+    with torch.inference_mode():
+        for _ in range(m + 2):
+            hist.push(torch.randn(2, 5, 8, generator=g).to(dtype))
+        coeffs = pool_coefficients(m, 8, seed=m)
+        weights = hist.prepare(coeffs, fused=True)
+        assert weights.fused.dtype == torch.float32  # half precision accumulates in fp32
+        out = torch.empty(2, 5, 8, dtype=dtype)
+        assert fused.weighted_sum(hist.views(), weights.fused, out) is out  # built, not fallen back
+        assert torch.equal(hist.predict(weights), out)
+    expected = naive(hist.views(), coeffs)
+    # fp32 sums, rounded once into the history's dtype
+    bound = torch.finfo(dtype).eps * expected.abs() + 8 * torch.finfo().eps * scale(hist.views(), coeffs)
+    assert ((out.double() - expected).abs() <= bound).all()
+
+
+def test_single_terms_and_longer_histories_take_the_eager_ops():
+    assert prepare(torch.ones(1, 4), torch.float32, "cpu", fused=True).fused is None
+    assert not fused.supports(5)
+
+
+def test_fused_predict_falls_back_where_compiling_fails(tmp_path):
+    """No working C++ compiler (and an empty inductor cache): one warning, then the eager result."""
+    script = (
+        "import torch\n"
+        "from hyca_core.predict import predict, prepare\n"
+        "history, coeffs = torch.randn(3, 4, 8), torch.rand(3, 8)\n"
+        "weights = prepare(coeffs, torch.float32, 'cpu', fused=True)\n"
+        "eager = predict(history, prepare(coeffs, torch.float32, 'cpu'))\n"
+        "for _ in range(2):\n"
+        "    assert torch.equal(predict(history, weights), eager)\n"
+    )
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[2],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("could not build the fused predict kernel on cpu") == 1, run.stderr
+    assert "InvalidCxxCompiler" in run.stderr
