@@ -3,13 +3,13 @@
 Eager torch has no single kernel for a per-channel weighted sum of m tensors, so it makes one
 pass per term (see predict.py); the code inductor generates for these sums reads each term once
 and writes the output once, accumulating half precision in fp32 registers.  bench_predict.py on
-the 2-core dev CPU at FLUX size (ratio to torch.add of the same dtype, two runs): fp32 m=2/3/4
-1.08-1.11/1.39-1.41/1.73-1.76, bf16 1.01-1.18/1.39-1.48/1.50-1.76, against the eager ops'
-1.04-1.07/1.87-1.89/2.62-2.68 and 1.76-1.82/2.47-2.55/3.48-3.66.  Compiling costs 2-3 s per history
-length, dtype and device on first use (23 s for the first kernel with a cold inductor cache, under
-1 s with its disk cache warm) and needs a working torch.compile (a C++ compiler on CPU, Triton on
-GPU); where that fails, `weighted_sum` logs why once per device type and returns None, and the
-caller takes the eager ops.
+the 2-core dev CPU at FLUX size (ratio to torch.add of the same dtype, two runs): fp32 m=3/4
+1.40/1.71-1.75, bf16 m=2/3/4 1.08-1.13/1.47/1.70-1.82, against the eager ops' 1.84-1.94/2.62-2.64
+and 1.76/2.49-2.65/3.17-3.58 (two fp32 terms keep the eager lerp: 1.04-1.13 either way).
+Compiling costs 2-3 s per history length and dtype on first use (23 s for the first kernel with a
+cold inductor cache, under 1 s with its disk cache warm) and needs a working torch.compile (a C++
+compiler on the CPU); where that fails, `weighted_sum` logs why once per device type and returns
+None, and the caller takes the eager ops.
 """
 from __future__ import annotations
 
@@ -33,6 +33,9 @@ def _sum4(out, w, h0, h1, h2, h3):
     return out.copy_(h0 * w[0] + h1 * w[1] + h2 * w[2] + h3 * w[3])
 
 
+# Below this many elements per residual the eager ops win on the dev CPU: a compiled call carries
+# 0.08-0.13 ms of guards and Python wrappers (crossover measured at 0.4-0.75 M elements, m=2-4).
+MIN_ELEMENTS = 1 << 20
 _SUMS = {2: _sum2, 3: _sum3, 4: _sum4}  # one term needs no fusing: a single mul is one pass
 _compiled: dict[int, object] = {}
 _failed: set[str] = set()  # device types where compiling failed

@@ -19,7 +19,7 @@ machine is shared, contended runs read ~0.2 higher):
       mixed-dtype kernels 7-29; lerp would need bf16 weights (inaccurate).
 Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise;
 or, on request, the single-pass kernels torch.compile builds, unrolled over the terms and writing
-into the output (fused.py: 1.1-1.8x for m=2-4, fp32 and bf16).
+into the output (fused.py: 1.1-1.8x for m=2-4, fp32 and bf16, on the CPU).
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class Weights(NamedTuple):
     coeffs: torch.Tensor  # (m, D): in the dtype the terms are combined in
     lerp: torch.Tensor | None  # (m-1, D) lerp-chain weights, where that chain is exact and well conditioned
     fp32_accumulate: bool  # half precision off the CPU: combined in fp32, rounded once
-    fused: torch.Tensor | None = None  # (m, D) for the fused kernel, fp32 at least; None: eager ops
+    fused: torch.Tensor | None = None  # (m, D) for the fused kernel, fp32 at least; None: eager ops only
 
 
 def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
@@ -73,19 +73,22 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     Off-CPU, half-precision histories are accumulated in fp32 and rounded once; on CPU they are
     combined in their own dtype, because mixed-dtype kernels there cost 5-10x a plain add.
     Deriving the lerp form costs about as much as predicting a small model's residual, so a hot
-    loop prepares each set of weights once.  ``fused``: predict with torch.compile's single-pass
-    kernel (accumulating in fp32 at least), the eager ops where it cannot be built.
+    loop prepares each set of weights once.  ``fused``: on the CPU, predict residuals of
+    `fused.MIN_ELEMENTS` or more with torch.compile's single-pass kernel where it beats the eager
+    ops (not for two terms that one lerp reads at once), accumulating in fp32 at least.
+    Elsewhere the eager ops stay: a compiled call costs 0.08-0.13 ms of guards and Python
+    wrappers (dev CPU), several times what a GPU takes for a pass over a FLUX-size residual.
     """
     device = torch.device(device)
     coeffs = coeffs.to(device)
-    single = None
-    if fused and fused_kernels.supports(len(coeffs)):
-        single = coeffs.to(torch.promote_types(dtype, torch.float32))
     on_cpu = device.type == "cpu"
     if dtype in _HALF and not on_cpu:
-        return Weights(dtype, coeffs.float(), None, True, single)
+        return Weights(dtype, coeffs.float(), None, True)
     # lerp weights rounded to half precision would cost accuracy; off-CPU the chain is cheap
     lerp = _lerp_weights(coeffs) if on_cpu and len(coeffs) > 1 and dtype not in _HALF else None
+    single = None
+    if fused and on_cpu and fused_kernels.supports(len(coeffs)) and not (lerp is not None and len(coeffs) == 2):
+        single = coeffs.to(torch.promote_types(dtype, torch.float32))
     return Weights(dtype, coeffs.to(dtype), None if lerp is None else lerp.to(dtype), False, single)
 
 
@@ -110,7 +113,8 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
     elif out.shape != first.shape or out.dtype != first.dtype:
         raise ValueError(f"out must be {tuple(first.shape)} {first.dtype}, "
                          f"got {tuple(out.shape)} {out.dtype}")
-    if weights.fused is not None and fused_kernels.weighted_sum(history, weights.fused, out) is not None:
+    if (weights.fused is not None and out.numel() >= fused_kernels.MIN_ELEMENTS
+            and fused_kernels.weighted_sum(history, weights.fused, out) is not None):
         return out
     if weights.fp32_accumulate:
         return _fp32_accumulate(history, weights.coeffs, out)

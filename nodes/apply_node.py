@@ -247,12 +247,12 @@ class HyCaApply(io.ComfyNode):
                                        "as many full steps, placed where the map's probe says prediction errs most "
                                        "(more early on); same speed-up, better quality on the reference model."),
                 io.Boolean.Input("compile_predict", default=False, optional=True,
-                                 tooltip="Predict each block with one kernel built by torch.compile, reading each "
-                                         "cached residual once: 1.1-1.8x the cost of an add instead of up to 2.7x "
-                                         "(fp32) or 3.7x (bf16 on CPU). Compiles for a few seconds on first use "
-                                         "(up to half a minute on a fresh install); needs "
-                                         "a working torch.compile (Triton on GPU, a C++ compiler on CPU), else "
-                                         "warns once and predicts as usual. Helps most with offloaded histories."),
+                                 tooltip="For histories held in CPU RAM (offload_history, or sampling on the CPU): "
+                                         "predict each large block residual with one kernel built by torch.compile "
+                                         "that reads each cached residual once, 1.0-1.8x the cost of an add instead "
+                                         "of up to 2.6x (fp32) or 3.6x (bf16). Compiles for a few seconds on first "
+                                         "use (up to half a minute on a fresh install); needs a C++ compiler, else "
+                                         "warns once and predicts as usual."),
                 SolverMapType.Input("solver_map", optional=True,
                                     tooltip="Solver map from HyCa Calibrate. Leave empty to use the saved map "
                                             "for this base model, or calibrate automatically on the first run."),

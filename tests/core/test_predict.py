@@ -194,10 +194,11 @@ needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c+
 
 
 @needs_compiler
-@pytest.mark.parametrize("m,dtype", [(2, torch.float32), (3, torch.float32), (4, torch.float32),
+@pytest.mark.parametrize("m,dtype", [(2, torch.bfloat16), (3, torch.float32), (4, torch.float32),
                                      (4, torch.bfloat16)])
-def test_fused_kernel_sums_ring_buffer_views(m, dtype):
+def test_fused_kernel_sums_ring_buffer_views(m, dtype, monkeypatch):
     """The kernel torch.compile builds, over a wrapped-around history, under inference mode as in ComfyUI."""
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)  # residuals this small are otherwise left to the eager ops
     g = torch.Generator().manual_seed(m)
     hist = ResidualHistory(m)
     with torch.inference_mode():
@@ -215,16 +216,30 @@ def test_fused_kernel_sums_ring_buffer_views(m, dtype):
     assert ((out.double() - expected).abs() <= bound).all()
 
 
-def test_single_terms_and_longer_histories_take_the_eager_ops():
-    assert prepare(torch.ones(1, 4), torch.float32, "cpu", fused=True).fused is None
-    assert not fused.supports(5)
+def test_fused_kernel_only_where_it_beats_the_eager_ops():
+    def fused_weights(coeffs, dtype=torch.float32, device="cpu"):
+        return prepare(coeffs, dtype, device, fused=True).fused
+
+    assert fused_weights(pool_coefficients(3, 8)) is not None
+    assert fused_weights(pool_coefficients(2, 8)) is None  # one lerp reads both terms at once
+    assert fused_weights(pool_coefficients(2, 8), torch.bfloat16) is not None
+    assert fused_weights(torch.randn(2, 8)) is not None  # not affine: the eager ops take two passes
+    assert fused_weights(torch.ones(1, 4)) is None and not fused.supports(5)
+    assert fused_weights(pool_coefficients(3, 8), device="meta") is None  # off the CPU: call overhead
+    small = torch.randn(3, 4, 8)
+    weights = prepare(torch.randn(3, 8), torch.float32, "cpu", fused=True)
+    assert small[0].numel() < fused.MIN_ELEMENTS
+    assert torch.equal(predict(small, weights), predict_module._addcmul_chain(small, weights.coeffs,
+                                                                              torch.empty(4, 8)))
 
 
 def test_fused_predict_falls_back_where_compiling_fails(tmp_path):
-    """No working C++ compiler (and an empty inductor cache): one warning, then the eager result."""
+    """No working C++ compiler (and an empty inductor cache): one warning, then the eager ops' result."""
     script = (
         "import torch\n"
+        "from hyca_core import fused\n"
         "from hyca_core.predict import predict, prepare\n"
+        "fused.MIN_ELEMENTS = 1\n"
         "history, coeffs = torch.randn(3, 4, 8), torch.rand(3, 8)\n"
         "weights = prepare(coeffs, torch.float32, 'cpu', fused=True)\n"
         "eager = predict(history, prepare(coeffs, torch.float32, 'cpu'))\n"
