@@ -65,5 +65,5 @@ def weighted_sum(history: Sequence[torch.Tensor], weights: torch.Tensor,
         _failed.add(device)
         logging.warning("HyCa: torch.compile could not build the fused predict kernel on %s (%s: %s); "
                         "predicting with eager torch ops instead.", device, type(error).__name__,
-                        str(error).strip().splitlines()[0] if str(error).strip() else "")
+                        (str(error).strip().splitlines() or [""])[0])
         return None

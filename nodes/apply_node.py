@@ -163,7 +163,8 @@ def apply_hyca(model, solver_map: SolverMap | None, schedule: Schedule, fitted: 
     Steps before ``start_percent`` or after ``end_percent`` of the denoising always compute fully.
     ``only`` = (solver, time variable) predicts every channel with one pool solver: the single-solver
     baselines of the benchmark. ``granularity``: "block" (per transformer block, the paper) or "model"
-    (the whole model's output). ``fused`` predicts with torch.compile's single-pass kernels (hyca_core.fused).
+    (the whole model's output). ``fused``: CPU-held histories predict large residuals with torch.compile's
+    single-pass kernels (hyca_core.fused).
     Raises MapError/UnsupportedModel with a clear message if they do not fit."""
     adaptive = adaptive_tolerance is not None
     if adaptive and granularity != "block":
