@@ -1,6 +1,6 @@
 """Cost of hyca_core.predict.predict relative to a plain torch.add, FLUX-size residual.
 
-Usage: python benchmarks/bench_predict.py [--reps N]
+Usage: python benchmarks/bench_predict.py [--reps N] [--crossover]
 
 Both are timed interleaved in one run (warmup first, then the median of N alternating
 repetitions), so a noisy machine slows both alike.  The baseline adds two tensors of the
@@ -12,6 +12,8 @@ builds, compiled before timing; two fp32 terms of pool solvers keep the single l
 both at once) and without it ("eager": torch ops, one pass per term, whose floor for m=4 is 2.5x,
 see hyca_core/predict.py).  Target: ratio <= 2.5 with compile_predict.  The "arbitrary" rows
 (random, non-affine coefficients, which take the general addcmul chain) are for information.
+--crossover also times the fused kernel against the eager ops on smaller residuals (the kernel
+runs regardless of hyca_core.fused.MIN_ELEMENTS here): where its per-call cost stops paying.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hyca_core import fused  # noqa: E402
 from hyca_core.predict import predict, prepare  # noqa: E402
 from hyca_core.solvers import POOL  # noqa: E402
 
@@ -56,9 +59,26 @@ def map_coefficients(m: int, channels: int) -> torch.Tensor:
     return table[:, torch.arange(channels) % table.shape[1]].float()
 
 
+def crossover(reps: int) -> None:
+    """Eager ops against the fused kernel, called directly, on residuals of 32 to 2048 tokens (and 4 x 8:
+    nothing but the compiled call's own cost)."""
+    print(f"crossover (us, median of {reps}; the hot path takes the kernel from {fused.MIN_ELEMENTS} elements)")
+    for dtype, m in ((torch.float32, 3), (torch.float32, 4), (torch.bfloat16, 2), (torch.bfloat16, 4)):
+        for shape in [(1, 4, 8)] + [(1, tokens, SHAPE[-1]) for tokens in (32, 128, 256, 512, 2048)]:
+            history = list(torch.randn(m, *shape).to(dtype))
+            coeffs = map_coefficients(m, shape[-1])
+            eager, weights = (prepare(coeffs, dtype, "cpu", fused=f) for f in (False, True))
+            out = torch.empty(shape, dtype=dtype)
+            t_eager, t_fused = _median_times([lambda: predict(history, eager, out),
+                                              lambda: fused.weighted_sum(history, weights.fused, out)], reps)
+            print(f"{str(dtype):15s} m={m} {history[0].numel() / 2**20:6.3f} M elements"
+                  f"  eager {t_eager * 1e6:8.0f}  fused {t_fused * 1e6:8.0f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--crossover", action="store_true", help="also time smaller residuals")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {SHAPE}")
@@ -89,6 +109,8 @@ def main() -> int:
             print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms  eager {t_eager / t_add:4.2f}x"
                   f"  compile_predict ({path:9s}) {t_compiled * 1e3:6.2f} ms  ratio {ratio:4.2f}  {verdict}")
             del history
+    if args.crossover:
+        crossover(max(args.reps, 100))
     return 1 if failed else 0
 
 

@@ -33,8 +33,9 @@ def _sum4(out, w, h0, h1, h2, h3):
     return out.copy_(h0 * w[0] + h1 * w[1] + h2 * w[2] + h3 * w[3])
 
 
-# Below this many elements per residual the eager ops win on the dev CPU: a compiled call carries
-# 0.08-0.13 ms of guards and Python wrappers (crossover measured at 0.4-0.75 M elements, m=2-4).
+# Below about this many elements per residual the eager ops win on the dev CPU: a compiled call
+# carries 0.1-0.2 ms of guards and Python wrappers (bench_predict.py --crossover, two runs: the
+# kernel wins from 0.4-0.75 M elements in bf16 and from 0.75-1.5 M in fp32, m=2-4).
 MIN_ELEMENTS = 1 << 20
 _SUMS = {2: _sum2, 3: _sum3, 4: _sum4}  # one term needs no fusing: a single mul is one pass
 _compiled: dict[int, object] = {}

@@ -76,7 +76,7 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     loop prepares each set of weights once.  ``fused``: on the CPU, predict residuals of
     `fused.MIN_ELEMENTS` or more with torch.compile's single-pass kernel where it beats the eager
     ops (not for two terms that one lerp reads at once), accumulating in fp32 at least.
-    Elsewhere the eager ops stay: a compiled call costs 0.08-0.13 ms of guards and Python
+    Elsewhere the eager ops stay: a compiled call costs 0.1-0.2 ms of guards and Python
     wrappers (dev CPU), several times what a GPU takes for a pass over a FLUX-size residual.
     """
     device = torch.device(device)

@@ -126,8 +126,8 @@ def test_new_inputs_are_optional_with_tooltips_and_checked(pack, flux, solver_ma
     apply_node = pack.nodes.apply_node
     inputs = {i.id: i for i in apply_node.HyCaApply.define_schema().inputs}
     assert all(i.tooltip for i in inputs.values())
-    assert all(inputs[name].optional for name in ("target_speedup", "start_percent", "end_percent",
-                                                         "compile_predict"))
+    assert all(inputs[name].optional
+               for name in ("target_speedup", "start_percent", "end_percent", "compile_predict"))
     with pytest.raises(ValueError, match="target speed-up"):
         _apply(pack, flux, solver_map, adaptive=True, target_speedup=2.0)
     with pytest.raises(ValueError, match="window"):
