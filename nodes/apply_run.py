@@ -1,0 +1,108 @@
+"""One sampling run of a HyCa-applied model, and the factory that patches a MODEL for HyCa Apply."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..hyca_core.schedule import AdaptiveGate, Schedule
+from ..hyca_core.solver_map import MapError, SolverMap
+from ..hyca_core.trajectories import TrajectoryRecorder
+from . import map_store, ui_text
+from .apply_options import ApplyOptions, granularity_for, map_warmup
+from .block_cache import RunState
+from .history_memory import HistoryMemory, log_fallback
+from .map_source import MapSource
+from .patching import with_hyca
+
+
+class ApplyRunState(RunState):
+    """A run of a HyCa-applied model: predicts with the source's map, or records to calibrate it; places
+    each residual history where it fits (`history_memory`) and reports the run's wall-clock time."""
+
+    def __init__(self, source: MapSource, spare_device: torch.device):
+        options = source.options
+        calibrated = source.solver_map is not None
+        recording = not calibrated and not source.calibration_failed
+        gate = None
+        if calibrated and options.adaptive:
+            gate = AdaptiveGate(options.adaptive_tolerance, max_skip=2 * options.schedule.interval - 1)
+        super().__init__(
+            make_plan=source.plan if calibrated else None,
+            recorder=TrajectoryRecorder() if recording else None,
+            history_dtype=options.history_dtype, offload_device=spare_device if options.offload else None,
+            gate=gate, fused=options.fused,
+        )
+        self.source = source
+        self.spare_device = torch.device(spare_device)  # the model's offload device: a fallback for the history
+        self.memory = HistoryMemory(options.memory_budget)
+        self.run_sigmas = None  # the run's sigmas, the final one included: what a probe must cover
+        self.started = time.perf_counter()  # a run's state is cloned as the run starts
+
+    def clone(self) -> "ApplyRunState":
+        return ApplyRunState(self.source, self.spare_device)
+
+    def begin_call(self, x, transformer_options):
+        if self.run_sigmas is None:
+            self.run_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
+        return super().begin_call(x, transformer_options)
+
+    def store(self, call, key: str, residual: torch.Tensor) -> None:
+        if self.plan is not None and call.cache and key not in call.branch.histories:
+            self._place_history(key, residual)
+        super().store(call, key, residual)
+
+    def _place_history(self, key: str, residual: torch.Tensor) -> None:
+        """Before a new history is allocated: as set if it fits, else the least costly fallback (sticky for
+        the run), else no more prediction in this run."""
+        device = torch.device(self.offload_device or residual.device)
+        dtype = self.history_dtype or residual.dtype
+        placement = self.memory.place(self.plan.history(key), residual, device, dtype, self.spare_device)
+        if placement is not None and not placement.how:
+            return
+        log_fallback(placement)
+        if placement is None:
+            self.plan = self.make_plan = None  # every later call computes; nothing more is cached
+            for branch in self.branches.values():
+                branch.histories.clear()
+            return
+        self.offload_device, self.history_dtype = placement.device, placement.dtype
+
+    def finish(self, completed: bool) -> None:
+        if self.recorder is not None and completed and self.source.solver_map is None:
+            self.source.calibrate_from(self.recorder, self.run_sigmas)
+        if completed and self.predicted:
+            total = self.computed + self.predicted
+            text = (f"HyCa: {total / max(self.computed, 1):.2f}x fewer block computations; sampling took "
+                    f"{time.perf_counter() - self.started:.1f} s")
+            logging.info("%s (wall clock)", text)
+            ui_text.show(self.source.options.node_id, text)
+
+
+def patch_model(model, solver_map: SolverMap | None, options: ApplyOptions):
+    """The patched clone (see `apply_hyca`). Raises ValueError/MapError/UnsupportedModel with a clear
+    message if the options or the map do not fit the model."""
+    granularity = granularity_for(options, solver_map)
+    if solver_map is None:
+        try:
+            solver_map = map_store.load_for(model, granularity, options.checkpoint)
+        except MapError as error:
+            logging.warning("HyCa: %s; calibrating a new map from the next run", error)
+        if solver_map is None:
+            logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
+            ui_text.show(options.node_id, "HyCa: no solver map for this model yet. The next full run computes "
+                                          "every step (normal speed) and calibrates one; the runs after it "
+                                          "are faster.")
+    source = MapSource(model, solver_map, options, granularity)
+    return with_hyca(model, ApplyRunState(source, model.offload_device), granularity)
+
+
+def apply_hyca(model, solver_map: SolverMap | None = None, schedule: Schedule | None = None, **options):
+    """A clone of ``model`` that predicts block residuals between full steps. Without a map, the map stored
+    for this base model is used (looked for first beside ``checkpoint``, the model's file if known), or the
+    first full run long enough calibrates one. ``schedule``: by default the map's warm-up and the shared
+    defaults; ``options``: the fields of `ApplyOptions`."""
+    schedule = schedule or Schedule(warmup=map_warmup(solver_map))
+    return patch_model(model, solver_map, ApplyOptions(schedule=schedule, **options))
