@@ -121,8 +121,8 @@ class HyCaApply(io.ComfyNode):
                                  tooltip="Keep the cached outputs in CPU RAM instead of on the GPU."),
                 # optional, after the older widgets: saved workflows and API prompts without them still load
                 io.Float.Input("target_speedup", default=0.0, min=0.0, max=20.0, step=0.1, optional=True,
-                               tooltip="Instead of N: the speed-up to aim for on each run's step count. 0 uses "
-                                       "interval. Not with adaptive."),
+                               tooltip="Instead of N: the speed-up to aim for on each run's step count (not with "
+                                       "adaptive). 0 uses interval."),
                 *_window_inputs(),
                 io.Combo.Input("placement", options=list(PLACEMENTS), default="fixed", optional=True,
                                tooltip="fixed: every N-th step computed. calibrated: as many full steps, placed "
