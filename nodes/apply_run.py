@@ -13,7 +13,7 @@ from ..hyca_core.trajectories import TrajectoryRecorder
 from . import map_store, ui_text
 from .apply_options import ApplyOptions, granularity_for, map_warmup
 from .block_cache import RunState
-from .history_memory import HistoryMemory, log_fallback
+from .history_memory import HistoryMemory, Placement, log_fallback, moved
 from .map_source import MapSource
 from .patching import with_hyca
 
@@ -37,7 +37,7 @@ class ApplyRunState(RunState):
         )
         self.source = source
         self.spare_device = torch.device(spare_device)  # the model's offload device: a fallback for the history
-        self.memory = HistoryMemory(options.memory_budget)
+        self.memory = HistoryMemory(None, self.spare_device, options.memory_budget)
         self.run_sigmas = None  # the run's sigmas, the final one included: what a probe must cover
         self.started = time.perf_counter()  # a run's state is cloned as the run starts
 
@@ -55,20 +55,23 @@ class ApplyRunState(RunState):
         super().store(call, key, residual)
 
     def _place_history(self, key: str, residual: torch.Tensor) -> None:
-        """Before a new history is allocated: as set if it fits, else the least costly fallback (sticky for
-        the run), else no more prediction in this run."""
-        device = torch.device(self.offload_device or residual.device)
-        dtype = self.history_dtype or residual.dtype
-        placement = self.memory.place(self.plan.history(key), residual, device, dtype, self.spare_device)
-        if placement is not None and not placement.how:
+        """Before a new history is allocated: the run's placement if all fit there, else the least costly
+        fallback (the histories held so far move with it), else no more prediction in this run."""
+        asked = Placement(torch.device(self.offload_device or residual.device), self.history_dtype or residual.dtype)
+        current = self.memory.placement or asked
+        placement = self.memory.admit(self.plan.history(key), residual, asked)
+        if placement == current:
             return
-        log_fallback(placement)
+        log_fallback(placement, self.spare_device)
+        self._coefficients.clear()  # weights are prepared for the histories' dtype
         if placement is None:
             self.plan = self.make_plan = None  # every later call computes; nothing more is cached
             for branch in self.branches.values():
                 branch.histories.clear()
             return
         self.offload_device, self.history_dtype = placement.device, placement.dtype
+        for branch in self.branches.values():
+            branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
 
     def finish(self, completed: bool) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None:

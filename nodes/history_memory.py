@@ -1,11 +1,11 @@
 """Whether the residual history fits in memory, decided before it is allocated, and what to fall back to.
 
-Each cached residual's history takes all its slots at its first push, in a run's first computed call.
-Before that allocation, its size (HyCa's own accounting: slots x residual x element size) is compared
-with the memory ComfyUI reports free on the device, less what ComfyUI keeps for inference; a history
-that would not fit is placed the way that costs least quality instead: on the offload device (slower,
-same image), then in bf16 (a slightly less exact prediction), and if even that does not fit, the rest
-of the run computes every step.
+Each cached residual's history takes all its slots at its first push, in a run's first computed calls.
+Before each allocation, the history the run will then hold (HyCa's own accounting: slots x residual x
+element size) is compared with the memory ComfyUI reports free on the device, less what ComfyUI keeps
+for inference. If it would not fit, the whole run's history moves to the placement that costs least
+quality and fits: the offload device (slower, the same image), then bf16 (a slightly less exact
+prediction), then both; if none fits, the rest of the run computes every step.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from typing import NamedTuple
 
 import torch
 
-_HALF = torch.bfloat16
+from ..hyca_core.predict import ResidualHistory
 
 
 class Placement(NamedTuple):
     device: torch.device
     dtype: torch.dtype
-    how: str  # what the fallback is, for the log; "" for the placement asked for
 
 
-def history_bytes(slots: int, residual: torch.Tensor, dtype: torch.dtype) -> int:
-    return slots * residual.numel() * torch.empty((), dtype=dtype).element_size()
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def free_bytes(device: torch.device) -> int:
@@ -36,39 +35,55 @@ def free_bytes(device: torch.device) -> int:
 
 
 class HistoryMemory:
-    """Places each new history; ``budget`` (bytes per device) replaces the free memory when set."""
+    """The run's placement of its histories; ``budget`` (bytes) replaces the free memory when set."""
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, placement: Placement | None, spare_device: torch.device, budget: int | None = None):
+        self.placement = placement  # None until the first history: the residuals' own device and dtype
+        self.spare_device = spare_device
         self.budget = budget
-        self.held: dict[torch.device, int] = {}  # bytes placed on each device in this run
+        self.values = 0  # residual values (slots x elements) of the histories admitted so far
 
-    def _fits(self, nbytes: int, device: torch.device) -> bool:
+    def _fallbacks(self, current: Placement) -> list[Placement]:
+        """``current`` and what may replace it, least quality cost first."""
+        options = [current]
+        if self.spare_device != current.device:
+            options.append(Placement(self.spare_device, current.dtype))
+        if _itemsize(current.dtype) > 2:
+            options += [Placement(p.device, torch.bfloat16) for p in list(options)]
+        return options
+
+    def _fits(self, values: int, moving: int, option: Placement) -> bool:
+        """Whether ``values`` in all fit in ``option``, ``moving`` of them being new there."""
         if self.budget is not None:
-            return self.held.get(device, 0) + nbytes <= self.budget
-        return nbytes <= free_bytes(device)
+            return values * _itemsize(option.dtype) <= self.budget
+        return moving * _itemsize(option.dtype) <= free_bytes(option.device)
 
-    def place(self, slots: int, residual: torch.Tensor, device: torch.device, dtype: torch.dtype,
-              offload_device: torch.device | None) -> Placement | None:
-        """Where a history of ``slots`` residuals like ``residual`` goes: as asked if it fits, else the
-        first fallback that does; None if none does."""
-        options = [Placement(device, dtype, "")]
-        if offload_device is not None and offload_device != device:
-            options.append(Placement(offload_device, dtype, f"kept on {offload_device}"))
-        if torch.empty((), dtype=dtype).element_size() > 2:
-            options += [Placement(p.device, _HALF, " and ".join(filter(None, (p.how, "stored in bf16"))))
-                        for p in list(options)]
-        for option in options:
-            nbytes = history_bytes(slots, residual, option.dtype)
-            if self._fits(nbytes, option.device):
-                self.held[option.device] = self.held.get(option.device, 0) + nbytes
+    def admit(self, slots: int, residual: torch.Tensor, asked: Placement) -> Placement | None:
+        """The placement of the run's histories once one of ``slots`` residuals like ``residual`` joins:
+        the current one if it fits, else the first fallback that fits all of them; None if none does."""
+        current = self.placement or asked
+        values = self.values + slots * residual.numel()
+        for option in self._fallbacks(current):
+            moving = slots * residual.numel() if option == current else values
+            if self._fits(values, moving, option):
+                self.placement, self.values = option, values
                 return option
         return None
 
 
-def log_fallback(placement: Placement | None) -> None:
+def moved(history: ResidualHistory, placement: Placement) -> ResidualHistory:
+    """The same residuals in a history of this placement (the old storage is freed with ``history``)."""
+    copy = ResidualHistory(history.capacity, placement.dtype, placement.device)
+    for residual in history.views():
+        copy.push(residual)
+    return copy
+
+
+def log_fallback(placement: Placement | None, spare_device: torch.device) -> None:
     if placement is None:
-        logging.warning("HyCa: the residual history does not fit in memory, even on the offload device in "
-                        "bf16; this run computes every step from here (granularity \"stack\" holds far less)")
+        logging.warning("HyCa: the residual history does not fit in memory, even on %s in bf16; this run "
+                        "computes every step from here (granularity \"stack\" holds far less)", spare_device)
     else:
-        logging.warning("HyCa: the residual history does not fit in free memory as set; it is %s instead "
-                        "(granularity \"stack\" holds far less)", placement.how)
+        logging.warning("HyCa: the residual history does not fit in free memory; it is held on %s in %s "
+                        "instead (granularity \"stack\" holds far less)", placement.device,
+                        str(placement.dtype).removeprefix("torch."))
