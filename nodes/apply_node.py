@@ -25,10 +25,6 @@ DESCRIPTION = ("A feature cache for diffusion transformers, like TeaCache or Eas
                "between. Without a map, the first run calibrates one for this model.")
 
 
-def _model_input() -> io.Input:
-    return io.Model.Input("model", tooltip="The model to speed up, after any LoRA loaders. It stays untouched.")
-
-
 def _window_inputs() -> list[io.Input]:
     return [
         io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
@@ -44,9 +40,23 @@ def _map_input() -> io.Input:
                                        "model; without one, the first run makes it.")
 
 
+MODEL_TOOLTIP = "The model to speed up, after any LoRA loaders. It stays untouched."
+
+
+def _schema(node_id: str, display_name: str, description: str, widgets: list[io.Input]) -> io.Schema:
+    """An Apply node: the model, its widgets, the optional map in; the patched model out. The hidden inputs
+    give the model's file (where maps are saved) and the node's id (where the UI shows what a run did)."""
+    return io.Schema(
+        node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+        is_experimental=True,
+        inputs=[io.Model.Input("model", tooltip=MODEL_TOOLTIP), *widgets, _map_input()],
+        outputs=[io.Model.Output(tooltip="The model with HyCa caching.")],
+        hidden=[io.Hidden.prompt, io.Hidden.unique_id],
+    )
+
+
 def _patched(node_cls, model, solver_map, options: ApplyOptions) -> io.NodeOutput:
-    """The patched model; the model's file (where maps are saved) and the node's id (where the UI shows
-    what a run did) come from the hidden inputs when ComfyUI's executor runs the node."""
+    """The patched model, the options completed from the hidden inputs when ComfyUI's executor runs it."""
     hidden = node_cls.hidden
     options = replace(options, checkpoint=checkpoint_path.for_node(node_cls),
                       node_id=hidden.unique_id if hidden is not None else None)
@@ -58,23 +68,12 @@ class HyCaCacheSpeedUp(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HyCaCacheSpeedUp",
-            display_name="HyCa Apply (faster sampling)",
-            category=CATEGORY,
-            description=DESCRIPTION,
-            is_experimental=True,
-            inputs=[
-                _model_input(),
-                io.Float.Input("speed_up", default=3.0, min=1.0, max=20.0, step=0.5,
-                               tooltip="How many times fewer model computations to aim for. Higher is faster "
-                                       "and drifts further from the full result; 1 computes every step."),
-                *_window_inputs(),
-                _map_input(),
-            ],
-            outputs=[io.Model.Output(tooltip="The model with HyCa caching.")],
-            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
-        )
+        speed_up = io.Float.Input(
+            "speed_up", default=3.0, min=1.0, max=20.0, step=0.5,
+            tooltip="How many times fewer model computations to aim for. Higher is faster and drifts further "
+                    "from the full result; 1 computes every step.")
+        return _schema("HyCaCacheSpeedUp", "HyCa Apply (faster sampling)", DESCRIPTION,
+                       [speed_up, *_window_inputs()])
 
     @classmethod
     def execute(cls, model, speed_up, start_percent=0.0, end_percent=1.0, solver_map=None) -> io.NodeOutput:
@@ -83,58 +82,65 @@ class HyCaCacheSpeedUp(io.ComfyNode):
         return _patched(cls, model, solver_map, options)
 
 
+def _advanced_widgets() -> list[io.Input]:
+    """The pre-split HyCa Apply's widgets, in their order; the ones added later are optional and last, so
+    that saved workflows and API prompts without them still load."""
+    return [
+        io.Int.Input(
+            "interval", default=defaults.INTERVAL, min=1, max=20,
+            tooltip="One full computation every N steps after the warm-up; 1 computes every step."),
+        io.Int.Input(
+            "warmup", default=0, min=0, max=100,
+            tooltip="First steps always computed; more allows higher-order predictors. 0: the connected "
+                    f"map's warm-up, {defaults.WARMUP} without a map."),
+        io.Int.Input(
+            "final_steps", default=defaults.FINAL_STEPS, min=0, max=100,
+            tooltip="Last steps always computed, for crisper fine detail."),
+        io.Boolean.Input(
+            "adaptive", default=False,
+            tooltip="Decide each step from the map's measured error instead of every N-th step; N then caps "
+                    "the steps predicted in a row at 2N-1."),
+        io.Float.Input(
+            "adaptive_tolerance", default=0.15, min=0.0, max=5.0, step=0.01,
+            tooltip="Adaptive only: the summed relative error allowed before a full step."),
+        io.Boolean.Input(
+            "fitted", default=defaults.FITTED,
+            tooltip="Predictor weights fitted to this model, instead of the paper's fixed solvers."),
+        io.Combo.Input(
+            "granularity", options=[AUTO, *GRANULARITIES], default=AUTO,
+            tooltip="What is cached: every block, one output per stack of blocks (far less memory) or the "
+                    "whole model's output. auto follows the map."),
+        io.Combo.Input(
+            "history_dtype", options=list(HISTORY_DTYPES), default="auto",
+            tooltip="Precision of the cached outputs: bf16/fp16 halve their memory; auto keeps the model's."),
+        io.Boolean.Input(
+            "offload_history", default=False,
+            tooltip="Keep the cached outputs in CPU RAM instead of on the GPU."),
+        io.Float.Input(
+            "target_speedup", default=0.0, min=0.0, max=20.0, step=0.1, optional=True,
+            tooltip="Instead of N: the speed-up to aim for on each run's step count (not with adaptive). "
+                    "0 uses interval."),
+        *_window_inputs(),
+        io.Combo.Input(
+            "placement", options=list(PLACEMENTS), default="fixed", optional=True,
+            tooltip="fixed: every N-th step computed. calibrated: as many full steps, placed where the map "
+                    "says prediction errs most."),
+        # "fused" in the UI, the code and the docs; the id stays what saved API prompts use
+        io.Boolean.Input(
+            "compile_predict", display_name="fused", default=False, optional=True,
+            tooltip="For cached outputs in CPU RAM: predict with fused kernels built by torch.compile "
+                    "(needs a C++ compiler; compiles on first use)."),
+    ]
+
+
 class HyCaApply(io.ComfyNode):
     """HyCa Apply (Advanced), every knob. Node id and widget order are the pre-split HyCa Apply's: old
     workflows keep working."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="HyCaApply",
-            display_name="HyCa Apply (Advanced)",
-            category=CATEGORY,
-            description=DESCRIPTION + " Every setting of HyCa, for tuning and research.",
-            is_experimental=True,
-            inputs=[
-                _model_input(),
-                io.Int.Input("interval", default=defaults.INTERVAL, min=1, max=20,
-                             tooltip="One full computation every N steps after the warm-up; 1 computes every step."),
-                io.Int.Input("warmup", default=0, min=0, max=100,
-                             tooltip="First steps always computed; more allows higher-order predictors. 0: the "
-                                     f"connected map's warm-up, {defaults.WARMUP} without a map."),
-                io.Int.Input("final_steps", default=defaults.FINAL_STEPS, min=0, max=100,
-                             tooltip="Last steps always computed, for crisper fine detail."),
-                io.Boolean.Input("adaptive", default=False,
-                                 tooltip="Decide each step from the map's measured error instead of every N-th "
-                                         "step; N then caps the steps predicted in a row at 2N-1."),
-                io.Float.Input("adaptive_tolerance", default=0.15, min=0.0, max=5.0, step=0.01,
-                               tooltip="Adaptive only: the summed relative error allowed before a full step."),
-                io.Boolean.Input("fitted", default=defaults.FITTED,
-                                 tooltip="Predictor weights fitted to this model, instead of the paper's fixed solvers."),
-                io.Combo.Input("granularity", options=[AUTO, *GRANULARITIES], default=AUTO,
-                               tooltip="What is cached: every block, one output per stack of blocks (far less "
-                                       "memory) or the whole model's output. auto follows the map."),
-                io.Combo.Input("history_dtype", options=list(HISTORY_DTYPES), default="auto",
-                               tooltip="Precision of the cached outputs: bf16/fp16 halve their memory; auto keeps "
-                                       "the model's."),
-                io.Boolean.Input("offload_history", default=False,
-                                 tooltip="Keep the cached outputs in CPU RAM instead of on the GPU."),
-                # optional, after the older widgets: saved workflows and API prompts without them still load
-                io.Float.Input("target_speedup", default=0.0, min=0.0, max=20.0, step=0.1, optional=True,
-                               tooltip="Instead of N: the speed-up to aim for on each run's step count (not with "
-                                       "adaptive). 0 uses interval."),
-                *_window_inputs(),
-                io.Combo.Input("placement", options=list(PLACEMENTS), default="fixed", optional=True,
-                               tooltip="fixed: every N-th step computed. calibrated: as many full steps, placed "
-                                       "where the map says prediction errs most."),
-                io.Boolean.Input("compile_predict", display_name="fused", default=False, optional=True,
-                                 tooltip="For cached outputs in CPU RAM: predict with fused kernels built by "
-                                         "torch.compile (needs a C++ compiler; compiles on first use)."),
-                _map_input(),
-            ],
-            outputs=[io.Model.Output(tooltip="The model with HyCa caching.")],
-            hidden=[io.Hidden.prompt, io.Hidden.unique_id],
-        )
+        description = DESCRIPTION + " Every setting, for tuning and research."
+        return _schema("HyCaApply", "HyCa Apply (Advanced)", description, _advanced_widgets())
 
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
@@ -142,8 +148,8 @@ class HyCaApply(io.ComfyNode):
                 placement="fixed", compile_predict=False, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup or map_warmup(solver_map), final=final_steps)
         options = ApplyOptions(
-            schedule=schedule, fitted=fitted, history_dtype=HISTORY_DTYPES[history_dtype], offload=offload_history,
-            adaptive_tolerance=adaptive_tolerance if adaptive else None,
+            schedule=schedule, fitted=fitted, history_dtype=HISTORY_DTYPES[history_dtype],
+            offload=offload_history, adaptive_tolerance=adaptive_tolerance if adaptive else None,
             granularity=None if granularity == AUTO else granularity, target_speedup=target_speedup,
             window=(start_percent, end_percent), placement=placement, fused=compile_predict,
         )

@@ -48,7 +48,8 @@ class ApplyOptions:
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.adaptive and self.target_speedup:
-            raise ValueError("adaptive mode decides each step by the measured error: it takes no target speed-up")
+            raise ValueError("adaptive mode decides each step by the measured error: it takes no target "
+                             "speed-up")
         start, end = self.window
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"the window {start}..{end} must lie within 0..1, start before end")

@@ -36,7 +36,7 @@ class ApplyRunState(RunState):
             gate=gate, fused=options.fused,
         )
         self.source = source
-        self.spare_device = torch.device(spare_device)  # the model's offload device: a fallback for the history
+        self.spare_device = torch.device(spare_device)  # the model's offload device: a history fallback
         self.memory = HistoryMemory(None, self.spare_device, options.memory_budget)
         self.run_sigmas = None  # the run's sigmas, the final one included: what a probe must cover
         self.started = time.perf_counter()  # a run's state is cloned as the run starts
@@ -57,7 +57,8 @@ class ApplyRunState(RunState):
     def _place_history(self, key: str, residual: torch.Tensor) -> None:
         """Before a new history is allocated: the run's placement if all fit there, else the least costly
         fallback (the histories held so far move with it), else no more prediction in this run."""
-        asked = Placement(torch.device(self.offload_device or residual.device), self.history_dtype or residual.dtype)
+        asked = Placement(torch.device(self.offload_device or residual.device),
+                          self.history_dtype or residual.dtype)
         current = self.memory.placement or asked
         placement = self.memory.admit(self.plan.history(key), residual, asked)
         if placement == current:
@@ -94,10 +95,11 @@ def patch_model(model, solver_map: SolverMap | None, options: ApplyOptions):
         except MapError as error:
             logging.warning("HyCa: %s; calibrating a new map from the next run", error)
         if solver_map is None:
-            logging.info("HyCa: no solver map for this model yet; the first run computes fully and calibrates")
-            ui_text.show(options.node_id, "HyCa: no solver map for this model yet. The next full run computes "
-                                          "every step (normal speed) and calibrates one; the runs after it "
-                                          "are faster.")
+            logging.info("HyCa: no solver map for this model yet; the first full run computes every step and "
+                         "calibrates")
+            ui_text.show(options.node_id, "HyCa: no solver map for this model yet. The next full run "
+                                          "computes every step (normal speed) and calibrates one; the runs "
+                                          "after it are faster.")
     source = MapSource(model, solver_map, options, granularity)
     return with_hyca(model, ApplyRunState(source, model.offload_device), granularity)
 

@@ -32,7 +32,8 @@ def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, 
 
     recorder = TrajectoryRecorder(tokens=tokens, seed=seed)
     patched = with_hyca(model, RunState(recorder=recorder), granularity)
-    (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent)
+    (out,) = comfy_nodes.common_ksampler(patched, seed, steps, cfg, sampler_name, scheduler, positive,
+                                         negative, latent)
     progress = comfy.utils.ProgressBar(len(recorder))
     solver_map = calibrate(
         recorder, schedule, clusters=clusters, seed=seed,
@@ -51,7 +52,8 @@ def check_consumers(node_cls, granularity: str) -> None:
         return
     for node in prompt_links.consumers(hidden.prompt, hidden.unique_id, MAP_OUTPUT):
         asked = node.get("inputs", {}).get("granularity")
-        if node.get("class_type") == "HyCaApply" and isinstance(asked, str) and asked not in (AUTO, granularity):
+        explicit = isinstance(asked, str) and asked != AUTO
+        if node.get("class_type") == "HyCaApply" and explicit and asked != granularity:
             raise ValueError(mismatch_message(granularity, asked))
 
 
@@ -78,14 +80,17 @@ class HyCaCalibrate(io.ComfyNode):
             is_experimental=True,
             inputs=[
                 io.Model.Input("model", tooltip="The model to calibrate (LoRAs may already be applied)."),
-                io.Conditioning.Input("positive", tooltip="Conditioning of the probe prompt; any typical prompt works."),
+                io.Conditioning.Input("positive",
+                                      tooltip="Conditioning of the probe prompt; any typical prompt works."),
                 io.Conditioning.Input("negative", tooltip="Negative conditioning of the probe."),
-                io.Latent.Input("latent_image", tooltip="Latent to sample the probe from (e.g. an Empty Latent Image)."),
-                # "fixed": a probe's seed should not change between runs (ComfyUI would re-probe on every queue)
+                io.Latent.Input("latent_image",
+                                tooltip="Latent to sample the probe from (e.g. an Empty Latent Image)."),
+                # "fixed": a probe's seed should not change between queues (each new seed would probe again)
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate="fixed",
                              tooltip="Noise seed of the probe; also seeds token sampling and clustering."),
                 io.Int.Input("steps", default=30, min=MIN_PROBE_STEPS, max=10000,
-                             tooltip="Probe steps. Maps serve other step counts too; use the count you sample with most."),
+                             tooltip="Probe steps. Maps serve other step counts too; use the count you "
+                                     "sample with most."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of the probe."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
@@ -93,24 +98,28 @@ class HyCaCalibrate(io.ComfyNode):
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
                                tooltip="Scheduler of the probe."),
                 io.Int.Input("interval", default=defaults.INTERVAL, min=2, max=20,
-                             tooltip="The interval N the map's choice is made for: one full step every N steps."),
+                             tooltip="The interval N the map's choice is made for: one full step every N "
+                                     "steps."),
                 io.Int.Input("warmup", default=defaults.WARMUP, min=1, max=50,
-                             tooltip="Steps always computed at the start; HyCa Apply uses the map's warm-up."),
+                             tooltip="Steps always computed at the start; HyCa Apply uses the map's "
+                                     "warm-up."),
                 io.Int.Input("clusters", default=DEFAULT_CLUSTERS, min=1, max=64,
                              tooltip="Channel groups per block, each with its own predictor."),
                 io.Combo.Input("granularity", options=list(GRANULARITIES), default="block",
-                               tooltip="What is cached: every block (best), one output per stack of blocks (far "
-                                       "less memory) or the whole model's output (any model)."),
+                               tooltip="What is cached: every block (best), one output per stack of blocks "
+                                       "(far less memory) or the whole model's output (any model)."),
                 io.Boolean.Input("save", default=True,
-                                 tooltip="Save the map beside the model file and in models/hyca, where HyCa Apply "
-                                         "finds it."),
+                                 tooltip="Save the map beside the model file and in models/hyca, where HyCa "
+                                         "Apply finds it."),
                 io.Boolean.Input("recalibrate", default=False, optional=True,
                                  tooltip="Probe again although a map for this model is saved."),
             ],
             outputs=[
-                SolverMapType.Output(display_name="solver_map", tooltip="The solver map, for HyCa Apply and the Inspector."),
+                SolverMapType.Output(display_name="solver_map",
+                                     tooltip="The solver map, for HyCa Apply and the Inspector."),
                 io.Latent.Output(display_name="LATENT",
-                                 tooltip="The probe's image; with a reused map, the same settings sampled with it."),
+                                 tooltip="The probe's image; with a reused map, the same settings sampled "
+                                         "with it."),
             ],
             hidden=[io.Hidden.prompt, io.Hidden.unique_id],  # the model's file, and the nodes fed by this one
         )
@@ -129,8 +138,9 @@ class HyCaCalibrate(io.ComfyNode):
             latent = latent_image
             if prompt_links.consumed(cls, LATENT_OUTPUT):
                 options = ApplyOptions(schedule=Schedule(interval=interval, warmup=map_warmup(reused)))
-                (latent,) = comfy_nodes.common_ksampler(patch_model(model, reused, options), seed, steps, cfg,
-                                                        sampler_name, scheduler, positive, negative, latent_image)
+                (latent,) = comfy_nodes.common_ksampler(patch_model(model, reused, options), seed, steps,
+                                                        cfg, sampler_name, scheduler, positive, negative,
+                                                        latent_image)
             return io.NodeOutput(reused, latent)
         solver_map, latent = probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, Schedule(interval=interval, warmup=warmup), clusters,
@@ -138,10 +148,12 @@ class HyCaCalibrate(io.ComfyNode):
         where = "not saved"
         if save:
             try:
-                where = "solver map saved to " + " and ".join(map(str, map_store.save_for(solver_map, checkpoint)))
+                saved = map_store.save_for(solver_map, checkpoint)
+                where = "solver map saved to " + " and ".join(map(str, saved))
                 logging.info("HyCa: %s", where)
             except MapError as error:  # the probe is paid for: keep its map and image
                 where = "kept in memory only: no folder was writable"
-                logging.warning("HyCa Calibrate: the map could not be saved (%s); it is kept for this session", error)
+                logging.warning("HyCa Calibrate: the map could not be saved (%s); it is kept for this "
+                                "session", error)
         ui_text.show(node_id, f"HyCa: calibrated a new solver map ({where}).")
         return io.NodeOutput(solver_map, latent)

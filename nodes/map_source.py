@@ -1,4 +1,4 @@
-"""The solver map a HyCa-applied model predicts with: found, calibrated in auto mode, compiled per schedule."""
+"""The solver map a HyCa-applied model predicts with: given, or calibrated in auto mode; compiled per run."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class MapSource:
     def plan(self, step_sigmas) -> CompiledMap | DynamicMap:
         """What a run with these step sigmas predicts with."""
         schedule = self.schedule_for(step_sigmas)
-        if self.options.adaptive:  # its history length comes from the map: the warm-up may take in the window's lead
+        if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead
             return DynamicMap(self.solver_map, schedule.widened(), len(step_sigmas))
         return self.compile(tuple(float(s) for s in step_sigmas), schedule)
 
@@ -79,10 +79,10 @@ class MapSource:
             compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.options.fitted,
                                                only=self.options.only, budget=budget)
             mask = compiled.mask
-            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, %s "
-                         "placement; first %d and last %d steps computed)", len(mask), mask.sum(), (~mask).sum(),
-                         speedup(mask), schedule.interval, self.options.placement, schedule.widened().warmup,
-                         schedule.final)
+            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
+                         "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),
+                         (~mask).sum(), speedup(mask), schedule.interval, self.options.placement,
+                         schedule.widened().warmup, schedule.final)
         self._compiled[key] = compiled  # now the most recent
         while len(self._compiled) > COMPILED_KEPT:
             del self._compiled[next(iter(self._compiled))]
@@ -112,7 +112,8 @@ class MapSource:
         elif schedule.mask(steps).all():
             why = f"at N={schedule.interval} with a warm-up of {schedule.warmup} it predicts no step"
         if why is not None:
-            logging.info("HyCa: not calibrating from this %d-step run (%s); the next full run calibrates", steps, why)
+            logging.info("HyCa: not calibrating from this %d-step run (%s); the next full run calibrates",
+                         steps, why)
             ui_text.show(self.options.node_id, f"HyCa: this run was not used to calibrate ({why}). The next "
                                                "full run computes every step and calibrates.")
             return
@@ -120,8 +121,9 @@ class MapSource:
         from ..hyca_core.calibration import calibrate  # scikit-learn: imported when first needed
 
         try:
-            solver_map = calibrate(recorder, schedule, architecture=self.architecture, fingerprint=self.fingerprint,
-                                   info={"auto": True, "granularity": self.granularity, "steps": steps})
+            info = {"auto": True, "granularity": self.granularity, "steps": steps}
+            solver_map = calibrate(recorder, schedule, architecture=self.architecture,
+                                   fingerprint=self.fingerprint, info=info)
         except ValueError as error:  # e.g. non-finite statistics: the image is kept, no retry on every run
             self.calibration_failed = True
             logging.warning("HyCa: calibrating from this run failed (%s); this HyCa Apply stops calibrating "

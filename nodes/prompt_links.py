@@ -10,7 +10,8 @@ def consumers(prompt, node_id, output: int) -> list[dict]:
     found = []
     for node in prompt.values():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        links = [v for v in inputs.values() if isinstance(v, list) and len(v) == 2] if isinstance(inputs, dict) else []
+        values = inputs.values() if isinstance(inputs, dict) else ()
+        links = [v for v in values if isinstance(v, list) and len(v) == 2]
         if any(str(source) == str(node_id) and index == output for source, index in links):
             found.append(node)
     return found

@@ -17,21 +17,6 @@ LATENT = (1, 16, 16, 16)
 N, WARMUP = 2, 2  # as the conftest's solver_map
 
 
-@pytest.fixture
-def finished(pack, monkeypatch):
-    """The run state of every sampling run of a HyCa-applied model, as it finishes."""
-    states = []
-    run_state = pack.nodes.apply_run.ApplyRunState
-    finish = run_state.finish
-
-    def keep(self, completed):
-        states.append(self)
-        finish(self, completed)
-
-    monkeypatch.setattr(run_state, "finish", keep)
-    return states
-
-
 def _apply(pack, model, solver_map, **knobs):
     """Through HyCa Apply's node. The knobs not given are left out, as an older workflow leaves them."""
     inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15,

@@ -20,15 +20,15 @@ from harness import sampling, tiny_models
 LATENT = (1, 16, 16, 16)
 STEPS = 12
 # HyCa Apply's inputs as API prompts saved before the split name them: the first release, then the current
-FIRST_RELEASE = dict(interval=2, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=False,
-                     granularity="block", history_dtype="auto", offload_history=False)
+FIRST_RELEASE = dict(interval=2, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
+                     fitted=False, granularity="block", history_dtype="auto", offload_history=False)
 BEFORE_SPLIT = dict(FIRST_RELEASE, target_speedup=0.0, start_percent=0.0, end_percent=1.0, placement="fixed",
                     compile_predict=False)
 
 
 @pytest.fixture
 def prompt_server(monkeypatch):
-    """ComfyUI's PromptServer on a fresh event loop, as PromptServer.instance; returns (server, messages())."""
+    """ComfyUI's PromptServer on a fresh event loop, as PromptServer.instance: (server, messages())."""
     import comfy.utils
 
     comfy_dir = os.path.dirname(comfy.utils.__file__)
@@ -71,21 +71,9 @@ def _run_node(node_id, class_type, prompt, **linked):
     from comfy_execution.graph import DynamicPrompt
 
     node = nodes.NODE_CLASS_MAPPINGS[class_type]
-    _, _, hidden = execution.get_input_data(prompt[node_id]["inputs"], node, node_id, None, DynamicPrompt(prompt), {})
-    return node.PREPARE_CLASS_CLONE(hidden).execute(**prompt[node_id]["inputs"] | linked).args[0]
-
-
-def _finished_states(pack, monkeypatch):
-    states = []
-    run_state = pack.nodes.apply_run.ApplyRunState
-    finish = run_state.finish
-
-    def keep(self, completed):
-        states.append(self)
-        finish(self, completed)
-
-    monkeypatch.setattr(run_state, "finish", keep)
-    return states
+    inputs = prompt[node_id]["inputs"]
+    _, _, hidden = execution.get_input_data(inputs, node, node_id, None, DynamicPrompt(prompt), {})
+    return node.PREPARE_CLASS_CLONE(hidden).execute(**inputs | linked).args[0]
 
 
 class _TestModel:
@@ -120,34 +108,36 @@ def test_an_old_api_prompt_validates_and_runs(pack, flux, solver_map, prompt_ser
     prompt = {
         "1": {"class_type": "HyCaTestModel", "inputs": {}},
         "2": {"class_type": "HyCaApply", "inputs": {"model": ["1", 0], **settings}},
-        "4": {"class_type": "KSampler", "inputs": {"model": ["2", 0], "positive": ["1", 1], "negative": ["1", 2],
-                                                   "latent_image": ["1", 3], **sampler}},
-        "5": {"class_type": "SaveLatent", "inputs": {"samples": ["4", 0], "filename_prefix": "hyca_test/old"}},
+        "4": {"class_type": "KSampler",
+              "inputs": {"model": ["2", 0], "positive": ["1", 1], "negative": ["1", 2],
+                         "latent_image": ["1", 3], **sampler}},
+        "5": {"class_type": "SaveLatent",
+              "inputs": {"samples": ["4", 0], "filename_prefix": "hyca_test/old"}},
     }
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     assert valid, (error, node_errors)
     # a map of this model in the session (what a saved map gives): the node predicts with it
     monkeypatch.setattr(pack.nodes.map_store, "load_for", lambda *a, **k: solver_map)
-    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC, cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(server, cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
     with caplog.at_level(logging.INFO):
         executor.execute(prompt, prompt_id, {"client_id": "hyca-test"}, outputs)
     assert executor.success
     assert re.search(r"HyCa: \d+ block calls computed, [1-9]\d* predicted", caplog.text)
 
 
-def test_the_plain_node_takes_granularity_and_warmup_from_the_map(pack, flux, conditioning, monkeypatch):
+def test_the_plain_node_takes_granularity_and_warmup_from_the_map(pack, flux, conditioning, finished):
     schedule = pack.hyca_core.schedule.Schedule
     stack_map, _ = pack.nodes.calibrate_node.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
-                                                   {"samples": torch.zeros(LATENT)}, schedule(interval=2, warmup=3),
-                                                   granularity="stack")
+                                                   {"samples": torch.zeros(LATENT)},
+                                                   schedule(interval=2, warmup=3), granularity="stack")
     plain = pack.nodes.apply_node.HyCaCacheSpeedUp
-    assert {i.id for i in plain.define_schema().inputs} == {"model", "speed_up", "start_percent", "end_percent",
-                                                            "solver_map"}
-    states = _finished_states(pack, monkeypatch)
+    inputs = {i.id for i in plain.define_schema().inputs}
+    assert inputs == {"model", "speed_up", "start_percent", "end_percent", "solver_map"}
     (patched,) = plain.execute(flux, speed_up=2.0, solver_map=stack_map).args
     sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
-    (state,) = states
+    (state,) = finished
     assert state.source.granularity == "stack" and state.source.options.schedule.warmup == 3
     assert state.predicted and np.array_equal(state.plan.mask[:3], [True] * 3)
 
@@ -164,7 +154,8 @@ def test_a_granularity_mismatch_is_a_sentence(pack, flux, conditioning, solver_m
     assert patched is not flux
 
 
-def test_the_ui_hears_what_a_run_did(pack, flux, conditioning, solver_map, prompt_server, monkeypatch, caplog):
+def test_the_ui_hears_what_a_run_did(pack, flux, conditioning, solver_map, prompt_server, monkeypatch,
+                                     caplog):
     """A run with a map: its ratio and wall-clock time, on the Apply node. Without a map: that the first run
     calibrates, then that it did and what the next runs do."""
     _, messages = prompt_server

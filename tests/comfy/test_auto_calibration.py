@@ -17,12 +17,14 @@ STEPS = 12
 def no_stored_maps(pack, tmp_path, monkeypatch):
     """An empty hyca folder: no stored map is found, a calibrated one is saved there."""
     folder = tmp_path / "hyca"
-    monkeypatch.setattr(pack.nodes.map_store, "search_folders", lambda: [folder, pack.nodes.map_store.SHIPPED])
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
     return folder
 
 
 def _auto(pack, model):
-    return pack.nodes.apply_run.apply_hyca(model, None, pack.hyca_core.schedule.Schedule(interval=2, warmup=2))
+    schedule = pack.hyca_core.schedule.Schedule(interval=2, warmup=2)
+    return pack.nodes.apply_run.apply_hyca(model, None, schedule)
 
 
 def test_only_a_run_over_the_whole_schedule_calibrates(pack, flux, conditioning, no_stored_maps, caplog):
@@ -70,25 +72,21 @@ def test_a_failed_calibration_keeps_the_image_and_is_not_retried(pack, condition
 
 
 def test_a_history_that_does_not_fit_falls_back_before_it_is_allocated(pack, flux, solver_map, conditioning,
-                                                                       monkeypatch, caplog):
+                                                                       finished, caplog):
     """A budget below what the fp32 history takes: the histories that do not fit are held in bf16; a budget
     nothing fits in: the run computes every step, exactly the unpatched model's result."""
     Schedule = pack.hyca_core.schedule.Schedule
-    states = []
-    finish = pack.nodes.apply_run.ApplyRunState.finish
-    monkeypatch.setattr(pack.nodes.apply_run.ApplyRunState, "finish",
-                        lambda self, completed: (states.append(self), finish(self, completed)))
 
     def run(**options):
         patched = pack.nodes.apply_run.apply_hyca(flux, solver_map, Schedule(interval=2, warmup=2), **options)
         return sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
 
     run()
-    fp32_bytes = states[-1].peak_bytes
+    fp32_bytes = finished[-1].peak_bytes
     budget = fp32_bytes * 3 // 4
     with caplog.at_level(logging.WARNING):
         run(memory_budget=budget)
-    state = states[-1]
+    state = finished[-1]
     dtypes = {h.dtype for b in state.branches.values() for h in b.histories.values()}
     assert dtypes == {torch.bfloat16} and state.predicted and state.peak_bytes <= budget  # all moved to bf16
     assert "held on cpu in bfloat16 instead" in caplog.text
@@ -96,5 +94,5 @@ def test_a_history_that_does_not_fit_falls_back_before_it_is_allocated(pack, flu
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         out = run(memory_budget=1)
-    assert "this run computes every step from here" in caplog.text and states[-1].predicted == 0
+    assert "this run computes every step from here" in caplog.text and finished[-1].predicted == 0
     assert torch.equal(out, sampling.sample(flux, *conditioning, torch.zeros(LATENT), steps=STEPS))

@@ -21,7 +21,8 @@ SETTINGS = dict(seed=0, steps=8, cfg=1.0, sampler_name="euler", scheduler="simpl
 def hyca_folder(pack, tmp_path, monkeypatch):
     """A fresh hyca models folder, the only place maps are saved to and searched in."""
     folder = tmp_path / "hyca"
-    monkeypatch.setattr(pack.nodes.map_store, "search_folders", lambda: [folder, pack.nodes.map_store.SHIPPED])
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
     return folder
 
 
@@ -65,7 +66,7 @@ def _calibrate(model, conditioning, consumers=None, **changes):
 
 
 def test_any_seed_the_widget_allows_calibrates(pack, flux, conditioning, hyca_folder):
-    """The widget goes up to 2**64 - 1; scikit-learn's KMeans takes 0..2**32 - 1 (it failed after the probe)."""
+    """The widget goes up to 2**64 - 1, KMeans takes 0..2**32 - 1: it failed after the probe."""
     seed = pack.nodes.calibrate_node.HyCaCalibrate.define_schema().inputs[4]
     assert seed.id == "seed" and seed.max == 2**64 - 1
     for value in (2**64 - 1, 920065994407979):
@@ -106,7 +107,8 @@ def test_a_saved_map_is_reused_unless_recalibrate(pack, flux, conditioning, hyca
     assert calls == probed and "solver map saved to" in caplog.text
 
 
-def test_a_map_that_cannot_be_saved_is_kept_with_the_probe(pack, flux, conditioning, tmp_path, monkeypatch, caplog):
+def test_a_map_that_cannot_be_saved_is_kept_with_the_probe(pack, flux, conditioning, tmp_path, monkeypatch,
+                                                           caplog):
     blocked = tmp_path / "a file"
     blocked.write_text("not a folder")
     map_store = pack.nodes.map_store
@@ -117,9 +119,11 @@ def test_a_map_that_cannot_be_saved_is_kept_with_the_probe(pack, flux, condition
     assert "could not be saved" in caplog.text and "kept for this session" in caplog.text
 
 
-def test_an_apply_set_to_another_granularity_is_refused_before_sampling(pack, flux, conditioning, hyca_folder):
+def test_an_apply_set_to_another_granularity_is_refused_before_sampling(pack, flux, conditioning,
+                                                                        hyca_folder):
     apply = {"2": ("HyCaApply", {"model": ["0", 0], "solver_map": ["1", 0], "granularity": "stack"})}
-    with pytest.raises(ValueError, match='calibrated with granularity "block", but HyCa Apply is set to "stack"') as error:
+    refused = 'calibrated with granularity "block", but HyCa Apply is set to "stack"'
+    with pytest.raises(ValueError, match=refused) as error:
         _calibrate(flux, conditioning, consumers=apply)
     assert "/" not in str(error.value)  # a sentence, no file path
     assert not list(hyca_folder.glob("*"))  # nothing was probed or saved
