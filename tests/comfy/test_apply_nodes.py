@@ -197,3 +197,26 @@ def test_node_search_finds_the_plain_node(pack):
     for word in ("cache", "speed", "up", "faster"):
         assert any(word in text for text in searched), word
     assert "teacache" in schema.description.lower() and schema.display_name.startswith("HyCa Apply")
+
+
+def test_one_set_of_defaults_everywhere(pack, flux, finished, conditioning, tmp_path, monkeypatch):
+    """The nodes' widgets, apply_hyca, Schedule() and SolverMap.compile share hyca_core.defaults (the Python
+    API once ran fitted weights and a warm-up of 3 where the nodes said off and 2)."""
+    import inspect
+
+    defaults, schedule = pack.hyca_core.defaults, pack.hyca_core.schedule.Schedule()
+    assert (schedule.interval, schedule.warmup, schedule.final) == (defaults.INTERVAL, defaults.WARMUP,
+                                                                    defaults.FINAL_STEPS)
+    compile_fitted = inspect.signature(pack.hyca_core.solver_map.SolverMap.compile).parameters["fitted"].default
+    assert compile_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
+    widgets = {i.id: i.default for i in pack.nodes.apply_node.HyCaApply.define_schema().inputs
+               if i.id in ("interval", "fitted", "final_steps")}
+    assert widgets == {"interval": defaults.INTERVAL, "fitted": defaults.FITTED, "final_steps": defaults.FINAL_STEPS}
+    calibrate = {i.id: getattr(i, "default", None)
+                 for i in pack.nodes.calibrate_node.HyCaCalibrate.define_schema().inputs}
+    assert (calibrate["interval"], calibrate["warmup"]) == (defaults.INTERVAL, defaults.WARMUP) == (4, 2)
+    map_store = pack.nodes.map_store  # the run calibrates: its map goes to a folder of this test's own
+    monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path, map_store.SHIPPED])
+    patched = pack.nodes.apply_run.apply_hyca(flux)  # the Python API with nothing given
+    sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
+    assert finished[-1].source.options.schedule == schedule and not finished[-1].source.options.fitted
