@@ -231,8 +231,8 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
     assert not torch.equal(out, full) and psnr(out, full) > 25
-    with pytest.raises(pack.hyca_core.solver_map.MapError):
-        apply(flux, whole_map, schedule)  # a whole-model map does not fit block granularity
+    with pytest.raises(ValueError, match='calibrated with granularity "model", but HyCa Apply is set to "block"'):
+        apply(flux, whole_map, schedule, granularity="block")  # a whole-model map does not fit per block
 
 
 def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditioning, latent, full, caplog):
@@ -249,5 +249,5 @@ def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditionin
                               steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)  # every block of a predicted step is skipped, as per block
     assert not torch.equal(out, full) and psnr(out, full) > 25
-    with pytest.raises(pack.hyca_core.solver_map.MapError):
-        apply(flux, stack_map, schedule)  # a stack map does not fit block granularity
+    with pytest.raises(ValueError, match='calibrated with granularity "stack", but HyCa Apply is set to "block"'):
+        apply(flux, stack_map, schedule, granularity="block")  # a stack map does not fit per block
