@@ -75,7 +75,7 @@ class ApplyRunState(RunState):
             branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
 
     def finish(self, completed: bool) -> None:
-        if self.recorder is not None and completed and self.source.solver_map is None:
+        if self.recorder is not None and completed and self.source.solver_map is None and len(self.recorder):
             self.source.calibrate_from(self.recorder, self.run_sigmas)
         if completed and self.predicted:
             total = self.computed + self.predicted

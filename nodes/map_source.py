@@ -96,14 +96,14 @@ class MapSource:
                 and math.isclose(run_sigmas[0], top, rel_tol=COVER_RTOL))
 
     def calibrate_from(self, recorder: TrajectoryRecorder, run_sigmas: np.ndarray) -> None:
-        """Calibrate from a full-compute run with these sigmas (the final 0 included), for the schedule it
-        would have predicted with. A run that does not denoise fully, is too short to choose solvers on, or
-        whose schedule predicts no step is passed over; the next run tries again. Never raises: it runs in
-        the sampler's ``finally``, where an error would lose the run's image."""
-        sigmas = recorder[next(iter(recorder))].sigmas if len(recorder) else np.empty(0)
+        """Calibrate from a recorded full-compute run with these sigmas (the final 0 included), for the
+        schedule it would have predicted with. A run that does not denoise fully, is too short to choose
+        solvers on, or whose schedule predicts no step is passed over; the next run tries again. Never
+        raises: it runs in the sampler's ``finally``, where an error would lose the run's image."""
+        sigmas = recorder[next(iter(recorder))].sigmas
         schedule = self.schedule_for(sigmas).widened()  # a plain Schedule with the run's mask
         steps = len(sigmas)
-        span = f"sigma {run_sigmas[0]:.3g} to {run_sigmas[-1]:.3g}" if len(run_sigmas) else "no steps"
+        span = f"sigma {run_sigmas[0]:.3g} to {run_sigmas[-1]:.3g}"
         why = None
         if not self.covers(run_sigmas):
             why = f"it covers {span}, a map serves full denoising runs"
