@@ -16,7 +16,7 @@ from ..hyca_core import defaults
 from ..hyca_core.schedule import Schedule
 from . import checkpoint_path
 from .apply_options import AUTO, HISTORY_DTYPES, PLACEMENTS, ApplyOptions, map_warmup
-from .apply_run import patch_model
+from .apply_hyca import patch_model
 from .patching import GRANULARITIES
 from .types import CATEGORY, SolverMapType
 

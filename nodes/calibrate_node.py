@@ -17,7 +17,7 @@ from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
 from . import checkpoint_path, map_store, prompt_links, ui_text
 from .apply_options import AUTO, ApplyOptions, map_warmup, mismatch_message
-from .apply_run import patch_model
+from .apply_hyca import patch_model
 from .block_cache import RunState
 from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType

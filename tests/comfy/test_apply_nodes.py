@@ -217,6 +217,6 @@ def test_one_set_of_defaults_everywhere(pack, flux, finished, conditioning, tmp_
     assert (calibrate["interval"], calibrate["warmup"]) == (defaults.INTERVAL, defaults.WARMUP) == (4, 2)
     map_store = pack.nodes.map_store  # the run calibrates: its map goes to a folder of this test's own
     monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path, map_store.SHIPPED])
-    patched = pack.nodes.apply_run.apply_hyca(flux)  # the Python API with nothing given
+    patched = pack.nodes.apply_hyca.apply_hyca(flux)  # the Python API with nothing given
     sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
     assert finished[-1].source.options.schedule == schedule and not finished[-1].source.options.fitted

@@ -24,7 +24,7 @@ def no_stored_maps(pack, tmp_path, monkeypatch):
 
 def _auto(pack, model):
     schedule = pack.hyca_core.schedule.Schedule(interval=2, warmup=2)
-    return pack.nodes.apply_run.apply_hyca(model, None, schedule)
+    return pack.nodes.apply_hyca.apply_hyca(model, None, schedule)
 
 
 def test_only_a_run_over_the_whole_schedule_calibrates(pack, flux, conditioning, no_stored_maps, caplog):
@@ -78,7 +78,7 @@ def test_a_history_that_does_not_fit_falls_back_before_it_is_allocated(pack, flu
     Schedule = pack.hyca_core.schedule.Schedule
 
     def run(**options):
-        patched = pack.nodes.apply_run.apply_hyca(flux, solver_map, Schedule(interval=2, warmup=2), **options)
+        patched = pack.nodes.apply_hyca.apply_hyca(flux, solver_map, Schedule(interval=2, warmup=2), **options)
         return sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
 
     run()

@@ -101,7 +101,7 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
     (tmp_path / "hyca").mkdir()
     monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path / "hyca", map_store.SHIPPED])
     Schedule = pack.hyca_core.schedule.Schedule
-    apply_hyca = pack.nodes.apply_run.apply_hyca
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
 
     flux, wan = tiny_models.build(FLUX, seed=61), tiny_models.build(WAN, seed=62)
     models = {

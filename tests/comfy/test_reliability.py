@@ -50,7 +50,7 @@ def _sample(model, conditioning, steps=STEPS, sampler="euler"):
 
 def _apply(pack, model, solver_map, interval=N, **kwargs):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=WARMUP)
-    return pack.nodes.apply_run.apply_hyca(model, solver_map, schedule, **kwargs)
+    return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
 def _summary(text):
