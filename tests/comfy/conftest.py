@@ -65,3 +65,12 @@ def finished(pack, monkeypatch):
 
     monkeypatch.setattr(run_state, "finish", keep)
     return states
+
+
+@pytest.fixture
+def hyca_folder(pack, tmp_path, monkeypatch):
+    """A fresh hyca models folder, the only place maps are saved to and searched in."""
+    folder = tmp_path / "hyca"
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
+    return folder

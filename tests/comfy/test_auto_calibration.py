@@ -13,27 +13,18 @@ LATENT = (1, 16, 16, 16)
 STEPS = 12
 
 
-@pytest.fixture
-def no_stored_maps(pack, tmp_path, monkeypatch):
-    """An empty hyca folder: no stored map is found, a calibrated one is saved there."""
-    folder = tmp_path / "hyca"
-    map_store = pack.nodes.map_store
-    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
-    return folder
-
-
 def _auto(pack, model):
     schedule = pack.hyca_core.schedule.Schedule(interval=2, warmup=2)
     return pack.nodes.apply_hyca.apply_hyca(model, None, schedule)
 
 
-def test_only_a_run_over_the_whole_schedule_calibrates(pack, flux, conditioning, no_stored_maps, caplog):
+def test_only_a_run_over_the_whole_schedule_calibrates(pack, flux, conditioning, hyca_folder, caplog):
     patched = _auto(pack, flux)
     latent = torch.randn(LATENT, generator=torch.Generator().manual_seed(2))
     with caplog.at_level(logging.INFO):
         sampling.sample(patched, *conditioning, latent, steps=STEPS, denoise=0.4)  # img2img
     assert "not calibrating from this 12-step run (it covers sigma 0.4" in caplog.text
-    assert not list(no_stored_maps.glob("*"))
+    assert not list(hyca_folder.glob("*"))
 
     import comfy.sample
 
@@ -42,16 +33,16 @@ def test_only_a_run_over_the_whole_schedule_calibrates(pack, flux, conditioning,
     with caplog.at_level(logging.INFO):  # an advanced sampler's first 7 of 12 steps
         comfy.sample.sample(patched, noise, STEPS, 1.0, "euler", "simple", *conditioning, torch.zeros(LATENT),
                             last_step=7, force_full_denoise=False, disable_pbar=True, seed=0)
-    assert "not calibrating from this 7-step run" in caplog.text and not list(no_stored_maps.glob("*"))
+    assert "not calibrating from this 7-step run" in caplog.text and not list(hyca_folder.glob("*"))
 
     caplog.clear()
     with caplog.at_level(logging.INFO):
         sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
     assert "calibrating from this 12-step run (sigma 1 to 0)" in caplog.text
-    assert len(list(no_stored_maps.glob("*"))) == 1
+    assert len(list(hyca_folder.glob("*"))) == 1
 
 
-def test_a_failed_calibration_keeps_the_image_and_is_not_retried(pack, conditioning, no_stored_maps, caplog):
+def test_a_failed_calibration_keeps_the_image_and_is_not_retried(pack, conditioning, hyca_folder, caplog):
     """Block residuals beyond float16's range make the probe's statistics non-finite (issue 16 item 3:
     the recorder stores float16; once it is range-safe this run calibrates, and this test needs another
     trigger). The run's image comes back, auto mode warns once and then samples at full compute."""
@@ -68,7 +59,7 @@ def test_a_failed_calibration_keeps_the_image_and_is_not_retried(pack, condition
     with caplog.at_level(logging.INFO):
         again = sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
     assert torch.equal(again, full) and "calibrat" not in caplog.text
-    assert not list(no_stored_maps.glob("*"))
+    assert not list(hyca_folder.glob("*"))
 
 
 def test_a_history_that_does_not_fit_falls_back_before_it_is_allocated(pack, flux, solver_map, conditioning,

@@ -17,15 +17,6 @@ SETTINGS = dict(seed=0, steps=8, cfg=1.0, sampler_name="euler", scheduler="simpl
                 clusters=4, granularity="block", save=True)
 
 
-@pytest.fixture
-def hyca_folder(pack, tmp_path, monkeypatch):
-    """A fresh hyca models folder, the only place maps are saved to and searched in."""
-    folder = tmp_path / "hyca"
-    map_store = pack.nodes.map_store
-    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
-    return folder
-
-
 def _counted(model):
     """A clone of ``model`` whose diffusion-model calls are counted in the returned list's length."""
     calls = []
