@@ -4,7 +4,6 @@ whole schedule, and a calibration that fails never loses the run's image and is 
 
 import logging
 
-import pytest
 import torch
 
 from harness import sampling, tiny_models
