@@ -360,7 +360,7 @@ def main(argv=None) -> None:
     from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
     Schedule = pack.hyca_core.schedule.Schedule
-    apply_hyca = pack.nodes.apply_node.apply_hyca
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
     probe = pack.nodes.calibrate_node.probe
     summary = pack.nodes.inspector_node.summary
     POOL = pack.hyca_core.solvers.POOL

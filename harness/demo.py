@@ -66,7 +66,7 @@ def main(argv=None) -> None:
 
     (solver_map, _), calibration_s = timed(lambda: pack.nodes.calibrate_node.probe(
         model, 7, args.steps, 1.0, "euler", "simple", positive, negative, {"samples": latent}, schedule))
-    patched = pack.nodes.apply_node.apply_hyca(model, solver_map, schedule)
+    patched = pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule)
     run(patched)  # compiles the map for this schedule once (cached for later runs), warms caches
     computed = int(schedule.mask(args.steps).sum())
     full, full_s = timed(lambda: run(model), args.repeats)

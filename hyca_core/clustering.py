@@ -1,10 +1,12 @@
-"""k-means partition of channels by their dynamics descriptors, and agreement between partitions."""
+"""k-means partition of channels by their dynamics descriptors, and agreement between partitions.
+
+scikit-learn is imported where it is first used: importing it costs seconds, which ComfyUI's start-up
+should not pay for a node that may never calibrate.
+"""
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
 
 from .threads import single_threaded
 
@@ -19,6 +21,9 @@ DEFAULT_CLUSTERS = 8
 # probes both recovered the known dynamics families in all 48 cases tried (6 grids x 8 seeds;
 # one start: 42), and the maps selected on 8 clusters erred alike (12 probes: 0.986-1.000x).
 _N_INIT = 2
+# KMeans takes a random_state of 0..2**32 - 1, a ComfyUI seed widget gives up to 2**64 - 1: seeds are
+# folded into that range (those already in it unchanged).
+_SEED_RANGE = 2**32
 
 
 def cluster_channels(descriptors: np.ndarray, clusters: int = DEFAULT_CLUSTERS,
@@ -26,7 +31,7 @@ def cluster_channels(descriptors: np.ndarray, clusters: int = DEFAULT_CLUSTERS,
     """Cluster labels ``(D,)`` in ``0..C-1`` for descriptor rows ``(D, k)``.
 
     ``C`` is ``clusters`` clipped to the number of distinct rows. Deterministic for a given
-    seed. Labels are canonical: cluster 0 is the largest, ties broken by the lowest channel
+    seed (any integer). Labels are canonical: cluster 0 is the largest, ties broken by the lowest channel
     index, so equal partitions always carry equal labels.
     """
     x = np.asarray(descriptors, dtype=np.float64)
@@ -40,7 +45,9 @@ def cluster_channels(descriptors: np.ndarray, clusters: int = DEFAULT_CLUSTERS,
         clusters = min(clusters, len(np.unique(x, axis=0)))
     if clusters == 1:
         return np.zeros(len(x), dtype=np.int64)
-    kmeans = KMeans(n_clusters=clusters, n_init=_N_INIT, random_state=seed)
+    from sklearn.cluster import KMeans
+
+    kmeans = KMeans(n_clusters=clusters, n_init=_N_INIT, random_state=seed % _SEED_RANGE)
     # A few thousand 10-d points gain nothing from OpenMP threads, and their spin-waiting
     # makes k-means many times slower whenever another process is busy on the CPU.
     with single_threaded("openmp"):
@@ -59,4 +66,6 @@ def _canonical(labels: np.ndarray) -> np.ndarray:
 
 def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
     """Adjusted Rand index of two labelings: 1 for equal partitions, about 0 for chance."""
+    from sklearn.metrics import adjusted_rand_score
+
     return float(adjusted_rand_score(np.asarray(a), np.asarray(b)))

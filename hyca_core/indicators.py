@@ -14,7 +14,6 @@ import functools
 import numpy as np
 import scipy.fft
 import scipy.stats
-from sklearn.preprocessing import StandardScaler
 
 INDICATOR_NAMES: tuple[str, ...] = (
     "d1",                     # ||f_k - f_{k-1}||
@@ -159,6 +158,8 @@ def descriptor_matrix(values: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     weighs the same in k-means distances. A column that is constant (up to the float32
     rounding of the indicators) becomes all zeros rather than amplified rounding noise.
     """
+    from sklearn.preprocessing import StandardScaler  # imported when first used, as in clustering.py
+
     raw = indicators(values, eps).astype(np.float64)
     for name in LOG_SCALED:
         column = raw[:, INDICATOR_NAMES.index(name)]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from . import defaults
+
 # A step at a window bound is inside it: sigmas are float32 values, a bound may be computed in float64.
 BOUND_RTOL = 1e-5
 
@@ -29,9 +31,9 @@ class Schedule:
     the map's solvers need) and at least 1: step 0 has nothing to predict from.
     """
 
-    interval: int = 6
-    warmup: int = 3
-    final: int = 0
+    interval: int = defaults.INTERVAL
+    warmup: int = defaults.WARMUP
+    final: int = defaults.FINAL_STEPS
 
     def __post_init__(self):
         if self.interval < 1 or self.warmup < 0 or self.final < 0:

@@ -23,6 +23,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as serialize
 
+from . import defaults
 from .indicators import INDICATOR_NAMES
 from .schedule import Schedule, calibrated_mask
 from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
@@ -149,7 +150,7 @@ class SolverMap:
 
     # --- inference -----------------------------------------------------------------------------
 
-    def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = True,
+    def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
                 per_position: bool = True, budget: int | None = None,
                 only: tuple[str, str] | None = None) -> "CompiledMap":
         """Re-select (and fit) every block's solvers for this run's steps and schedule.

@@ -50,3 +50,27 @@ def conditioning(flux_config):
 @pytest.fixture(scope="module")
 def solver_map(pack, flux, conditioning):
     return sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP)
+
+
+@pytest.fixture
+def finished(pack, monkeypatch):
+    """The run state of every sampling run of a HyCa-applied model, as it finishes."""
+    states = []
+    run_state = pack.nodes.apply_run.ApplyRunState
+    finish = run_state.finish
+
+    def keep(self, completed):
+        states.append(self)
+        finish(self, completed)
+
+    monkeypatch.setattr(run_state, "finish", keep)
+    return states
+
+
+@pytest.fixture
+def hyca_folder(pack, tmp_path, monkeypatch):
+    """A fresh hyca models folder, the only place maps are saved to and searched in."""
+    folder = tmp_path / "hyca"
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [folder, map_store.SHIPPED])
+    return folder

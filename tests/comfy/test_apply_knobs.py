@@ -17,21 +17,6 @@ LATENT = (1, 16, 16, 16)
 N, WARMUP = 2, 2  # as the conftest's solver_map
 
 
-@pytest.fixture
-def finished(pack, monkeypatch):
-    """The run state of every sampling run of a HyCa-applied model, as it finishes."""
-    states = []
-    run_state = pack.nodes.apply_node.ApplyRunState
-    finish = run_state.finish
-
-    def keep(self, completed):
-        states.append(self)
-        finish(self, completed)
-
-    monkeypatch.setattr(run_state, "finish", keep)
-    return states
-
-
 def _apply(pack, model, solver_map, **knobs):
     """Through HyCa Apply's node. The knobs not given are left out, as an older workflow leaves them."""
     inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
@@ -59,7 +44,8 @@ def test_target_speedup_picks_each_runs_interval(pack, flux, solver_map, conditi
     """2.5x asked: 20 steps take N=3 (8 computed: 2.5x), 12 steps N=4 (4 computed: 3x; N=3 gives 2.4x)."""
     Schedule = pack.hyca_core.schedule.Schedule
     patched = _apply(pack, flux, solver_map, target_speedup=2.5)
-    for steps, interval, logged in ((20, 3, "2.50x speed-up (N=3, fixed placement;"), (12, 4, "3.00x speed-up (N=4, fixed placement;")):
+    for steps, interval, logged in ((20, 3, "2.50x fewer block computations (N=3, fixed placement;"),
+                                  (12, 4, "3.00x fewer block computations (N=4, fixed placement;")):
         caplog.clear()
         with caplog.at_level(logging.INFO):
             out, computed = _run(patched, conditioning, finished, steps)
@@ -113,7 +99,7 @@ def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, fini
     explicit, _ = _run(_apply(pack, flux, solver_map, target_speedup=0.0, start_percent=0.0, end_percent=1.0),
                        conditioning, finished, steps)
     _, sigmas = _step_sigmas(flux, steps)
-    before = solver_map.compile(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP))
+    before = solver_map.compile(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
     assert np.array_equal(computed, before.mask) and np.array_equal(plan.mask, before.mask)
     assert plan.tables.keys() == before.tables.keys()
     for key, table in before.tables.items():

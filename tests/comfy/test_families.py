@@ -147,7 +147,7 @@ def test_family(pack, name, caplog):
     assert torch.isfinite(full).all()
 
     Schedule = pack.hyca_core.schedule.Schedule
-    apply_hyca = pack.nodes.apply_node.apply_hyca
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
     latent_input = {"samples": latent} | ({} if noise_mask is None else {"noise_mask": noise_mask})
     solver_map, probed = pack.nodes.calibrate_node.probe(model, 5, STEPS, family.cfg, "euler", "simple",
                                                          positive, negative, latent_input, Schedule(3, 3))
@@ -206,7 +206,7 @@ def test_family_without_block_patches_is_refused(pack, name):
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     attempts = (
         lambda: pack.nodes.patching.with_hyca(model, pack.nodes.block_cache.RunState()),
-        lambda: pack.nodes.apply_node.apply_hyca(model, None, Schedule(interval=3, warmup=3)),
+        lambda: pack.nodes.apply_hyca.apply_hyca(model, None, Schedule(interval=3, warmup=3)),
         lambda: pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
                                                 latent, Schedule(interval=3, warmup=3)),
     )
@@ -228,7 +228,7 @@ def test_family_without_block_patches_runs_at_whole_model_granularity(pack, name
     solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
                                                     {"samples": latent}, Schedule(interval=3, warmup=3),
                                                     granularity="model")
-    apply = pack.nodes.apply_node.apply_hyca
+    apply = pack.nodes.apply_hyca.apply_hyca
     full = sampling.sample(model, positive, negative, latent, steps=STEPS, seed=2)
     same = sampling.sample(apply(model, solver_map, Schedule(interval=1, warmup=3), granularity="model"),
                            positive, negative, latent, steps=STEPS, seed=2)

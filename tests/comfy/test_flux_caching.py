@@ -37,7 +37,7 @@ def solver_map(pack, flux, conditioning, latent):
 
 def _apply(pack, model, solver_map, interval, **kwargs):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=3)
-    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+    return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
 def test_map_covers_every_block_stream(solver_map, flux):
@@ -168,7 +168,7 @@ def test_lora_patches_do_not_change_the_fingerprint(pack, conditioning, latent):
 def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solver_map, conditioning, latent, full,
                                                                caplog):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
-    apply = pack.nodes.apply_node.apply_hyca
+    apply = pack.nodes.apply_hyca.apply_hyca
     blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
     with caplog.at_level(logging.INFO):
         strict = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.0), *conditioning, latent,
@@ -202,7 +202,7 @@ def test_inspector_plots_and_summarizes_and_compares(pack, flux, solver_map, con
 
 def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_map, conditioning, latent, full):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
-    apply = pack.nodes.apply_node.apply_hyca
+    apply = pack.nodes.apply_hyca.apply_hyca
     fora = sampling.sample(apply(flux, solver_map, schedule, only=("reuse", "step")), *conditioning, latent,
                            steps=STEPS, seed=5)
     taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning, latent,
@@ -221,7 +221,7 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
     whole_map, _ = pack.nodes.calibrate_node.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
                                                    {"samples": latent}, schedule, granularity="model")
     assert list(whole_map.blocks) == ["model.out"] and len(whole_map.blocks["model.out"].labels) == 16
-    apply = pack.nodes.apply_node.apply_hyca
+    apply = pack.nodes.apply_hyca.apply_hyca
     same = sampling.sample(apply(flux, whole_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="model"),
                            *conditioning, latent, steps=STEPS, seed=5)
     assert torch.equal(same, full)
@@ -231,8 +231,8 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
     assert not torch.equal(out, full) and psnr(out, full) > 25
-    with pytest.raises(pack.hyca_core.solver_map.MapError):
-        apply(flux, whole_map, schedule)  # a whole-model map does not fit block granularity
+    with pytest.raises(ValueError, match='calibrated with granularity "model", but HyCa Apply is set to "block"'):
+        apply(flux, whole_map, schedule, granularity="block")  # a whole-model map does not fit per block
 
 
 def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditioning, latent, full, caplog):
@@ -240,7 +240,7 @@ def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditionin
     stack_map, _ = pack.nodes.calibrate_node.probe(flux, 0, STEPS, 1.0, "euler", "simple", *conditioning,
                                                    {"samples": latent}, schedule, granularity="stack")
     assert set(stack_map.blocks) == {"double_blocks.img", "double_blocks.txt", "single_blocks.img"}
-    apply = pack.nodes.apply_node.apply_hyca
+    apply = pack.nodes.apply_hyca.apply_hyca
     same = sampling.sample(apply(flux, stack_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="stack"),
                            *conditioning, latent, steps=STEPS, seed=5)
     assert torch.equal(same, full)
@@ -249,5 +249,5 @@ def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditionin
                               steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)  # every block of a predicted step is skipped, as per block
     assert not torch.equal(out, full) and psnr(out, full) > 25
-    with pytest.raises(pack.hyca_core.solver_map.MapError):
-        apply(flux, stack_map, schedule)  # a stack map does not fit block granularity
+    with pytest.raises(ValueError, match='calibrated with granularity "stack", but HyCa Apply is set to "block"'):
+        apply(flux, stack_map, schedule, granularity="block")  # a stack map does not fit per block

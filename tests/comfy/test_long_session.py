@@ -33,7 +33,7 @@ class Tracker:
     only, so that what it watches can be freed."""
 
     def __init__(self, pack, monkeypatch):
-        block_cache, apply_node = pack.nodes.block_cache, pack.nodes.apply_node
+        block_cache, apply_run = pack.nodes.block_cache, pack.nodes.apply_run
         self.histories = weakref.WeakSet()
         self.states = []  # weak references to the run states of the current run
         self.peak_run = 0  # the most residual-history bytes one run held
@@ -49,7 +49,7 @@ class Tracker:
                 super().push(residual)
                 tracker.peak_held = max(tracker.peak_held, sum(h.nbytes for h in tracker.histories))
 
-        finish = apply_node.ApplyRunState.finish
+        finish = apply_run.ApplyRunState.finish
 
         def finishing(state, completed):
             self.states.append(weakref.ref(state))
@@ -57,7 +57,7 @@ class Tracker:
             finish(state, completed)
 
         monkeypatch.setattr(block_cache, "ResidualHistory", History)
-        monkeypatch.setattr(apply_node.ApplyRunState, "finish", finishing)
+        monkeypatch.setattr(apply_run.ApplyRunState, "finish", finishing)
 
     def check_released(self, templates):
         """Every run state and residual history since the last check is freed; the templates hold no run data."""
@@ -101,7 +101,7 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
     (tmp_path / "hyca").mkdir()
     monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path / "hyca", map_store.SHIPPED])
     Schedule = pack.hyca_core.schedule.Schedule
-    apply_hyca = pack.nodes.apply_node.apply_hyca
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
 
     flux, wan = tiny_models.build(FLUX, seed=61), tiny_models.build(WAN, seed=62)
     models = {
@@ -161,11 +161,11 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
                 counts["calibrated"] += 1
                 assert interval == N and steps >= pack.hyca_core.solver_map.MIN_PROBE_STEPS, what
         tracker.check_released(templates)
-        assert all(len(s._compiled) <= pack.nodes.apply_node.COMPILED_KEPT for s in sources), what
+        assert all(len(s._compiled) <= pack.nodes.map_source.COMPILED_KEPT for s in sources), what
 
     assert counts["calibrated"] == 2  # the two Wan Applies at N=2, each from its own first run long enough
     assert counts["cancelled"] > 10 and counts["predicting"] > 50, counts
-    assert any(len(s._compiled) == pack.nodes.apply_node.COMPILED_KEPT for s in sources)  # the bound was reached
+    assert any(len(s._compiled) == pack.nodes.map_source.COMPILED_KEPT for s in sources)  # the bound was reached
     compiled = sum(t.nbytes for s in sources for c in s._compiled.values() for table in c.tables.values()
                    for t in table.values())
     logging.getLogger(__name__).warning(

@@ -126,8 +126,8 @@ def test_default_hyca_beats_fewer_steps_and_uniform_taylor(pack, model):
 
     full = output(model)
     (hyca,) = node.execute(model, **{**defaults, "interval": interval}).result
-    schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=defaults["warmup"])
-    taylor = pack.nodes.apply_node.apply_hyca(model, None, schedule, fitted=False, only=("taylor1", "step"))
+    schedule = pack.hyca_core.schedule.Schedule(interval=interval)  # the warm-up HyCa Apply runs (no map given)
+    taylor = pack.nodes.apply_hyca.apply_hyca(model, None, schedule, fitted=False, only=("taylor1", "step"))
     computed = int(schedule.mask(steps).sum())
     quality = {name: psnr(out, full) for name, out in
                (("hyca", output(hyca)), ("taylor", output(taylor)), ("fewer", output(model, "dpmpp_2m", computed)))}

@@ -50,7 +50,7 @@ def _sample(model, conditioning, steps=STEPS, sampler="euler"):
 
 def _apply(pack, model, solver_map, interval=N, **kwargs):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=WARMUP)
-    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+    return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
 def _summary(text):
@@ -136,9 +136,10 @@ def test_a_map_that_does_not_fit_passed_explicitly_stops_apply_with_the_reason(p
 
 def test_a_map_of_another_granularity_says_which(pack, flux, conditioning):
     stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
-    with pytest.raises(pack.hyca_core.solver_map.MapError, match="the map's granularity is 'stack'; use the same"):
-        _apply(pack, flux, stack_map)
-    assert _sample(_apply(pack, flux, stack_map, granularity="stack"), conditioning).isfinite().all()
+    with pytest.raises(ValueError, match='Set HyCa Apply\'s granularity to "auto" .* or to "stack"'):
+        _apply(pack, flux, stack_map, granularity="block")
+    for given in ("stack", None):  # None: the map's
+        assert _sample(_apply(pack, flux, stack_map, granularity=given), conditioning).isfinite().all()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_a_faulty_clone_leaves_its_siblings_and_the_model_untouched(pack, flux, 
 # 5. Maps calibrated at other step counts and samplers
 
 
-SHORT = "too short to calibrate from"
+SHORT = "not calibrating from this"
 
 
 def test_auto_mode_calibrates_from_the_first_run_long_enough(pack, store, conditioning, caplog):
@@ -297,7 +298,7 @@ def test_auto_mode_calibrates_from_the_first_run_long_enough(pack, store, condit
         with caplog.at_level(logging.INFO):
             out = _sample(patched, conditioning, steps=steps)
         assert torch.equal(out, _sample(model, conditioning, steps=steps))
-        assert caplog.text.count(SHORT) == 1 and f"a {steps}-step run is {SHORT}" in caplog.text
+        assert caplog.text.count(SHORT) == 1 and f"{SHORT} {steps}-step run (" in caplog.text
         assert store.find(model) is None
     _sample(patched, conditioning, steps=min_steps)
     assert len(store.load_for(model).probe_sigmas) == min_steps
@@ -311,7 +312,7 @@ def test_auto_mode_at_interval_1_never_calibrates(pack, store, conditioning, cap
         caplog.clear()
         with caplog.at_level(logging.INFO):
             assert torch.equal(_sample(patched, conditioning), _sample(model, conditioning))
-        assert f"a {STEPS}-step run is {SHORT} (at N=1 with a warm-up of {WARMUP} it predicts no step)" in caplog.text
+        assert f"{SHORT} {STEPS}-step run (at N=1 with a warm-up of {WARMUP} it predicts no step)" in caplog.text
         assert store.find(model) is None
 
 

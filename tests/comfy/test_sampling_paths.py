@@ -51,7 +51,7 @@ def _sample(model, positive, negative, latent, steps=STEPS, cfg=1.0, sampler="eu
 
 def _apply(pack, model, solver_map, interval=N, warmup=WARMUP, **kwargs):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=warmup)
-    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+    return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
 def _mask(pack, steps, interval=N, warmup=WARMUP):
@@ -198,7 +198,7 @@ def test_adaptive_mode_gives_every_call_at_one_sigma_the_same_decision(pack, flu
     schedule = pack.hyca_core.schedule.Schedule(interval=N, warmup=WARMUP)
     full = _sample(flux, *conditioning, torch.zeros(LATENT), sampler="heun")
     for tolerance in (0.5, 5.0):
-        patched = pack.nodes.apply_node.apply_hyca(flux, solver_map, schedule, adaptive_tolerance=tolerance)
+        patched = pack.nodes.apply_hyca.apply_hyca(flux, solver_map, schedule, adaptive_tolerance=tolerance)
         watch = Watch(pack, patched)
         out = _sample(patched, *conditioning, torch.zeros(LATENT), sampler="heun")
         decided = {}

@@ -1,0 +1,82 @@
+"""One sampling run of a HyCa-applied model: predicting with its map or recording to calibrate one."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..hyca_core.schedule import AdaptiveGate
+from ..hyca_core.trajectories import TrajectoryRecorder
+from . import ui_text
+from .block_cache import RunState
+from .history_memory import HistoryMemory, Placement, log_fallback, moved
+from .map_source import MapSource
+
+
+class ApplyRunState(RunState):
+    """A run of a HyCa-applied model: predicts with the source's map, or records to calibrate it; places
+    each residual history where it fits (`history_memory`) and reports the run's wall-clock time."""
+
+    def __init__(self, source: MapSource, spare_device: torch.device):
+        options = source.options
+        calibrated = source.solver_map is not None
+        recording = not calibrated and not source.calibration_failed
+        gate = None
+        if calibrated and options.adaptive:
+            gate = AdaptiveGate(options.adaptive_tolerance, max_skip=2 * options.schedule.interval - 1)
+        super().__init__(
+            make_plan=source.plan if calibrated else None,
+            recorder=TrajectoryRecorder() if recording else None,
+            history_dtype=options.history_dtype, offload_device=spare_device if options.offload else None,
+            gate=gate, fused=options.fused,
+        )
+        self.source = source
+        self.spare_device = torch.device(spare_device)  # the model's offload device: a history fallback
+        self.memory = HistoryMemory(None, self.spare_device, options.memory_budget)
+        self.run_sigmas = None  # the run's sigmas, the final one included: what a probe must cover
+        self.started = time.perf_counter()  # a run's state is cloned as the run starts
+
+    def clone(self) -> "ApplyRunState":
+        return ApplyRunState(self.source, self.spare_device)
+
+    def begin_call(self, x, transformer_options):
+        if self.run_sigmas is None:
+            self.run_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
+        return super().begin_call(x, transformer_options)
+
+    def store(self, call, key: str, residual: torch.Tensor) -> None:
+        if self.plan is not None and call.cache and key not in call.branch.histories:
+            self._place_history(key, residual)
+        super().store(call, key, residual)
+
+    def _place_history(self, key: str, residual: torch.Tensor) -> None:
+        """Before a new history is allocated: the run's placement if all fit there, else the least costly
+        fallback (the histories held so far move with it), else no more prediction in this run."""
+        asked = Placement(torch.device(self.offload_device or residual.device),
+                          self.history_dtype or residual.dtype)
+        current = self.memory.placement or asked
+        placement = self.memory.admit(self.plan.history(key), residual, asked)
+        if placement == current:
+            return
+        log_fallback(placement, self.spare_device)
+        self._coefficients.clear()  # weights are prepared for the histories' dtype
+        if placement is None:
+            self.plan = self.make_plan = None  # every later call computes; nothing more is cached
+            for branch in self.branches.values():
+                branch.histories.clear()
+            return
+        self.offload_device, self.history_dtype = placement.device, placement.dtype
+        for branch in self.branches.values():
+            branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
+
+    def finish(self, completed: bool) -> None:
+        if self.recorder is not None and completed and self.source.solver_map is None and len(self.recorder):
+            self.source.calibrate_from(self.recorder, self.run_sigmas)
+        if completed and self.predicted:
+            total = self.computed + self.predicted
+            text = (f"HyCa: {total / max(self.computed, 1):.2f}x fewer block computations; sampling took "
+                    f"{time.perf_counter() - self.started:.1f} s")
+            logging.info("%s (wall clock)", text)
+            ui_text.show(self.source.options.node_id, text)

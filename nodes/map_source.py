@@ -1,0 +1,143 @@
+"""The solver map a HyCa-applied model predicts with: given, or calibrated in auto mode; compiled per run."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+from ..hyca_core.schedule import RunSchedule, speedup
+from ..hyca_core.solver_map import MIN_PROBE_STEPS, CompiledMap, DynamicMap, MapError, SolverMap
+from ..hyca_core.trajectories import TrajectoryRecorder
+from . import map_store, ui_text
+from .apply_options import ApplyOptions
+from .patching import block_widths, model_architecture
+
+# Compiled schedules a MapSource keeps: enough for the few a session alternates between (step counts, a
+# hires pass), bounded so that a long session of ever-new schedules (img2img denoise values) holds no more.
+COMPILED_KEPT = 8
+# A probe covers the schedules a map serves when it starts at the model's largest sigma (flow samplers may
+# offset it by 1e-4) and ends at 0.
+COVER_RTOL = 1e-3
+
+
+class MapSource:
+    """The solver map a patched model predicts with, compiled once per sampling schedule.
+
+    With no map (auto mode) the model's first complete sampling run that denoises fully and predicts some
+    step is recorded at full compute, calibrated, and saved (beside ``options.checkpoint``, the model's file
+    if known, and in the hyca models folder) for later runs and sessions.
+    """
+
+    def __init__(self, model, solver_map: SolverMap | None, options: ApplyOptions, granularity: str):
+        self.options = options
+        self.architecture = model_architecture(model)
+        self.granularity = granularity
+        self.widths = block_widths(model, granularity)
+        self.fingerprint = map_store.fingerprint(model)
+        # Shared by every clone; during a run it holds the run's model_sampling (a ModelSampling node
+        # placed after Apply included), which turns the window's percents into sigmas.
+        self.base_model = model.model
+        self.solver_map = None
+        self.calibration_failed = False  # auto mode gave up: later runs compute fully, record nothing
+        self._compiled: dict[tuple, CompiledMap] = {}  # runs repeat their schedules; least recent first
+        if solver_map is not None:
+            self.use(solver_map)
+
+    def use(self, solver_map: SolverMap) -> None:
+        solver_map.check_fits(self.architecture, self.widths)
+        self.solver_map = solver_map
+        self._compiled.clear()
+
+    def plan(self, step_sigmas) -> CompiledMap | DynamicMap:
+        """What a run with these step sigmas predicts with."""
+        schedule = self.schedule_for(step_sigmas)
+        if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead
+            return DynamicMap(self.solver_map, schedule.widened(), len(step_sigmas))
+        return self.compile(tuple(float(s) for s in step_sigmas), schedule)
+
+    def schedule_for(self, step_sigmas) -> RunSchedule:
+        """The schedule of a run with these step sigmas: predicting only inside the window of the
+        denoising, with the interval of the target speed-up if one is set."""
+        sampling = self.base_model.model_sampling
+        start, end = (float(sampling.percent_to_sigma(percent)) for percent in self.options.window)
+        schedule = self.options.schedule.within(step_sigmas, start, end)
+        if self.options.target_speedup:
+            schedule = schedule.for_speedup(len(step_sigmas), self.options.target_speedup)
+        return schedule
+
+    def compile(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> CompiledMap:
+        """The map for one sampling schedule; compiling refits every block, so the COMPILED_KEPT most
+        recently used are kept."""
+        key = (step_sigmas, schedule)
+        compiled = self._compiled.pop(key, None)
+        if compiled is None:
+            # calibrated placement: as many full steps as the every-N pattern, where the probe errs most
+            calibrated = self.options.placement == "calibrated"
+            budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
+            compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.options.fitted,
+                                               only=self.options.only, budget=budget)
+            mask = compiled.mask
+            logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
+                         "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),
+                         (~mask).sum(), speedup(mask), schedule.interval, self.options.placement,
+                         schedule.widened().warmup, schedule.final)
+        self._compiled[key] = compiled  # now the most recent
+        while len(self._compiled) > COMPILED_KEPT:
+            del self._compiled[next(iter(self._compiled))]
+        return compiled
+
+    def covers(self, run_sigmas: np.ndarray) -> bool:
+        """Whether a run denoises fully (from the model's largest sigma to 0), as the runs a map serves do;
+        a partial run (an img2img at denoise < 1, an advanced sampler's first steps) is no probe for them."""
+        top = float(self.base_model.model_sampling.percent_to_sigma(0.0))
+        return (len(run_sigmas) > 1 and run_sigmas[-1] == 0
+                and math.isclose(run_sigmas[0], top, rel_tol=COVER_RTOL))
+
+    def calibrate_from(self, recorder: TrajectoryRecorder, run_sigmas: np.ndarray) -> None:
+        """Calibrate from a recorded full-compute run with these sigmas (the final 0 included), for the
+        schedule it would have predicted with. A run that does not denoise fully, is too short to choose
+        solvers on, or whose schedule predicts no step is passed over; the next run tries again. Never
+        raises: it runs in the sampler's ``finally``, where an error would lose the run's image."""
+        sigmas = recorder[next(iter(recorder))].sigmas
+        schedule = self.schedule_for(sigmas).widened()  # a plain Schedule with the run's mask
+        steps = len(sigmas)
+        span = f"sigma {run_sigmas[0]:.3g} to {run_sigmas[-1]:.3g}"
+        why = None
+        if not self.covers(run_sigmas):
+            why = f"it covers {span}, a map serves full denoising runs"
+        elif steps < MIN_PROBE_STEPS:
+            why = f"calibration takes {MIN_PROBE_STEPS} steps or more"
+        elif schedule.mask(steps).all():
+            why = f"at N={schedule.interval} with a warm-up of {schedule.warmup} it predicts no step"
+        if why is not None:
+            logging.info("HyCa: not calibrating from this %d-step run (%s); the next full run calibrates",
+                         steps, why)
+            ui_text.show(self.options.node_id, f"HyCa: this run was not used to calibrate ({why}). The next "
+                                               "full run computes every step and calibrates.")
+            return
+        logging.info("HyCa: calibrating from this %d-step run (%s)", steps, span)
+        from ..hyca_core.calibration import calibrate  # scikit-learn: imported when first needed
+
+        try:
+            info = {"auto": True, "granularity": self.granularity, "steps": steps}
+            solver_map = calibrate(recorder, schedule, architecture=self.architecture,
+                                   fingerprint=self.fingerprint, info=info)
+        except ValueError as error:  # e.g. non-finite statistics: the image is kept, no retry on every run
+            self.calibration_failed = True
+            logging.warning("HyCa: calibrating from this run failed (%s); this HyCa Apply stops calibrating "
+                            "and computes every step. Connect a map from HyCa Calibrate instead.", error)
+            ui_text.show(self.options.node_id, "HyCa: calibration failed on this model; runs compute every "
+                                               "step. Use HyCa Calibrate to make a map.")
+            return
+        self.use(solver_map)
+        try:
+            saved = map_store.save_for(solver_map, self.options.checkpoint)
+            where = "saved to " + " and ".join(map(str, saved))
+        except MapError as error:
+            where = "kept in memory only"
+            logging.warning("HyCa: calibrated map kept in memory only: %s", error)
+        logging.info("HyCa: calibrated from this run; map %s", where)
+        ui_text.show(self.options.node_id, f"HyCa: calibrated a solver map from this run ({where}). The next "
+                                           "runs compute only some steps and predict the rest.")
