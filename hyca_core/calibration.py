@@ -18,9 +18,13 @@ from .indicators import descriptor_matrix
 from .schedule import Schedule
 from .selection import compact_sample, plan_schedule, select, solver_errors
 from .solver_map import BlockMap, SolverMap
-from .solvers import POOL, TIME_VARIABLES
+from .solvers import POOL, TIME_VARIABLES, warmup_pool
 from .threads import single_threaded
 from .trajectories import Trajectory
+
+
+class ProbeNotFinite(ValueError):
+    """The probe's residuals hold NaN or inf: nothing can be calibrated from that run."""
 
 
 def calibrate(
@@ -37,12 +41,12 @@ def calibrate(
 
     ``trajectories``: any mapping, e.g. a TrajectoryRecorder, which converts a block only when
     it is looked up, so that at most one block per CPU core is held in float32 at a time.
+    Raises ProbeNotFinite if a block's recorded residuals are not all finite.
     """
     if not len(trajectories):
         raise ValueError("no trajectories were recorded: did the probe run any patched block?")
     sigmas = trajectories[next(iter(trajectories))].sigmas
-    warmup = max(schedule.warmup, 1)
-    pool = tuple(s for s in POOL if s.history <= warmup)
+    pool = warmup_pool(schedule.warmup)
     mask = schedule.mask(len(sigmas))
     if mask.all():
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
@@ -52,6 +56,11 @@ def calibrate(
         trajectory = trajectories[key]  # looked up in the worker: converted only when its turn comes
         if not np.array_equal(trajectory.sigmas, sigmas):
             raise ValueError(f"block {key} was recorded on other steps than the rest")
+        if not np.isfinite(trajectory.values).all():
+            steps = np.flatnonzero(~np.isfinite(trajectory.values).reshape(len(sigmas), -1).all(axis=1))
+            raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma "
+                                 f"{', '.join(f'{s:.4g}' for s in sigmas[steps[:3]])}: the model's activations "
+                                 "were not finite on this run, so no map can be calibrated from it")
         return _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
 
     keys = list(trajectories)
