@@ -58,9 +58,10 @@ def calibrate(
             raise ValueError(f"block {key} was recorded on other steps than the rest")
         if not np.isfinite(trajectory.values).all():
             steps = np.flatnonzero(~np.isfinite(trajectory.values).reshape(len(sigmas), -1).all(axis=1))
-            raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma "
-                                 f"{', '.join(f'{s:.4g}' for s in sigmas[steps[:3]])}: the model's activations "
-                                 "were not finite on this run, so no map can be calibrated from it")
+            where = ", ".join(f"{s:.4g}" for s in sigmas[steps[:3]])
+            raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma {where}: the "
+                                 "model's activations were not finite on this run, so no map can be "
+                                 "calibrated from it")
         return _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
 
     keys = list(trajectories)

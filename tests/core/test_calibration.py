@@ -61,11 +61,13 @@ def test_residuals_past_the_float16_range_calibrate_like_small_ones():
     schedule = Schedule(interval=3, warmup=3)
     small, large = calibrate(_recorded(1.0), schedule), calibrate(_recorded(2.0**20), schedule)
     for name in ("labels", "solver", "variable"):
-        np.testing.assert_array_equal(getattr(large.blocks["block.0"], name), getattr(small.blocks["block.0"], name))
+        np.testing.assert_array_equal(getattr(large.blocks["block.0"], name),
+                                      getattr(small.blocks["block.0"], name))
 
 
 def test_a_probe_with_non_finite_residuals_raises_its_own_error():
     recorder = _recorded(1.0)
     recorder.record("block.0", 0.001, torch.full((4, 32), float("inf")))
-    with pytest.raises(calibration.ProbeNotFinite, match="block.0 recorded NaN or inf residuals at sigma 0.001"):
+    reason = "block.0 recorded NaN or inf residuals at sigma 0.001"
+    with pytest.raises(calibration.ProbeNotFinite, match=reason):
         calibrate(recorder, Schedule(interval=3, warmup=3))

@@ -112,7 +112,8 @@ def test_residual_without_token_axis_is_rejected():
 def test_residuals_beyond_the_float16_range_are_recorded_finite_at_float16_precision():
     """FLUX activations pass float16's 65504: a step is kept divided by a power of two, not as inf."""
     rec = TrajectoryRecorder(tokens=4)
-    magnitudes = (torch.rand(1, 10, 3, generator=torch.Generator().manual_seed(0)) + 0.5) * torch.tensor([1, 1e3, 1e6])
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = (torch.rand(1, 10, 3, generator=generator) + 0.5) * torch.tensor([1, 1e3, 1e6])
     residual = magnitudes * torch.tensor([1.0, -1.0, 1.0])  # one channel far past 65504
     rec.record("b", 0.5, residual)
     rec.record("b", 0.4, residual * 1e-6)  # a step within range is plain float16
