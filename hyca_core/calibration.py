@@ -56,9 +56,9 @@ def calibrate(
         trajectory = trajectories[key]  # looked up in the worker: converted only when its turn comes
         if not np.array_equal(trajectory.sigmas, sigmas):
             raise ValueError(f"block {key} was recorded on other steps than the rest")
-        if not np.isfinite(trajectory.values).all():
-            steps = np.flatnonzero(~np.isfinite(trajectory.values).reshape(len(sigmas), -1).all(axis=1))
-            where = ", ".join(f"{s:.4g}" for s in sigmas[steps[:3]])
+        finite = np.isfinite(trajectory.values).reshape(len(sigmas), -1).all(axis=1)
+        if not finite.all():
+            where = ", ".join(f"{s:.4g}" for s in sigmas[~finite][:3])
             raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma {where}: the "
                                  "model's activations were not finite on this run, so no map can be "
                                  "calibrated from it")

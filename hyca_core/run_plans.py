@@ -28,8 +28,8 @@ if TYPE_CHECKING:
 # the weights assume (their rounding, the trajectory's roughness) reaches it multiplied by up to
 # ||w||_1. At 2^11 the rounding of an fp16 history alone (2^-11 relative) can be as large as the
 # residual: computing the step costs less than such a guess. The pool's choices on the grids of the
-# schedules HyCa serves (warm-up up to 4, N up to 20) stay well below, while
-# near-repeated times grow slope-based members' weights like 1/d^2 (1e8 at d = 1e-4).
+# schedules HyCa serves (warm-up up to 4, N up to 20) stay well below, while near-repeated times grow
+# slope-based members' weights like 1/d^2 (1e8 at d = 1e-4).
 MAX_WEIGHT_NORM = 2.0**11
 
 
