@@ -7,6 +7,7 @@ and a compact sample of the probe so that later runs can re-select and fit for t
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
@@ -21,6 +22,10 @@ from .solver_map import BlockMap, SolverMap
 from .solvers import POOL, TIME_VARIABLES, warmup_pool
 from .threads import single_threaded
 from .trajectories import Trajectory
+
+
+# Squares up to 2^64 summed over a probe's steps and rows stay far inside float32 (2^128).
+_LARGEST_FOR_STATISTICS = 2.0**32
 
 
 class ProbeNotFinite(ValueError):
@@ -62,7 +67,7 @@ def calibrate(
             raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma {where}: the "
                                  "model's activations were not finite on this run, so no map can be "
                                  "calibrated from it")
-        return _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
+        return _block_map(_within_statistics_range(trajectory.values), sigmas, plan, pool, clusters, seed)
 
     keys = list(trajectories)
     blocks = {}
@@ -79,6 +84,16 @@ def calibrate(
         finally:  # after an error, or a cancellation raised by `progress`, start no further block
             executor.shutdown(cancel_futures=True)
     return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
+
+
+def _within_statistics_range(values: np.ndarray) -> np.ndarray:
+    """`values` divided by a power of two if their squares, summed in float32 by the indicators, could
+    overflow. Every statistic a map keeps is relative (errors, standardized indicators; the compact sample
+    only ever serves relative errors), so the scale changes no choice; a power of two loses no precision."""
+    largest = float(np.abs(values).max())
+    if largest <= _LARGEST_FOR_STATISTICS:
+        return values
+    return values * np.float32(2.0 ** -math.ceil(math.log2(largest / _LARGEST_FOR_STATISTICS)))
 
 
 def _block_map(values, sigmas, plan, pool, clusters, seed) -> BlockMap:

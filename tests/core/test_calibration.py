@@ -55,11 +55,12 @@ def _recorded(scale: float) -> TrajectoryRecorder:
     return recorder
 
 
-def test_residuals_past_the_float16_range_calibrate_like_small_ones():
-    """Residuals above 65504 (real FLUX activations reach them) calibrate; a power of two scale changes no
-    choice."""
+@pytest.mark.parametrize("scale", [2.0**20, 2.0**80])
+def test_residuals_past_the_float16_range_calibrate_like_small_ones(scale):
+    """Residuals above 65504 (real FLUX activations reach them) calibrate, and so do residuals whose squares
+    float32 cannot hold; a power of two scale changes no choice."""
     schedule = Schedule(interval=3, warmup=3)
-    small, large = calibrate(_recorded(1.0), schedule), calibrate(_recorded(2.0**20), schedule)
+    small, large = calibrate(_recorded(1.0), schedule), calibrate(_recorded(scale), schedule)
     for name in ("labels", "solver", "variable"):
         np.testing.assert_array_equal(getattr(large.blocks["block.0"], name),
                                       getattr(small.blocks["block.0"], name))
