@@ -7,6 +7,7 @@ and a compact sample of the probe so that later runs can re-select and fit for t
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
@@ -18,9 +19,17 @@ from .indicators import descriptor_matrix
 from .schedule import Schedule
 from .selection import compact_sample, plan_schedule, select, solver_errors
 from .solver_map import BlockMap, SolverMap
-from .solvers import POOL, TIME_VARIABLES
+from .solvers import POOL, TIME_VARIABLES, warmup_pool
 from .threads import single_threaded
 from .trajectories import Trajectory
+
+
+# Squares up to 2^64 summed over a probe's steps and rows stay far inside float32 (2^128).
+_LARGEST_FOR_STATISTICS = 2.0**32
+
+
+class ProbeNotFinite(ValueError):
+    """The probe's residuals hold NaN or inf: nothing can be calibrated from that run."""
 
 
 def calibrate(
@@ -37,12 +46,12 @@ def calibrate(
 
     ``trajectories``: any mapping, e.g. a TrajectoryRecorder, which converts a block only when
     it is looked up, so that at most one block per CPU core is held in float32 at a time.
+    Raises ProbeNotFinite if a block's recorded residuals are not all finite.
     """
     if not len(trajectories):
         raise ValueError("no trajectories were recorded: did the probe run any patched block?")
     sigmas = trajectories[next(iter(trajectories))].sigmas
-    warmup = max(schedule.warmup, 1)
-    pool = tuple(s for s in POOL if s.history <= warmup)
+    pool = warmup_pool(schedule.warmup)
     mask = schedule.mask(len(sigmas))
     if mask.all():
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
@@ -52,7 +61,13 @@ def calibrate(
         trajectory = trajectories[key]  # looked up in the worker: converted only when its turn comes
         if not np.array_equal(trajectory.sigmas, sigmas):
             raise ValueError(f"block {key} was recorded on other steps than the rest")
-        return _block_map(trajectory.values, sigmas, plan, pool, clusters, seed)
+        finite = np.isfinite(trajectory.values).reshape(len(sigmas), -1).all(axis=1)
+        if not finite.all():
+            where = ", ".join(f"{s:.4g}" for s in sigmas[~finite][:3])
+            raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma {where}: the "
+                                 "model's activations were not finite on this run, so no map can be "
+                                 "calibrated from it")
+        return _block_map(_within_statistics_range(trajectory.values), sigmas, plan, pool, clusters, seed)
 
     keys = list(trajectories)
     blocks = {}
@@ -69,6 +84,16 @@ def calibrate(
         finally:  # after an error, or a cancellation raised by `progress`, start no further block
             executor.shutdown(cancel_futures=True)
     return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
+
+
+def _within_statistics_range(values: np.ndarray) -> np.ndarray:
+    """`values` divided by a power of two if their squares, summed in float32 by the indicators, could
+    overflow. Every statistic a map keeps is relative (errors, standardized indicators; the compact sample
+    only ever serves relative errors), so the scale changes no choice; a power of two loses no precision."""
+    largest = float(np.abs(values).max())
+    if largest <= _LARGEST_FOR_STATISTICS:
+        return values
+    return values * np.float32(2.0 ** -math.ceil(math.log2(largest / _LARGEST_FOR_STATISTICS)))
 
 
 def _block_map(values, sigmas, plan, pool, clusters, seed) -> BlockMap:

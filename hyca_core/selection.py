@@ -27,6 +27,8 @@ from .solvers import MAX_HISTORY, POOL, TIME_VARIABLES, Solver, solver, time_axi
 # Ridge strength of `fit`, relative to the mean eigenvalue of the normal matrix. Chosen on held-out
 # synthetic trajectories (another seed): see tests/core/test_selection.py.
 FIT_LAMBDA = 1e-2
+# Principal series a map keeps per cluster (`compact_sample`), and so the most a map may hold.
+SERIES_PER_CLUSTER = 24
 
 
 class Position(NamedTuple):
@@ -376,7 +378,8 @@ class CompactSample:
     series: np.ndarray  # (C, n, S) float32
 
 
-def compact_sample(gram: np.ndarray, sigmas: np.ndarray, per_cluster: int = 24) -> CompactSample:
+def compact_sample(gram: np.ndarray, sigmas: np.ndarray,
+                   per_cluster: int = SERIES_PER_CLUSTER) -> CompactSample:
     """Keep `per_cluster` principal series per cluster of a probe's `cluster_gram` (C, S, S).
 
     24 series of a 50-step probe, 8 clusters, 57 blocks: 2.2 MB of float32."""

@@ -226,6 +226,12 @@ _BY_NAME = {s.name: s for s in POOL}
 _BY_ID = {s.id: s for s in POOL}
 
 
+def warmup_pool(warmup: int) -> tuple[Solver, ...]:
+    """The pool members a schedule with this warm-up can use: those whose history it holds (step 0
+    computes whatever the warm-up, so at least reuse)."""
+    return tuple(s for s in POOL if s.history <= max(warmup, 1))
+
+
 def solver(name_or_id) -> Solver:
     """Look a pool member up by its stable name or id."""
     found = (_BY_NAME.get(name_or_id) if isinstance(name_or_id, str)

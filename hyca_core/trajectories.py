@@ -5,10 +5,15 @@ shape ``(batch, tokens, D)``) once per sampler step. Keeping all of it would cos
 gigabytes for a FLUX-size model, so the recorder keeps only a fixed, stratified sample of
 tokens per block, moved to CPU in half precision as soon as it is seen.
 
+Half precision keeps float16's 11-bit precision without its range (65504; real FLUX activations
+exceed it): a step whose values would not fit is stored divided by a power of two, kept with the step.
+Dividing by a power of two only changes the exponent, so values within 2^29 of the step's largest keep
+all their precision (smaller ones fall to float16's subnormals, as they would unscaled).
+
 Memory budget (see :meth:`TrajectoryRecorder.estimate_nbytes`): FLUX-size probing is
 57 blocks x 50 steps x 3072 channels x 32 rows (default ``tokens=32``, batch 1) in float16:
-57*50*3072*32*2 bytes of values + 57*50*8 bytes of times = 560,355,600 bytes (about 0.56 GB).
-A batched cond/uncond pass (batch 2) doubles the rows and stays at about 1.12 GB, still
+57*50*3072*32*2 bytes of values + 57*50*16 bytes of times and scales = 560,378,400 bytes (about
+0.56 GB). A batched cond/uncond pass (batch 2) doubles the rows and stays at about 1.12 GB, still
 under the 2 GB budget.
 """
 
@@ -23,8 +28,8 @@ import torch
 
 DEFAULT_TOKENS = 32
 
-# Each recorded step also keeps its float64 ODE time.
-_SIGMA_NBYTES = 8
+# Each recorded step also keeps its float64 ODE time and float64 scale.
+_STEP_NBYTES = 16
 
 
 def sample_token_indices(num_tokens: int, count: int, seed: int) -> torch.Tensor:
@@ -69,6 +74,7 @@ class _Track:
         self.indices = indices
         self.sigmas: list[float] = []
         self.steps: list[torch.Tensor] = []
+        self.scales: list[float] = []  # a power of two per step: its values are steps[i] * scales[i]
 
 
 class TrajectoryRecorder(Mapping):
@@ -115,8 +121,11 @@ class TrajectoryRecorder(Mapping):
             raise ValueError(f"{key}: sigma {sigma!r} was already recorded; the caller must "
                              "record each step once")
         # index_select copies, so the kept rows never alias the caller's tensor.
-        sampled = residual.detach().index_select(-2, track.indices.to(residual.device))
-        track.steps.append(sampled.reshape(rows, width).to(self.dtype).to("cpu"))
+        sampled = residual.detach().index_select(-2, track.indices.to(residual.device)).reshape(rows, width)
+        sampled = sampled.to("cpu", torch.float32)  # a few KB: scaled and rounded on the CPU
+        scale = _scale(float(sampled.abs().max()), self.dtype)
+        track.steps.append((sampled / scale).to(self.dtype))
+        track.scales.append(scale)
         track.sigmas.append(sigma)
 
     def __iter__(self):
@@ -132,8 +141,9 @@ class TrajectoryRecorder(Mapping):
     def trajectory(self, key: str) -> Trajectory:
         """One key's recording as float arrays (a float32 copy: twice ``dtype=float16`` size)."""
         track = self._tracks[key]
-        return Trajectory(sigmas=np.asarray(track.sigmas, dtype=np.float64),
-                          values=torch.stack(track.steps).float().numpy())
+        values = torch.stack(track.steps).float()
+        values *= torch.tensor(track.scales, dtype=torch.float32)[:, None, None]
+        return Trajectory(sigmas=np.asarray(track.sigmas, dtype=np.float64), values=values.numpy())
 
     def trajectories(self) -> dict[str, Trajectory]:
         """All recordings; use :meth:`trajectory` per key to keep peak memory low."""
@@ -141,8 +151,8 @@ class TrajectoryRecorder(Mapping):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: recorded values plus one float64 time per recorded step."""
-        return sum(step.numel() * step.element_size() + _SIGMA_NBYTES
+        """Bytes held: recorded values plus a float64 time and scale per recorded step."""
+        return sum(step.numel() * step.element_size() + _STEP_NBYTES
                    for track in self._tracks.values() for step in track.steps)
 
     @staticmethod
@@ -151,7 +161,16 @@ class TrajectoryRecorder(Mapping):
         """Bytes :attr:`nbytes` will report after recording ``blocks`` keys for ``steps`` steps.
 
         ``rows`` is batch x sampled tokens. For FLUX (57 blocks, 50 steps, 3072 channels,
-        batch 1, default 32 tokens, float16) this is 560,355,600 bytes, about 0.56 GB.
+        batch 1, default 32 tokens, float16) this is 560,378,400 bytes, about 0.56 GB.
         """
         item = torch.empty((), dtype=dtype).element_size()
-        return blocks * steps * (channels * rows * item + _SIGMA_NBYTES)
+        return blocks * steps * (channels * rows * item + _STEP_NBYTES)
+
+
+def _scale(largest: float, dtype: torch.dtype) -> float:
+    """The power of two that brings ``largest`` within half of ``dtype``'s range (1.0 if it is there or
+    is not finite: NaN and inf are kept, for calibration to refuse)."""
+    limit = torch.finfo(dtype).max / 2
+    if not math.isfinite(largest) or largest <= limit:
+        return 1.0
+    return 2.0 ** math.ceil(math.log2(largest / limit))

@@ -54,7 +54,7 @@ class MapSource:
         """What a run with these step sigmas predicts with."""
         schedule = self.schedule_for(step_sigmas)
         if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead
-            return DynamicMap(self.solver_map, schedule.widened(), len(step_sigmas))
+            return DynamicMap(self.solver_map, schedule.widened(), step_sigmas)
         return self.compile(tuple(float(s) for s in step_sigmas), schedule)
 
     def schedule_for(self, step_sigmas) -> RunSchedule:

@@ -11,7 +11,6 @@ in the hyca folders and in this package's ``calibrations/``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -22,7 +21,8 @@ import folder_paths
 import numpy as np
 import torch
 
-from ..hyca_core.solver_map import MapError, SolverMap, read_metadata
+from ..hyca_core.map_file import read_metadata
+from ..hyca_core.solver_map import MapError, SolverMap
 from .patching import block_widths, model_architecture
 
 FOLDER = "hyca"
@@ -93,7 +93,7 @@ def _name_part(text: str, fallback: str) -> str:
 
 
 def _granularity(info: dict) -> str:
-    return info.get("granularity", "block") if isinstance(info, dict) else "block"
+    return info.get("granularity", "block")
 
 
 def side_file(checkpoint: Path, granularity: str = "block") -> Path:
@@ -110,12 +110,13 @@ def search_folders() -> list[Path]:
 
 
 def _stored(granularity: str, checkpoint: Path | None) -> Iterator[Path]:
-    """Files that may hold this model's map, in search order: beside its checkpoint, then the folders'."""
-    side = side_file(checkpoint, granularity) if checkpoint is not None else None
-    if side is not None and side.is_file():
+    """Files that may hold this model's map, in search order: beside its checkpoint, then the folders'.
+    Tested with os.path, which answers False where Path raises (a side name over 255 bytes: no file can
+    have it); what is not a regular file is refused when opened (`map_file.opened`)."""
+    if checkpoint is not None and os.path.isfile(side := side_file(checkpoint, granularity)):
         yield side
     for folder in search_folders():
-        if folder.is_dir():
+        if os.path.isdir(folder):
             yield from sorted(folder.glob(f"*{SUFFIX}"))
 
 
@@ -125,17 +126,13 @@ def _candidates(model, granularity: str, checkpoint: Path | None = None) -> Iter
     architecture, wanted = model_architecture(model), fingerprint(model)
     for path in _stored(granularity, checkpoint):
         try:
-            meta = read_metadata(path)
+            meta, info = read_metadata(path)
         except MapError as error:  # a broken file must not hide the others
             logging.warning("HyCa: skipping %s", error)
             continue
-        if meta.get("architecture") == architecture and meta.get("fingerprint") == wanted:
-            try:
-                info = json.loads(meta.get("info", "{}"))
-            except (ValueError, RecursionError):
-                info = {}
-            if _granularity(info) == granularity:
-                yield path
+        found = meta.get("architecture"), meta.get("fingerprint"), _granularity(info)
+        if found == (architecture, wanted, granularity):
+            yield path
 
 
 def find(model, granularity: str = "block", checkpoint: Path | None = None) -> Path | None:

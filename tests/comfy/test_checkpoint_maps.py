@@ -9,6 +9,7 @@ built by execution.get_input_data from a hand-written API-format prompt.
 import logging
 import os
 import re
+import threading
 
 import pytest
 import torch
@@ -211,3 +212,45 @@ def test_a_read_only_model_folder_keeps_the_map_in_the_hyca_folder(pack, folders
                      caplog.text)
     assert f"map saved to {in_folder}" in caplog.text
     assert pack.nodes.map_store.find(shifted, checkpoint=model_file) == in_folder
+
+
+def test_a_model_file_whose_side_name_is_too_long_keeps_its_map_in_the_hyca_folder(pack, folders, model_file,
+                                                                                   caplog):
+    """A 252-byte file name is valid; its 257-byte side name is not (ENAMETOOLONG): looked for and saved in
+    the hyca folder only, with a log line."""
+    long_name = "w" * 240 + ".safetensors"
+    os.link(model_file, folders["diffusion_models"] / long_name)
+    settings = dict(SETTINGS)
+    prompt = _prompt("HyCaApply", **settings)
+    prompt["1"]["inputs"]["unet_name"] = long_name
+    _, loaded = _models()
+    with caplog.at_level(logging.INFO):
+        _sample(_execute(prompt, "5", model=loaded, **settings))  # auto mode: calibrates, saves
+    (in_folder,) = folders["hyca"].iterdir()
+    assert re.search(rf"cannot write {long_name}\.hyca beside the checkpoint \(.*File name too long",
+                     caplog.text)
+    assert f"map saved to {in_folder}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _sample(_execute(prompt, "5", model=loaded, **settings))
+    assert f"using solver map {in_folder}" in caplog.text and _predicted(caplog.text) > 0
+
+
+def test_a_fifo_named_like_a_map_never_blocks_apply(pack, folders, model_file, caplog):
+    """Reading a FIFO waits for a writer forever: it is skipped as not a regular file, like any broken map."""
+    fifo = folders["hyca"] / "a.hyca.safetensors"
+    os.mkfifo(fifo)
+    os.mkfifo(model_file.with_name(MODEL_NAME + ".hyca"))  # beside the checkpoint too
+    _, loaded = _models()
+    applied = []
+    with caplog.at_level(logging.INFO):
+        thread = threading.Thread(target=lambda: applied.append(
+            _execute(_prompt("HyCaApply", **SETTINGS), "5", model=loaded, **SETTINGS)), daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+        if thread.is_alive():  # a writer releases the blocked reader before the test fails
+            with open(fifo, "wb"):
+                pass
+            pytest.fail("HyCa Apply blocked on a FIFO")
+    assert f"skipping {fifo}: not a regular file" in caplog.text
+    assert "no solver map for this model yet" in caplog.text

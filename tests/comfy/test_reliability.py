@@ -53,6 +53,17 @@ def _apply(pack, model, solver_map, interval=N, **kwargs):
     return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
+def _rewrite(path, edit):
+    """Change a saved map's tensors in place with ``edit(tensors)``, past the checks of `SolverMap.save`."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    with safe_open(path, framework="numpy") as f:
+        tensors, metadata = {key: f.get_tensor(key) for key in f.keys()}, f.metadata()
+    edit(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
 def _summary(text):
     """(computed, predicted, fallbacks) from the run summaries HyCa logged, the last one."""
     found = re.findall(r"(\d+) block calls computed, (\d+) predicted.*?(?:; (\d+) computed as their|$)", text,
@@ -79,8 +90,8 @@ def test_a_bad_saved_map_warns_and_calibrates_a_new_one(pack, store, conditionin
             saved.write_bytes(saved.read_bytes()[:-100])
             reason = "not a readable safetensors file"
         else:  # a cluster id far out of range
-            solver_map.blocks["double_block.0.img"].labels[0] = 1000
             (saved,) = store.save_for(solver_map)
+            _rewrite(saved, lambda tensors: tensors["double_block.0.img/labels"].__setitem__(0, 1000))
             reason = "cluster ids out of range"
     with caplog.at_level(logging.INFO):
         patched = _apply(pack, model, None)
@@ -104,12 +115,9 @@ def test_broken_files_never_hide_a_good_map(pack, store, solver_map, flux, caplo
     # found before it: not a safetensors file, too large, a map for this model with a NaN in it
     (folder / "0-garbage.hyca.safetensors").write_bytes(b"\x00" * 64)
     with (folder / "1-huge.hyca.safetensors").open("wb") as f:
-        f.truncate(pack.hyca_core.solver_map.MAX_FILE_BYTES + 1)
-    tampered = dataclasses.replace(solver_map, blocks=dict(solver_map.blocks))
-    tampered.blocks["single_block.0.img"] = dataclasses.replace(
-        solver_map.blocks["single_block.0.img"], series=np.full_like(solver_map.blocks["single_block.0.img"].series,
-                                                                     np.nan))
-    tampered.save(folder / "2-tampered.hyca.safetensors")
+        f.truncate(pack.hyca_core.map_file.MAX_FILE_BYTES + 1)
+    tampered = solver_map.save(folder / "2-tampered.hyca.safetensors")
+    _rewrite(tampered, lambda tensors: tensors["single_block.0.img/series"].fill(np.nan))
     with caplog.at_level(logging.WARNING):
         assert store.load_for(flux).blocks.keys() == solver_map.blocks.keys()
     assert re.search(r"skipping .*0-garbage.*: not a readable safetensors file", caplog.text)
@@ -159,7 +167,11 @@ def test_file_names_from_map_data_stay_in_the_folder(store, solver_map, tmp_path
         name = store.file_name(hostile)
         assert re.fullmatch(r"[A-Za-z0-9_]+-[A-Za-z0-9_]+(-[A-Za-z0-9_]+)?\.hyca\.safetensors", name), name
         assert len(name.encode()) <= 255
-        (path,) = store.save_for(hostile)
+        try:
+            (path,) = store.save_for(hostile)
+        except store.MapError:  # save refuses what load would: no model has that architecture or fingerprint
+            assert field != "granularity"
+            continue
         assert path.parent == folder and path.name == name
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and p.parent != folder]
     assert outside == []

@@ -2,11 +2,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 import hyca_core.calibration as calibration
 from hyca_core.calibration import calibrate
 from hyca_core.schedule import Schedule
-from hyca_core.trajectories import Trajectory
+from hyca_core.trajectories import Trajectory, TrajectoryRecorder
 from harness.synthetic import mixture
 
 
@@ -43,3 +44,31 @@ def test_a_cancelled_calibration_starts_no_further_block(monkeypatch):
     with pytest.raises(InterruptedError):
         calibrate(trajectories, Schedule(interval=3, warmup=3), progress=cancel)
     assert len(started) <= 2  # the first block, and the one the worker had already begun
+
+
+def _recorded(scale: float) -> TrajectoryRecorder:
+    """A recorder fed a synthetic probe multiplied by `scale`, as the sampler feeds it."""
+    sigmas, values, _ = mixture(steps=12, rows=4, channels_per_group=8, seed=0)
+    recorder = TrajectoryRecorder(tokens=4)
+    for sigma, step in zip(sigmas, values):
+        recorder.record("block.0", sigma, torch.from_numpy(step * np.float32(scale)))
+    return recorder
+
+
+@pytest.mark.parametrize("scale", [2.0**20, 2.0**80])
+def test_residuals_past_the_float16_range_calibrate_like_small_ones(scale):
+    """Residuals above 65504 (real FLUX activations reach them) calibrate, and so do residuals whose squares
+    float32 cannot hold; a power of two scale changes no choice."""
+    schedule = Schedule(interval=3, warmup=3)
+    small, large = calibrate(_recorded(1.0), schedule), calibrate(_recorded(scale), schedule)
+    for name in ("labels", "solver", "variable"):
+        np.testing.assert_array_equal(getattr(large.blocks["block.0"], name),
+                                      getattr(small.blocks["block.0"], name))
+
+
+def test_a_probe_with_non_finite_residuals_raises_its_own_error():
+    recorder = _recorded(1.0)
+    recorder.record("block.0", 0.001, torch.full((4, 32), float("inf")))
+    reason = "block.0 recorded NaN or inf residuals at sigma 0.001"
+    with pytest.raises(calibration.ProbeNotFinite, match=reason):
+        calibrate(recorder, Schedule(interval=3, warmup=3))

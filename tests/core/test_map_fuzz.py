@@ -1,17 +1,24 @@
 """Solver map files are data, never code: whatever bytes a file holds, loading it gives a sound map
 (one that compiles for a run) or a MapError naming the file, never another exception.
 
-Property-based: hypothesis mutates a valid saved map three ways, 1,100 files in all: raw bytes
+Property-based: hypothesis mutates a valid saved map four ways, 1,300 files in all: raw bytes
 (truncation, byte flips, insertions, deletions, a lying header length, random bytes); the JSON
-header regardless of the data (dtypes, huge shapes, offsets, entries swapped or dropped); and the
+header regardless of the data (dtypes, huge shapes, offsets, entries swapped or dropped); the
 content of well-formed safetensors files (metadata values, missing and extra tensors, other
-dtypes and shapes, NaN, inf and out-of-range ids), which all reach HyCa's own checks.
+dtypes and shapes, NaN, inf and out-of-range ids), which all reach HyCa's own checks; and blocks
+consistent in themselves but past a bound of the model they claim to fit (wider compact samples,
+more clusters than channels, other probe steps, solvers needing more history than the probe's
+warm-up), which must all be refused. Paths that are not regular files (a FIFO, a device, a folder,
+links) are refused without blocking.
 """
 
 import functools
 import json
 import struct
+import os
+import re
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +30,7 @@ from hypothesis import strategies as st
 from hyca_core import solver_map as sm
 from hyca_core.calibration import calibrate
 from hyca_core.schedule import Schedule
+from hyca_core.solvers import POOL, TIME_VARIABLES
 from hyca_core.trajectories import Trajectory
 from harness.synthetic import flow_sigmas, mixture
 
@@ -152,6 +160,37 @@ def content_edits(draw) -> bytes:
     return safetensors.numpy.save(tensors, metadata=meta)
 
 
+@st.composite
+def bound_edits(draw) -> bytes:
+    """One block made consistent in itself but past a bound of the map's model: the valid map has blocks of
+    16 channels, an 8-step probe (so at most 8 series per cluster) and a warm-up of 2 (solvers of 2
+    residuals)."""
+    tensors, meta = valid_content()
+    tensors = {k: v.copy() for k, v in tensors.items()}
+    key = draw(st.sampled_from(json.loads(meta["blocks"])))
+    block = {name: tensors[f"{key}/{name}"] for name in sm.FIELDS}
+    clusters, width, steps = block["series"].shape
+    kind = draw(st.sampled_from(["width", "clusters", "steps", "history"]))
+    if kind == "width":
+        width = draw(st.integers(steps + 1, 64))
+    elif kind == "clusters":  # more clusters than channels, each table sized to match
+        clusters = draw(st.integers(len(block["labels"]) + 1, 80))
+        block["solver"] = np.zeros(clusters, np.int32)
+        block["variable"] = np.zeros(clusters, np.int32)
+        block["errors"] = np.zeros((len(POOL), len(TIME_VARIABLES), clusters), np.float32)
+        block["indicators"] = np.zeros((clusters, block["indicators"].shape[1]), np.float32)
+    elif kind == "steps":
+        steps = draw(st.integers(1, 40).filter(lambda s: s != steps))
+        width = min(width, steps)
+    else:
+        block["solver"][draw(st.integers(0, clusters - 1))] = draw(st.sampled_from([s.id for s in POOL
+                                                                                   if s.history > 2]))
+    block["series"] = np.asarray(draw(st.sampled_from([0.0, 1.0, -2.5])) + np.arange(clusters * width * steps)
+                                 .reshape(clusters, width, steps), np.float32)
+    tensors |= {f"{key}/{name}": value for name, value in block.items()}
+    return safetensors.numpy.save(tensors, metadata=meta)
+
+
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz") / "fuzzed.hyca.safetensors"
@@ -189,3 +228,45 @@ def test_header_edits_load_or_are_refused(path, data):
 @given(data=content_edits())
 def test_content_edits_load_or_are_refused(path, data):
     load_or_refuse(path, data)
+
+
+@settings(max_examples=200, **SETTINGS)
+@given(data=bound_edits())
+def test_blocks_past_the_bounds_of_their_model_are_refused(path, data):
+    path.write_bytes(data)
+    with pytest.raises(sm.MapError, match=f"^{re.escape(str(path))}: (block|tensor) "):
+        sm.SolverMap.load(path)
+
+
+def _special_files(folder: Path) -> list[Path]:
+    """Paths named like maps that are not regular files."""
+    fifo = folder / "fifo.hyca.safetensors"
+    os.mkfifo(fifo)
+    folder_named_like_a_map = folder / "folder.hyca.safetensors"
+    folder_named_like_a_map.mkdir()
+    links = {"linked": fifo, "device": Path("/dev/zero"), "dangling": folder / "nothing"}
+    for name, target in links.items():
+        (folder / f"{name}.hyca.safetensors").symlink_to(target)
+    return [fifo, folder_named_like_a_map] + [folder / f"{name}.hyca.safetensors" for name in links]
+
+
+@pytest.mark.parametrize("reader", [sm.SolverMap.load, sm.read_metadata])
+def test_special_files_are_refused_without_blocking(tmp_path, reader):
+    for special in _special_files(tmp_path):
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(_refusal(reader, special)), daemon=True)
+        thread.start()
+        thread.join(timeout=10)
+        if thread.is_alive():  # blocked opening the FIFO: a writer releases it before the test fails
+            with open(special, "wb"):
+                pass
+            pytest.fail(f"reading {special.name} blocked")
+        assert outcome[0].startswith(f"{special}: "), outcome
+
+
+def _refusal(read, path: Path) -> str:
+    try:
+        read(path)
+    except sm.MapError as error:
+        return str(error)
+    return "read"

@@ -1,9 +1,11 @@
 """Solver map files: exact round trip, clear refusal of anything that is not a sound map."""
 
+import dataclasses
 import json
 import os
 import stat
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -46,13 +48,13 @@ def test_round_trip_is_exact(solver_map, saved):
     assert loaded.probe_schedule == solver_map.probe_schedule
     np.testing.assert_array_equal(loaded.probe_sigmas, solver_map.probe_sigmas)
     for key, block in solver_map.blocks.items():
-        for name in sm._FIELDS:
+        for name in sm.FIELDS:
             np.testing.assert_array_equal(getattr(loaded.blocks[key], name), getattr(block, name))
 
 
 def test_write_is_atomic_and_leaves_no_temp_on_failure(solver_map, saved, monkeypatch):
     before = saved.read_bytes()
-    monkeypatch.setattr(sm, "serialize", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    monkeypatch.setattr(sm.map_file, "serialize", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
         solver_map.save(saved)
     assert saved.read_bytes() == before
@@ -63,7 +65,7 @@ def test_write_is_atomic_and_leaves_no_temp_on_failure(solver_map, saved, monkey
 def test_an_interrupted_write_leaves_the_old_map_whole(solver_map, saved, monkeypatch, fail):
     """Interrupted with the new map written but not yet renamed, or failing at the rename."""
     before = saved.read_bytes()
-    monkeypatch.setattr(sm.os, fail, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(sm.map_file.os, fail, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         solver_map.save(saved)
     assert saved.read_bytes() == before and sm.SolverMap.load(saved).fingerprint == "abc123"
@@ -137,7 +139,8 @@ def test_truncated_garbage_and_huge_files_are_refused(saved, tmp_path):
     with pytest.raises(sm.MapError):
         sm.SolverMap.load(garbage)
     # a header declaring an enormous tensor is refused before any data is read
-    header = json.dumps({"__metadata__": {"format": sm.FORMAT, "format_version": "1", "pool_version": "1",
+    header = json.dumps({"__metadata__": {"format": sm.map_file.FORMAT, "format_version": "1",
+                                          "pool_version": "1",
                                           "blocks": '["a.0.img"]', "probe_schedule": "{}"},
                          "probe_sigmas": {"dtype": "F64", "shape": [10**9], "data_offsets": [0, 8 * 10**9]}})
     huge = tmp_path / "huge.safetensors"
@@ -147,14 +150,16 @@ def test_truncated_garbage_and_huge_files_are_refused(saved, tmp_path):
 
 
 def test_oversized_file_or_header_is_refused_before_safetensors_reads_it(saved, tmp_path, monkeypatch):
-    monkeypatch.setattr(sm, "safe_open", lambda *a, **k: pytest.fail("safetensors opened an oversized file"))
+    refuse = lambda *a, **k: pytest.fail("safetensors opened an oversized file")  # noqa: E731
+    monkeypatch.setattr(sm.map_file, "safe_open", refuse)
     big = tmp_path / "big.hyca.safetensors"
     with big.open("wb") as f:
-        f.truncate(sm.MAX_FILE_BYTES + 1)  # sparse: nothing is really written
-    with pytest.raises(sm.MapError, match=f"{big}: {sm.MAX_FILE_BYTES + 1} bytes, more than a solver map"):
+        f.truncate(sm.map_file.MAX_FILE_BYTES + 1)  # sparse: nothing is really written
+    too_big = sm.map_file.MAX_FILE_BYTES + 1
+    with pytest.raises(sm.MapError, match=f"{big}: {too_big} bytes, more than a solver map"):
         sm.SolverMap.load(big)
     data = saved.read_bytes()
-    saved.write_bytes(struct.pack("<Q", sm.MAX_HEADER_BYTES + 1) + data[8:])
+    saved.write_bytes(struct.pack("<Q", sm.map_file.MAX_HEADER_BYTES + 1) + data[8:])
     with pytest.raises(sm.MapError, match="header, more than a solver map has"):
         sm.SolverMap.load(saved)
     with pytest.raises(sm.MapError, match="header, more than a solver map has"):
@@ -211,3 +216,63 @@ def test_calibrated_budget_keeps_the_steps_the_schedule_forces(solver_map):
     compiled = solver_map.compile(sigmas, schedule, budget=budget)
     assert compiled.mask[:5].all() and compiled.mask[-2:].all()
     assert compiled.mask.sum() <= budget and not compiled.mask.all()
+
+
+def _with_block(solver_map, **arrays):
+    """The map with its first block's arrays replaced."""
+    key = next(iter(solver_map.blocks))
+    block = dataclasses.replace(solver_map.blocks[key], **arrays)
+    return dataclasses.replace(solver_map, blocks={**solver_map.blocks, key: block})
+
+
+UNSOUND = {  # maps calibration could hand over, each refused by load
+    "increasing probe": lambda m: dataclasses.replace(m, probe_sigmas=m.probe_sigmas[::-1].copy()),
+    "repeated sigma": lambda m: dataclasses.replace(
+        m, probe_sigmas=np.sort(np.r_[m.probe_sigmas[:-1], m.probe_sigmas[1]])[::-1].copy()),
+    "25 series per cluster": lambda m: _with_block(m, series=np.zeros((4, 25, 50), np.float32)),
+    "series on other steps": lambda m: _with_block(m, series=m.blocks["double_block.0.img"].series[..., :40]),
+    "more clusters than channels": lambda m: _with_block(
+        m, series=np.zeros((65, 24, 50), np.float32), solver=np.zeros(65, np.int32),
+        variable=np.zeros(65, np.int32), errors=np.zeros((13, 2, 65), np.float32),
+        indicators=np.zeros((65, 10), np.float32)),
+    "a solver needing more history than the warm-up": lambda m: _with_block(
+        m, solver=np.full(4, 3, np.int32)),  # taylor3 keeps 4 residuals, the warm-up 3
+    "a value float32 cannot hold": lambda m: _with_block(m, series=np.full((4, 24, 50), 1e300)),
+    "an id int32 cannot hold": lambda m: _with_block(
+        m, labels=m.blocks["double_block.0.img"].labels.astype(np.int64) + 2**32),  # wraps to the same ids
+    "architecture": lambda m: dataclasses.replace(m, architecture="../../evil"),
+}
+
+
+@pytest.mark.parametrize("unsound", list(UNSOUND))
+def test_save_refuses_what_load_refuses(solver_map, tmp_path, unsound):
+    """One validation for both: auto mode once saved a map from an increasing schedule that no load took."""
+    path = tmp_path / "m.hyca.safetensors"
+    with pytest.raises(sm.MapError):
+        UNSOUND[unsound](solver_map).save(path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _written(path, data: bytes, age: float):
+    """`path` holding `data`, last changed `age` seconds ago."""
+    path.write_bytes(data)
+    os.utime(path, (time.time() - age, time.time() - age))
+    return path
+
+
+def test_saving_removes_stale_temporaries_of_killed_saves_and_nothing_else(solver_map, tmp_path):
+    old = 2 * sm.map_file.STALE_SECONDS
+    stale = [_written(tmp_path / name, b"half a map", old) for name in
+             (".hyca.0123456789abcdef.tmp", ".m.hyca.safetensors.0123456789abcdef.tmp",
+              ".flux.safetensors.hyca.fedcba9876543210.tmp")]
+    kept = [_written(tmp_path / ".hyca.aaaaaaaaaaaaaaaa.tmp", b"not ours to remove", 0)]  # a save under way
+    kept += [_written(tmp_path / name, b"not ours to remove", old)
+             for name in (".other.0123456789abcdef.tmp", "notes.tmp", ".hyca.xyz.tmp")]
+    target = _written(tmp_path / "elsewhere", b"a link's target", old)
+    link = tmp_path / ".hyca.bbbbbbbbbbbbbbbb.tmp"
+    link.symlink_to(target)
+    os.utime(link, (0, 0), follow_symlinks=False)
+    solver_map.save(tmp_path / "m.hyca.safetensors")
+    assert not any(p.exists() for p in stale)
+    assert all(p.read_bytes() == b"not ours to remove" for p in kept) and link.is_symlink()
+    assert target.read_bytes() == b"a link's target"

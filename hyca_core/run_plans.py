@@ -1,0 +1,200 @@
+"""Run plans: a solver map made ready for one sampling run.
+
+Both kinds answer a run's three questions: must this step compute, can it be predicted from the
+history this run holds, and with which weights per channel. `CompiledMap` fixes every answer before
+the run (`compile_map`: solvers re-selected and fitted for the run's schedule); `DynamicMap` answers as
+the run goes, for the error-adaptive schedule.
+
+A step is predicted only with weights whose sum of magnitudes stays within MAX_WEIGHT_NORM; other
+steps compute (`stable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .schedule import Schedule, calibrated_mask
+from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
+                        single)
+from .solvers import MAX_HISTORY, TIME_VARIABLES, solver, warmup_pool
+
+if TYPE_CHECKING:
+    from .solver_map import SolverMap
+
+# A prediction is sum_j w_j F_j: whatever separates the cached residuals F_j from the smooth trajectory
+# the weights assume (their rounding, the trajectory's roughness) reaches it multiplied by up to
+# ||w||_1. At 2^11 the rounding of an fp16 history alone (2^-11 relative) can be as large as the
+# residual: computing the step costs less than such a guess. The pool's choices on the grids of the
+# schedules HyCa serves (warm-up up to 4, N up to 20) stay well below, while near-repeated times grow
+# slope-based members' weights like 1/d^2 (1e8 at d = 1e-4).
+MAX_WEIGHT_NORM = 2.0**11
+
+
+def stable(weights: np.ndarray) -> bool:
+    """Whether weights (history, ...) keep every channel's sum of magnitudes within MAX_WEIGHT_NORM."""
+    return bool(np.all(np.abs(weights).sum(axis=0) <= MAX_WEIGHT_NORM))
+
+
+@dataclass
+class CompiledMap:
+    """A map collapsed for one run: which steps compute, and per block the per-channel weights."""
+
+    mask: np.ndarray  # (steps,) bool, True = full compute
+    tables: dict[str, dict[int, np.ndarray]]  # key -> predicted step -> (m, D) float32
+
+    def history(self, key: str) -> int:
+        """Residuals to keep for block stream `key`."""
+        table = self.tables.get(key)
+        return next(iter(table.values())).shape[0] if table else 1
+
+    def forced(self, step: int) -> bool:
+        return step >= len(self.mask) or bool(self.mask[step])
+
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool:
+        """Only with exactly the history the weights were fitted for."""
+        if self.forced(step):
+            return False
+        computed = tuple(int(s) for s in np.flatnonzero(self.mask[:step]))
+        length = min(MAX_HISTORY, len(computed))
+        return length > 0 and tuple(history_steps[-length:]) == computed[-length:]
+
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
+        return self.tables[key][step]
+
+
+def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = True,
+                per_position: bool = True, budget: int | None = None,
+                only: tuple[str, str] | None = None) -> CompiledMap:
+    """Re-select (and fit) every block's solvers for this run's steps and schedule.
+
+    step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
+    budget: if given, compute that many steps, placed where the probe says prediction errs most
+    (`calibrated_mask`) instead of every `schedule.interval`-th; the schedule's warm-up, final steps
+    and steps outside its window are computed all the same. only: one (solver name, time variable) for
+    every channel, the single-solver baselines (FORA = ("reuse", "step"), TaylorSeer-like =
+    ("taylorseer2", "step")). Only pool members whose history fits in the warm-up are used, so the
+    warm-up asked for is the warm-up run. A step whose weights are not `stable` computes instead, and
+    the steps after it are refitted for the history that gives them.
+    """
+    step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
+    pool = warmup_pool(schedule.warmup)
+    if budget is None:
+        mask = schedule.mask(len(step_sigmas))
+    else:
+        # the schedule with no every-N pattern: what it computes whatever the budget
+        forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas))
+        mask = _calibrated_mask(solver_map, step_sigmas, budget, max(schedule.warmup, 1), forced, pool)
+    while not mask.all():
+        plan = plan_schedule(mask, step_sigmas, pool=pool)
+        tables = {}
+        for key, block in solver_map.blocks.items():
+            if only is not None:
+                assignment = single(solver(only[0]).id, only[1], block.clusters)
+            else:
+                sample = CompactSample(solver_map.probe_sigmas, block.series)
+                lam = FIT_LAMBDA if fitted else None
+                assignment = refit(sample, plan, per_position=per_position, lam=lam)
+            tables[key] = coefficients(assignment, block.labels, plan)
+        unstable = [step for step in plan.steps if not all(stable(table[step]) for table in tables.values())]
+        if not unstable:
+            return CompiledMap(mask, tables)
+        mask = _computing(mask, unstable, plan.history.shape[1])
+    return CompiledMap(mask, {})
+
+
+def _computing(mask: np.ndarray, unstable: list[int], history: int) -> np.ndarray:
+    """`mask` with the `unstable` steps (ascending) computed, except those whose last `history` computed
+    steps would then hold one of them: refitted on that history, they may well be stable."""
+    mask, forced = mask.copy(), []
+    for step in unstable:
+        if forced and np.count_nonzero(mask[forced[-1] + 1 : step]) < history:
+            continue
+        mask[step] = True
+        forced.append(step)
+    return mask
+
+
+def _calibrated_mask(solver_map: SolverMap, step_sigmas, budget, warmup, forced, pool) -> np.ndarray:
+    """One mask for all blocks, from the summed gap costs of their resampled probes; no gap spans a
+    `forced` step."""
+    values, labels, offset = [], [], 0
+    for block in solver_map.blocks.values():
+        v, l = resample(CompactSample(solver_map.probe_sigmas, block.series), step_sigmas)
+        values.append(v / np.sqrt(np.mean(v**2) + 1e-30))  # relative errors: blocks weigh alike
+        labels.append(l + offset)
+        offset += block.clusters
+    max_gap = min(len(step_sigmas) - 1, 2 * len(step_sigmas) // max(budget, 1) + 2)
+    costs = gap_costs(np.concatenate(values, axis=2), np.concatenate(labels), step_sigmas, warmup,
+                      max_gap, pool=pool)
+    # cost[a, g] predicts steps a+1..a+g: forbidden when a forced step lies among them
+    count = np.concatenate([[0], np.cumsum(forced)])  # forced steps before each index
+    a, g = np.ogrid[: len(step_sigmas), : costs.shape[1]]
+    costs[count[np.minimum(a + g + 1, len(step_sigmas))] > count[a + 1]] = np.inf
+    return calibrated_mask(costs, max(budget, int(forced.sum())), max(warmup, _leading(forced)))
+
+
+def _leading(mask: np.ndarray) -> int:
+    """Length of the run of True at the start of `mask`."""
+    return int(np.argmin(mask)) if not mask.all() else len(mask)
+
+
+class DynamicMap:
+    """The map's per-cluster pool solvers (paper eq. 5 choice) on whatever history a run holds.
+
+    Serves the error-adaptive schedule, where the computed steps are only known as the run goes:
+    weights come from each cluster's solver at the run's actual history times. step_sigmas: the
+    sigma of each sampler step; a step is predicted only if every solver's weights on the steps'
+    times are `stable`.
+    """
+
+    def __init__(self, solver_map: SolverMap, schedule: Schedule, step_sigmas):
+        self.solver_map = solver_map
+        self.step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
+        self.first_predictable = max(schedule.warmup, 1)
+        self.last_predictable = len(self.step_sigmas) - schedule.final - 1
+        # the same few (solver, time variable) pairs serve every block and cluster
+        self._members = sorted({(int(s), int(v)) for block in solver_map.blocks.values()
+                                for s, v in zip(block.solver, block.variable)})
+        self._weights: dict[tuple, np.ndarray] = {}
+
+    def history(self, key: str) -> int:
+        block = self.solver_map.blocks[key]
+        return max(solver(int(s)).history for s in block.solver)
+
+    def forced(self, step: int) -> bool:
+        return not self.first_predictable <= step <= self.last_predictable
+
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool:
+        if self.forced(step) or not history_steps:
+            return False
+        sigmas = tuple(self.step_sigmas[list(history_steps)])
+        return all(stable(self._member_weights(s, v, history_steps, sigmas, self.step_sigmas[step], step)[1])
+                   for s, v in self._members)
+
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
+        block = self.solver_map.blocks[key]
+        m = min(self.history(key), len(history_steps))
+        cluster_weights = np.zeros((block.clusters, m))
+        for c, (solver_id, variable) in enumerate(zip(block.solver, block.variable)):
+            length, weights = self._member_weights(int(solver_id), int(variable), history_steps[-m:],
+                                                   history_sigmas[-m:], sigma, step)
+            cluster_weights[c, m - length :] = weights
+        return np.ascontiguousarray(cluster_weights[block.labels].T, dtype=np.float32)
+
+    def _member_weights(self, solver_id: int, variable: int, history_steps, history_sigmas, sigma,
+                        step: int) -> tuple[int, np.ndarray]:
+        """(history length, weights) of one pool member on this history; reuse where the history is
+        shorter than the member needs."""
+        rule = solver(solver_id)
+        if rule.history > len(history_steps):
+            rule = solver("reuse")
+        times, target = ((history_steps, step) if TIME_VARIABLES[variable] == "step"
+                         else (history_sigmas, sigma))
+        times = tuple(float(t) for t in times[-rule.history :])
+        key = (rule.id, times, float(target))
+        if key not in self._weights:
+            self._weights[key] = rule.weights(times, target)
+        return rule.history, self._weights[key]

@@ -1,0 +1,61 @@
+"""Run plans on grids with near-repeated times: a step whose weights would amplify the history's errors
+past MAX_WEIGHT_NORM computes instead, whatever map or plan would predict it."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from hyca_core.calibration import calibrate
+from hyca_core.run_plans import MAX_WEIGHT_NORM, DynamicMap
+from hyca_core.schedule import Schedule
+from hyca_core.solvers import TIME_VARIABLES, solver
+from hyca_core.trajectories import Trajectory
+from harness.synthetic import flow_sigmas, mixture
+
+SCHEDULE = Schedule(interval=2, warmup=3)  # computes 0, 1, 2, then every other step
+
+
+@pytest.fixture(scope="module")
+def solver_map():
+    trajectories = {}
+    for i, key in enumerate(("double_block.0.img", "single_block.0.img")):
+        sigmas, values, _ = mixture(steps=30, rows=4, channels_per_group=8, seed=i, shift=3.0)
+        trajectories[key] = Trajectory(sigmas, values)
+    return calibrate(trajectories, SCHEDULE, clusters=2)
+
+
+def _near_repeat(d: float) -> np.ndarray:
+    """20 flow sigmas whose warm-up ends with two times d apart: the history of step 3."""
+    sigmas = flow_sigmas(20, 3.0)
+    sigmas[2] = sigmas[1] - d
+    return sigmas
+
+
+def _line(sigmas):
+    return 0.3 - 2.0 * np.asarray(sigmas)  # every pool member reproduces a straight line exactly
+
+
+@pytest.mark.parametrize("d", [1e-4, 1e-8])
+def test_a_compiled_step_with_unstable_weights_computes(solver_map, d):
+    sigmas = _near_repeat(d)
+    compiled = solver_map.compile(sigmas, SCHEDULE, only=("ab2", "sigma"))
+    assert np.flatnonzero(compiled.mask != SCHEDULE.mask(20)).tolist() == [3]  # step 3 only
+    for table in compiled.tables.values():
+        for step, weights in table.items():
+            history = np.flatnonzero(compiled.mask[:step])[-len(weights):]
+            assert np.abs(weights).sum(axis=0).max() <= MAX_WEIGHT_NORM
+            np.testing.assert_allclose(_line(sigmas[history]) @ weights, _line(sigmas[step]), atol=1e-4)
+
+
+@pytest.mark.parametrize("d", [1e-4, 1e-8])
+def test_an_adaptive_step_with_unstable_weights_computes(solver_map, d):
+    sigmas = _near_repeat(d)
+    ab2 = {key: dataclasses.replace(block, solver=np.full(block.clusters, solver("ab2").id, np.int32),
+                                    variable=np.full(block.clusters, TIME_VARIABLES.index("sigma"), np.int32))
+           for key, block in solver_map.blocks.items()}
+    dynamic = DynamicMap(dataclasses.replace(solver_map, blocks=ab2), SCHEDULE, sigmas)
+    assert not dynamic.can_predict(3, (0, 1, 2))
+    assert dynamic.can_predict(5, (2, 3, 4))
+    weights = dynamic.coefficients("double_block.0.img", 5, (2, 3, 4), tuple(sigmas[[2, 3, 4]]), sigmas[5])
+    np.testing.assert_allclose(_line(sigmas[[2, 3, 4]]) @ weights, _line(sigmas[5]), atol=1e-5)
