@@ -14,7 +14,7 @@ from ..hyca_core.schedule import AdaptiveGate, RunSchedule, Schedule, speedup
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import checkpoint_path, map_store
-from .block_cache import RunState
+from .run_state import RunState
 from .patching import GRANULARITIES, block_widths, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 

@@ -14,7 +14,7 @@ from ..hyca_core.clustering import DEFAULT_CLUSTERS
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
 from . import checkpoint_path, map_store
-from .block_cache import RunState
+from .run_state import RunState
 from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 

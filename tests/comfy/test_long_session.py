@@ -33,14 +33,14 @@ class Tracker:
     only, so that what it watches can be freed."""
 
     def __init__(self, pack, monkeypatch):
-        block_cache, apply_node = pack.nodes.block_cache, pack.nodes.apply_node
+        run_state, apply_node = pack.nodes.run_state, pack.nodes.apply_node
         self.histories = weakref.WeakSet()
         self.states = []  # weak references to the run states of the current run
         self.peak_run = 0  # the most residual-history bytes one run held
         self.peak_held = 0  # the most bytes all live histories held at once
         tracker = self
 
-        class History(block_cache.ResidualHistory):
+        class History(run_state.ResidualHistory):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 tracker.histories.add(self)
@@ -56,7 +56,7 @@ class Tracker:
             self.peak_run = max(self.peak_run, state.peak_bytes)
             finish(state, completed)
 
-        monkeypatch.setattr(block_cache, "ResidualHistory", History)
+        monkeypatch.setattr(run_state, "ResidualHistory", History)
         monkeypatch.setattr(apply_node.ApplyRunState, "finish", finishing)
 
     def check_released(self, templates):
@@ -65,8 +65,7 @@ class Tracker:
         assert len(self.histories) == 0
         self.states.clear()
         for template in templates:
-            assert template.branches == {} and template.plan is None and template._coefficients == {}
-            assert template.computed == template.predicted == template.fallbacks == template.peak_bytes == 0
+            assert not template.holds_run_data()
 
 
 def _lora(model, seed):
