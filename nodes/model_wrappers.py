@@ -29,17 +29,22 @@ def replacements(transformer_options: dict) -> dict[tuple, object]:
             for key, patch in patches.items()}
 
 
-def is_own_call(state: RunState, transformer_options: dict) -> bool:
-    """Whether a model call is the sampler's own evaluation rather than another node's extra call.
+def variant(state: RunState, transformer_options: dict) -> frozenset | None:
+    """Which replacement patches a model call changes from those the run started with: none for the sampler's
+    own evaluations (Heun's two, DPM++ 2S's midpoint included), which run with exactly those.
 
-    Nodes that call the model again at a step's sigma for their own ends (Skip Layer Guidance skips
-    blocks, Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with
-    replacement patches of their own on top of the run's. The sampler's calls (Heun's two, DPM++ 2S's
-    midpoint included) run with exactly the patches the run started with.
+    Nodes that call the model again at a step's sigma for their own ends (Skip Layer Guidance skips blocks,
+    Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with replacement patches
+    of their own on top of the run's: such a call must never be taken for the sampler's evaluation of the step.
+    Keyed by the patches' places, not their objects, its branch is the same whether the node makes its patch
+    once or per call. None where it replaces a block inside a stack unit: that unit's prediction, added at its
+    first block, and its residual, taken at its last, would not span what the call computes.
     """
-    found = replacements(transformer_options)
-    own = state.patches
-    return found.keys() == own.keys() and all(found[k] is patch for k, patch in own.items())
+    found, own = replacements(transformer_options), state.patches
+    changed = frozenset(k for k in found.keys() | own.keys() if found.get(k) is not own.get(k))
+    if any(isinstance(own.get(k), BlockPatch) and own[k].unit.size > 1 for k in changed):
+        return None
+    return changed
 
 
 def _transformer_options(args, kwargs) -> dict:
@@ -63,7 +68,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
     state = _run_state(transformer_options)
     if state is None:
         return executor(*args, **kwargs)
-    call = state.begin_call(args[0], transformer_options, own=is_own_call(state, transformer_options))
+    call = state.begin_call(args[0], transformer_options, variant(state, transformer_options))
     counts = state.computed, state.predicted
     with call_scope(transformer_options, call):
         out = executor(*args, **kwargs)
@@ -95,7 +100,7 @@ def whole_model_wrapper(executor, *args, **kwargs):
     if state is None:
         return executor(*args, **kwargs)
     x = args[0]
-    call = state.begin_call(x, transformer_options, own=is_own_call(state, transformer_options))
+    call = state.begin_call(x, transformer_options, variant(state, transformer_options))
     if call.predict:
         residual = state.predicted_residual(call, MODEL_KEY, _as_tokens(x))
         state.check(call, MODEL_KEY, residual)

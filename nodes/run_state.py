@@ -34,7 +34,7 @@ class Decision(Enum):
     MEASURE = "measure"  # adaptive: the first unit computes, and the map's error on it decides the rest
     CACHE = "cache"  # compute; the residuals are the step's first computation: the history keeps them
     REPLACE = "replace"  # compute the step the history ends with again (Heun's correction): replace that entry
-    COMPUTE = "compute"  # compute, keep nothing: off-grid, an older step again, or another node's extra call
+    COMPUTE = "compute"  # compute, keep nothing: off-grid, an older step again, a stack cut by another node
 
     @property
     def keeps(self) -> bool:
@@ -64,7 +64,7 @@ class Call:
     decision: Decision
     step: float
     sigma: float
-    branch: Branch | None  # None for another node's extra call: it has no cache to read or write
+    branch: Branch | None  # None for a call that keeps nothing apart from the run's branches
     unit_inputs: dict = field(default_factory=dict)  # inputs of the unit being computed, by stream
     checks: list = field(default_factory=list)  # (unit, 0-d bool tensor: its predicted residuals are finite)
     fallback: frozenset = frozenset()  # units computed although the call predicts: their prediction was not
@@ -116,10 +116,11 @@ class RunState:
         self.computed = 0
         self.predicted = 0
         self.fallbacks = 0  # block calls computed because their prediction was not finite
-        self.extra_calls = 0  # other nodes' model calls (Skip Layer Guidance ...), computed and kept apart
+        self.extra_calls = 0  # model calls with other nodes' replacement patches (Skip Layer Guidance ...)
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
         self.patches: dict[tuple, object] = {}  # the replacement patches the sampler's own calls run with
+        self.recorded: Branch | None = None  # the branch a calibration records: the sampler's first
 
     def clone(self) -> "RunState":
         return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate,
@@ -137,21 +138,27 @@ class RunState:
     def finish(self, completed: bool) -> None:
         """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed."""
 
-    def begin_call(self, x: torch.Tensor, transformer_options: dict, own: bool = True) -> Call:
-        """The decision for a model call. ``own``: whether it is the sampler's own evaluation of the model;
-        another node's extra call at the same sigma (`model_wrappers.is_own_call`) computes fully and never
-        reads or writes the cache."""
+    def begin_call(self, x: torch.Tensor, transformer_options: dict,
+                   variant: frozenset | None = frozenset()) -> Call:
+        """The decision for a model call. ``variant``: the replacement patches that another node's call changes
+        from the run's own (`model_wrappers.variant`), empty for the sampler's own evaluations; such a call
+        (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
+        reading or writing the sampler's. None: a call that computes fully and keeps nothing."""
         sample_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
         sigma = float(transformer_options["sigmas"].flatten()[0])
         step = step_position(sample_sigmas, sigma)
-        if not own:
+        if variant is None or variant:
             self.extra_calls += 1
+        if variant is None:
             return Call(Decision.COMPUTE, step, sigma, None)
-        key = (tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(x.shape), x.dtype, x.device)
+        key = (tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(x.shape), x.dtype, x.device,
+               variant)
         branch = self.branches.get(key)
         if branch is None:
             gate = copy.copy(self.gate) if self.gate else None
             branch = self.branches[key] = Branch(gate=gate)
+            if not variant and self.recorded is None:
+                self.recorded = branch
         if self.plan is None and self.make_plan is not None:
             self._make_plan(sample_sigmas)
         return Call(self._decide_step(branch, step), step, sigma, branch)
@@ -197,7 +204,7 @@ class RunState:
     def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
         """Keep a computed residual of a call whose decision keeps them."""
         residual = residual.detach()  # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
-        if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self._first_branch():
+        if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self.recorded:
             self.recorder.record(key, call.sigma, residual)
         if self.plan is None:
             return  # the history holds the newest computation of each computed grid step, in step order
@@ -208,10 +215,6 @@ class RunState:
         if call.decision is Decision.REPLACE and len(history):
             history.drop_newest()
         history.push(residual)
-
-    def _first_branch(self) -> Branch | None:
-        """The branch a calibration records: the first conditioning branch of the run."""
-        return next(iter(self.branches.values()), None)
 
     def end_call(self, call: Call) -> None:
         if not call.decision.keeps or self.plan is None:
@@ -268,7 +271,7 @@ class RunState:
         if self.fallbacks:
             text += f"; {self.fallbacks} computed as their prediction was not finite"
         if self.extra_calls:
-            text += f"; {self.extra_calls} model calls by other nodes at a step's sigma computed fully, uncached"
+            text += f"; {self.extra_calls} model calls with other nodes' patches (Skip Layer Guidance ...) kept apart"
         return text
 
 

@@ -1,0 +1,298 @@
+"""HyCa among other nodes that patch or call the model, on a tiny real FLUX with ComfyUI's real samplers.
+
+Skip Layer Guidance calls the model a second time at a step's sigma with blocks skipped: that call caches
+apart from the sampler's and never reads or writes their cache. A block patch another node put on the model is run as the
+block, whichever node comes first. A second HyCa on a model (Apply chained twice, Calibrate on Apply's
+output) replaces the first. A schedule whose sigmas do not strictly decrease computes fully.
+"""
+
+import functools
+import logging
+
+import pytest
+import torch
+
+from harness import sampling, tiny_models
+from harness.metrics import psnr
+
+LATENT = (1, 16, 16, 16)
+STEPS = 10
+N, WARMUP = 2, 2
+EXTRA = "model calls with other nodes' patches (Skip Layer Guidance ...) kept apart"
+
+
+def _apply(pack, model, solver_map, interval=N, **kwargs):
+    schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=WARMUP)
+    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+
+
+def _sample(model, conditioning, cfg=1.0, steps=STEPS):
+    return sampling.sample(model, *conditioning, torch.zeros(LATENT), steps=steps, cfg=cfg, seed=5)
+
+
+def _slg(model, end=1.0):
+    """ComfyUI's Skip Layer Guidance (DiT) node: a second, layer-skipped conditional pass after CFG."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
+
+    return SkipLayerGuidanceDiT.execute(model, scale=3.0, start_percent=0.0, end_percent=end, double_layers="0",
+                                        single_layers="")[0]
+
+
+def _slg_simple(model, end):
+    """ComfyUI's Skip Layer Guidance (DiT, simple): the unconditional pass with layers skipped, inside a window."""
+    from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
+
+    return SkipLayerGuidanceDiTSimple.execute(model, start_percent=0.0, end_percent=end, double_layers="0",
+                                              single_layers="")[0]
+
+
+def _slg_pass_without_hyca(pack, model):
+    """A clone whose Skip Layer Guidance pass runs on a model options copy without HyCa's state: the pass is
+    the unpatched model's, and HyCa never sees it."""
+    key = pack.nodes.run_state.OPTIONS_KEY
+
+    def without_hyca(post_cfg, args):
+        options = dict(args["model_options"])
+        options["transformer_options"] = {k: v for k, v in options["transformer_options"].items() if k != key}
+        return post_cfg({**args, "model_options": options})
+
+    clone = model.clone()
+    functions = clone.model_options["sampler_post_cfg_function"]
+    functions[:] = [functools.partial(without_hyca, f) for f in functions]
+    return clone
+
+
+class HistoryAudit:
+    """Wraps every HyCa block patch of a model and watches one block. Keeps the residual it computes in each
+    call under that call's branch, and at each call that predicts it, notes whether the history predicted from
+    is exactly the residuals computed in that branch's calls. Tells Skip Layer Guidance's skipped passes from
+    the sampler's own calls by a dit patch that is not one of these wrappers, and notes the branches of each."""
+
+    def __init__(self, pack, patched, block=("single_block", 0)):
+        self.current_call = pack.nodes.run_state.current_call
+        self.block, self.key = block, f"{block[0]}.{block[1]}.img"
+        dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+        self.wrappers = {}
+        for key, patch in list(dit.items()):
+            dit[key] = self.wrappers[key] = functools.partial(self._call, key, patch)
+        self.residuals = {}  # (branch, step) -> the block's computed residual
+        self.branches = {"own": set(), "skipped": set()}
+        self.predicted = {"own": 0, "skipped": 0}
+        self.stale = 0
+
+    def _call(self, key, patch, args, extra):
+        options = args["transformer_options"]
+        call = self.current_call(options)
+        if key != self.block or call is None:
+            return patch(args, extra)
+        dit = options["patches_replace"]["dit"]
+        kind = "skipped" if any(dit.get(k) is not w for k, w in self.wrappers.items()) else "own"
+        self.branches[kind].add(id(call.branch))
+        if call.predict:
+            views = call.branch.histories[self.key].views()
+            expected = [self.residuals.get((id(call.branch), s)) for s in call.branch.steps][-len(views):]
+            self.predicted[kind] += 1
+            self.stale += not all(e is not None and torch.equal(v, e) for v, e in zip(views, expected))
+            return patch(args, extra)
+        before = args["img"].clone()
+        out = patch(args, extra)
+        if call.branch is not None:
+            self.residuals[id(call.branch), int(call.step)] = out["img"] - before
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Skip Layer Guidance's extra model calls
+
+
+@pytest.mark.parametrize("order", ["slg-after-hyca", "slg-before-hyca"])
+def test_skip_layer_guidance_pass_caches_apart(pack, flux, solver_map, conditioning, order, caplog):
+    """At cfg 1 (FLUX's usual setting) the skipped pass has the cond's branch and sigma: it was taken for a
+    second evaluation of the step and its residuals replaced the real ones. It caches in a branch of its
+    own, predicted at the steps the sampler's are."""
+    def build(interval):
+        if order == "slg-after-hyca":
+            return _slg(_apply(pack, flux, solver_map, interval))
+        return _apply(pack, _slg(flux), solver_map, interval)
+
+    full = _sample(_slg(flux), conditioning)
+    assert not torch.equal(full, _sample(flux, conditioning))  # the guidance acts
+    assert torch.equal(_sample(build(1), conditioning), full)
+
+    patched = build(N)
+    audit = HistoryAudit(pack, patched)
+    with caplog.at_level(logging.INFO):
+        out = _sample(patched, conditioning)
+    predicted_steps = int((~pack.hyca_core.schedule.Schedule(N, WARMUP).mask(STEPS)).sum())
+    assert audit.predicted == {"own": predicted_steps, "skipped": predicted_steps} and audit.stale == 0
+    assert len(audit.branches["own"]) == len(audit.branches["skipped"]) == 1
+    assert not audit.branches["own"] & audit.branches["skipped"]
+    assert f"; {STEPS} {EXTRA}" in caplog.text
+    value = psnr(out, full)
+    logging.getLogger(__name__).warning("measured: SLG %s, N=%d: PSNR %.1f dB", order, N, value)
+    assert not torch.equal(out, full) and value > 55  # measured 60.2 dB (scale 3 magnifies the cond pass's error)
+
+
+def test_skip_layer_guidance_inside_a_stack_computes_its_pass(pack, caplog):
+    """A pass that skips a block inside a stack unit cannot use the stack's residuals: it computes fully and
+    keeps nothing, as the unpatched model computes it."""
+    flux = tiny_models.build(tiny_models.FLUX, seed=3)  # stacks of two double and two single blocks
+    conditioning = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
+    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
+    full = _sample(_slg(flux), conditioning)
+    assert torch.equal(_sample(_slg(_apply(pack, flux, stack_map, 1, granularity="stack")), conditioning), full)
+    patched = _slg(_apply(pack, flux, stack_map, granularity="stack"))
+    out = _sample(patched, conditioning)
+    assert torch.equal(out, _sample(_slg_pass_without_hyca(pack, patched), conditioning))
+    assert not torch.equal(out, full)
+
+
+def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_map, conditioning):
+    """The simple variant skips layers in the unconditional pass inside its window only: the plain passes
+    outside it never predict from the skipped ones."""
+    end, cfg = 0.5, 3.0
+    full = _sample(_slg_simple(flux, end), conditioning, cfg)
+    assert torch.equal(_sample(_apply(pack, _slg_simple(flux, end), solver_map, 1), conditioning, cfg), full)
+    patched = _apply(pack, _slg_simple(flux, end), solver_map)
+    audit = HistoryAudit(pack, patched)
+    out = _sample(patched, conditioning, cfg)
+    assert audit.predicted["own"] > 0 and audit.predicted["skipped"] > 0 and audit.stale == 0
+    assert not audit.branches["own"] & audit.branches["skipped"]
+    value = psnr(out, full)
+    logging.getLogger(__name__).warning("measured: SLG simple, cfg %.0f, N=%d: PSNR %.1f dB", cfg, N, value)
+    assert not torch.equal(out, full) and value > 60  # measured 65.8 dB
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Block patches of other nodes
+
+
+def _halved(args, extra):
+    """Another node's dit patch: the block adds half its residual (IPAdapter-style packs reshape blocks so)."""
+    before = {s: args[s].clone() for s in ("img", "txt") if s in args}
+    out = extra["original_block"](args)
+    return {**out, **{s: before[s] + 0.5 * (out[s] - before[s]) for s in before}}
+
+
+def _with_patch(model, block=("double_block", 0)):
+    patched = model.clone()
+    patched.set_model_patch_replace(_halved, "dit", *block)
+    return patched
+
+
+def test_a_block_patch_placed_before_hyca_is_run_as_the_block(pack, flux, solver_map, conditioning, caplog):
+    foreign = _with_patch(flux)
+    full = _sample(foreign, conditioning)
+    assert not torch.equal(full, _sample(flux, conditioning))
+    with caplog.at_level(logging.INFO):
+        assert torch.equal(_sample(_apply(pack, foreign, solver_map, 1), conditioning), full)
+    assert "1 blocks carry another node's patch (double_block.0)" in caplog.text
+    # a second HyCa replaces the first and keeps the other node's patch
+    assert torch.equal(_sample(_apply(pack, _apply(pack, foreign, solver_map), solver_map, 1), conditioning), full)
+    patched = _apply(pack, foreign, solver_map)
+    audit = HistoryAudit(pack, patched, block=("double_block", 0))
+    out = _sample(patched, conditioning)
+    assert audit.predicted["own"] > 0 and audit.stale == 0
+    value = psnr(out, full)
+    logging.getLogger(__name__).warning("measured: a foreign block patch, N=%d: PSNR %.1f dB", N, value)
+    assert not torch.equal(out, full) and value > 68  # measured 73.2 dB
+
+
+def test_a_block_patch_placed_after_hyca(pack, flux, solver_map, conditioning):
+    """Per block, HyCa's patch of that block no longer runs: the block computes at every step."""
+    full = _sample(_with_patch(flux), conditioning)
+    assert torch.equal(_sample(_with_patch(_apply(pack, flux, solver_map, 1)), conditioning), full)
+    out = _sample(_with_patch(_apply(pack, flux, solver_map)), conditioning)
+    value = psnr(out, full)
+    logging.getLogger(__name__).warning("measured: a block patch after HyCa, N=%d: PSNR %.1f dB", N, value)
+    assert not torch.equal(out, full) and value > 69  # measured 74.2 dB
+
+
+def test_a_block_patch_placed_after_hyca_inside_a_stack_computes_the_run(pack, caplog):
+    """A stack's prediction is added at its first block and its residual taken at its last: a block of it
+    replaced after HyCa breaks both, so the run computes fully, with a warning."""
+    flux = tiny_models.build(tiny_models.FLUX, seed=3)  # stacks of two double and two single blocks
+    conditioning = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
+    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
+    for block in (("double_block", 0), ("double_block", 1), ("single_block", 1)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            out = _sample(_with_patch(_apply(pack, flux, stack_map, granularity="stack"), block), conditioning)
+        assert torch.equal(out, _sample(_with_patch(flux, block), conditioning)), block
+        assert f"a node placed after HyCa replaced blocks of {block[0]}s; this run computes fully" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. A second HyCa on one model
+
+
+CHAINS = {  # the first HyCa's granularity and interval, the second's
+    "apply-apply": (("block", N), ("block", 3)),
+    "apply-block-then-model": (("block", N), ("model", N)),
+    "apply-model-then-block": (("model", N), ("block", N)),
+}
+
+
+@pytest.mark.parametrize("chain", list(CHAINS))
+def test_a_second_apply_replaces_the_first(pack, flux, solver_map, conditioning, chain, caplog):
+    (granularity, interval), (second_granularity, second_interval) = CHAINS[chain]
+    model_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="model")
+    maps = {"block": solver_map, "model": model_map}
+    first = _apply(pack, flux, maps[granularity], interval, granularity=granularity)
+    with caplog.at_level(logging.WARNING):
+        second = _apply(pack, first, maps[second_granularity], second_interval, granularity=second_granularity)
+    alone = _apply(pack, flux, maps[second_granularity], second_interval, granularity=second_granularity)
+    assert torch.equal(_sample(second, conditioning), _sample(alone, conditioning))
+    assert caplog.text.count("this model already has HyCa on it") == 1
+    assert torch.equal(_sample(first, conditioning), _sample(_apply(pack, flux, maps[granularity], interval,
+                                                                    granularity=granularity), conditioning))
+
+
+def test_calibrate_on_an_applied_model_probes_at_full_compute(pack, flux, solver_map, conditioning):
+    Schedule = pack.hyca_core.schedule.Schedule
+    latent = {"samples": torch.zeros(LATENT)}
+
+    def probe(model):
+        return pack.nodes.calibrate_node.probe(model, 0, 12, 1.0, "euler", "simple", *conditioning, latent,
+                                               Schedule(N, WARMUP))
+
+    chained_map, chained_latent = probe(_apply(pack, flux, solver_map))
+    plain_map, plain_latent = probe(flux)
+    assert torch.equal(chained_latent["samples"], plain_latent["samples"])
+    assert torch.equal(_sample(_apply(pack, flux, chained_map), conditioning),
+                       _sample(_apply(pack, flux, plain_map), conditioning))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Schedules whose sigmas do not strictly decrease
+
+
+def _schedules(flux):
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SetFirstSigma
+
+    sigmas = BasicScheduler.execute(flux, "simple", STEPS, 1.0)[0]
+    return {
+        "repeated": torch.cat([sigmas[:7], sigmas[6:]]),
+        "set-first-sigma": SetFirstSigma.execute(sigmas, 0.5)[0],
+        "bump": torch.cat([sigmas[:3], sigmas[1:2], sigmas[3:]]),
+    }
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("name", ["repeated", "set-first-sigma", "bump"])
+def test_sigmas_that_do_not_decrease_compute_fully(pack, flux, solver_map, conditioning, name, adaptive, caplog):
+    import comfy.sample
+    import comfy.samplers
+
+    sigmas = _schedules(flux)[name]
+    noise = comfy.sample.prepare_noise(torch.zeros(LATENT), 5)
+
+    def run(model):
+        return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                          *conditioning, torch.zeros(LATENT), disable_pbar=True, seed=5)
+
+    patched = _apply(pack, flux, solver_map, adaptive_tolerance=5.0 if adaptive else None)
+    with caplog.at_level(logging.WARNING):
+        out = run(patched)
+    assert torch.equal(out, run(flux))
+    assert caplog.text.count("sigmas do not decrease") == 1
