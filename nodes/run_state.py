@@ -111,6 +111,7 @@ class RunState:
         self.offload_device = offload_device
         self.gate = gate
         self.fused = fused
+        self.started = False  # the run's first model call came: its sigmas are checked, its plan made
         self.plan: RunPlan | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
@@ -132,7 +133,7 @@ class RunState:
 
     def holds_run_data(self) -> bool:
         """Whether anything of a run is here: never true of a template on a MODEL."""
-        return bool(self.branches or self.weights or self.patches or self.plan is not None or self.peak_bytes
+        return bool(self.started or self.branches or self.weights or self.patches or self.peak_bytes
                     or self.computed or self.predicted or self.fallbacks or self.extra_calls)
 
     def finish(self, completed: bool) -> None:
@@ -145,6 +146,8 @@ class RunState:
         (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
         reading or writing the sampler's. None: a call that computes fully and keeps nothing."""
         sample_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
+        if not self.started:
+            self._start(sample_sigmas)
         sigma = float(transformer_options["sigmas"].flatten()[0])
         step = step_position(sample_sigmas, sigma)
         if variant is None or variant:
@@ -159,19 +162,19 @@ class RunState:
             branch = self.branches[key] = Branch(gate=gate)
             if not variant and self.recorded is None:
                 self.recorded = branch
-        if self.plan is None and self.make_plan is not None:
-            self._make_plan(sample_sigmas)
         return Call(self._decide_step(branch, step), step, sigma, branch)
 
-    def _make_plan(self, sample_sigmas: np.ndarray) -> None:
+    def _start(self, sample_sigmas: np.ndarray) -> None:
+        self.started = True
         rise = first_rise(sample_sigmas)
         if rise is not None:
-            # the predictors' time grids and the step positions need strictly decreasing sigmas
+            # the predictors' time grids, a map's probe and the step positions need strictly decreasing sigmas
             logging.warning("HyCa: this run's sigmas do not decrease at step %d (%.4g after %.4g); every step "
-                            "computes fully", rise, sample_sigmas[rise], sample_sigmas[rise - 1])
-            self.make_plan = None
-            return
-        self.plan = self.make_plan(sample_sigmas[:-1])
+                            "computes fully and nothing is recorded", rise, sample_sigmas[rise],
+                            sample_sigmas[rise - 1])
+            self.make_plan = self.recorder = None
+        elif self.make_plan is not None:
+            self.plan = self.make_plan(sample_sigmas[:-1])
 
     def _decide_step(self, branch: Branch, step: float) -> Decision:
         # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and is

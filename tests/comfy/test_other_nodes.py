@@ -296,3 +296,24 @@ def test_sigmas_that_do_not_decrease_compute_fully(pack, flux, solver_map, condi
         out = run(patched)
     assert torch.equal(out, run(flux))
     assert caplog.text.count("sigmas do not decrease") == 1
+
+
+@pytest.mark.parametrize("name", ["repeated", "bump"])
+def test_sigmas_that_do_not_decrease_calibrate_nothing(pack, conditioning, name, tmp_path, monkeypatch, caplog):
+    """Auto mode (no map yet) records nothing from such a run: a map fitted on it would not load."""
+    import comfy.sample
+    import comfy.samplers
+
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path])
+    model = tiny_models.build(tiny_models.FLUX_SMALLEST, seed=41)
+    sigmas = _schedules(model)[name]
+    noise = comfy.sample.prepare_noise(torch.zeros(LATENT), 5)
+    patched = _apply(pack, model, None)
+    with caplog.at_level(logging.WARNING):
+        out = comfy.sample.sample_custom(patched, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                         *conditioning, torch.zeros(LATENT), disable_pbar=True, seed=5)
+    assert torch.isfinite(out).all()
+    assert caplog.text.count("sigmas do not decrease") == 1
+    assert patched.model_options["transformer_options"]["hyca"].source.solver_map is None
+    assert list(tmp_path.iterdir()) == []
