@@ -72,7 +72,7 @@ class BlockPatch:
             return out
         residuals = {s: out[s] - before for s, before in call.unit_inputs.items()
                      if isinstance(out.get(s), torch.Tensor)}
-        if call.decision is Decision.MEASURE:  # adaptive: this first block's true residual decides the whole call
+        if call.decision is Decision.MEASURE:  # adaptive: the first unit's true residual decides the call
             state.decide(call, self.unit.key("img"), residuals["img"])
             if call.predict:
                 return out  # exact for this block; the others will be predicted

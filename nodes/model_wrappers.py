@@ -34,8 +34,8 @@ def variant(state: RunState, transformer_options: dict) -> frozenset | None:
     own evaluations (Heun's two, DPM++ 2S's midpoint included), which run with exactly those.
 
     Nodes that call the model again at a step's sigma for their own ends (Skip Layer Guidance skips blocks,
-    Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with replacement patches
-    of their own on top of the run's: such a call must never be taken for the sampler's evaluation of the step.
+    Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with replacement
+    patches of their own on top of the run's: such a call is never the sampler's evaluation of the step.
     Keyed by the patches' places, not their objects, its branch is the same whether the node makes its patch
     once or per call. None where it replaces a block inside a stack unit: that unit's prediction, added at its
     first block, and its residual, taken at its last, would not span what the call computes.
@@ -119,14 +119,14 @@ def whole_model_wrapper(executor, *args, **kwargs):
 
 
 def _check_units(state: RunState) -> None:
-    """A node placed after HyCa that replaced some blocks of a stack unit: the unit's prediction, added at its
-    first block, would be added again by the replaced block computing; its residual, taken between its first and
-    last block, might never be taken. Such a run computes fully and records nothing."""
+    """A node placed after HyCa that replaced some blocks of a stack unit: the unit's prediction, added at
+    its first block, would be added again by the replaced block computing; its residual, taken between its
+    first and last block, might never be taken. Such a run computes fully and records nothing."""
     found = Counter(patch.unit for patch in state.patches.values() if isinstance(patch, BlockPatch))
     broken = sorted(unit.name for unit, count in found.items() if count < unit.size)
     if broken:
-        logging.warning("HyCa: a node placed after HyCa replaced blocks of %s; this run computes fully. Place HyCa "
-                        "after it (HyCa then runs its patches as the blocks)", ", ".join(broken))
+        logging.warning("HyCa: a node placed after HyCa replaced blocks of %s; this run computes fully. "
+                        "Place HyCa after it (HyCa then runs its patches as the blocks)", ", ".join(broken))
         state.make_plan, state.recorder = None, None
 
 

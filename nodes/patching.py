@@ -41,7 +41,8 @@ def block_widths(model, granularity: str = "block") -> dict[str, int]:
     (per stack) -> 3072, or ``"model"`` -> latent channels."""
     if granularity == "model":
         return {MODEL_KEY.rsplit(".", 1)[0]: model.model.latent_format.latent_channels}
-    return {p.unit.name: p.block.width for p in _patches(patchable_blocks(model.model.diffusion_model), granularity)}
+    patches = _patches(patchable_blocks(model.model.diffusion_model), granularity)
+    return {p.unit.name: p.block.width for p in patches}
 
 
 def model_architecture(model) -> str:
@@ -76,15 +77,16 @@ def _keep_foreign(patched, patches: list[BlockPatch]) -> None:
         patch.inner = dit.get((patch.block.block_type, patch.block.index))
     kept = [patch.block.name for patch in patches if patch.inner is not None]
     if kept:
-        logging.info("HyCa: %d blocks carry another node's patch (%s%s); HyCa caches them as that patch computes "
-                     "them", len(kept), ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
+        logging.info("HyCa: %d blocks carry another node's patch (%s%s); HyCa caches them as that patch "
+                     "computes them", len(kept), ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
 
 
 def with_hyca(model, state: RunState, granularity: str = "block"):
     """A clone of ``model`` following ``state``; the input MODEL is left untouched."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    patches = [] if granularity == "model" else _patches(patchable_blocks(model.model.diffusion_model), granularity)
+    blocks = [] if granularity == "model" else patchable_blocks(model.model.diffusion_model)
+    patches = _patches(blocks, granularity)
     patched = model.clone()
     _without_hyca(patched)
     _keep_foreign(patched, patches)

@@ -33,7 +33,7 @@ class Decision(Enum):
     PREDICT = "predict"  # every unit's residual predicted from the branch's history
     MEASURE = "measure"  # adaptive: the first unit computes, and the map's error on it decides the rest
     CACHE = "cache"  # compute; the residuals are the step's first computation: the history keeps them
-    REPLACE = "replace"  # compute the step the history ends with again (Heun's correction): replace that entry
+    REPLACE = "replace"  # compute the history's newest step again (Heun's correction): replace that entry
     COMPUTE = "compute"  # compute, keep nothing: off-grid, an older step again, a stack cut by another node
 
     @property
@@ -141,7 +141,7 @@ class RunState:
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict,
                    variant: frozenset | None = frozenset()) -> Call:
-        """The decision for a model call. ``variant``: the replacement patches that another node's call changes
+        """The decision for a model call. ``variant``: the replacement patches another node's call changes
         from the run's own (`model_wrappers.variant`), empty for the sampler's own evaluations; such a call
         (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
         reading or writing the sampler's. None: a call that computes fully and keeps nothing."""
@@ -169,18 +169,18 @@ class RunState:
         rise = first_rise(sample_sigmas)
         if rise is not None:
             # the predictors' time grids, a map's probe and the step positions need strictly decreasing sigmas
-            logging.warning("HyCa: this run's sigmas do not decrease at step %d (%.4g after %.4g); every step "
-                            "computes fully and nothing is recorded", rise, sample_sigmas[rise],
+            logging.warning("HyCa: this run's sigmas do not decrease at step %d (%.4g after %.4g); every "
+                            "step computes fully and nothing is recorded", rise, sample_sigmas[rise],
                             sample_sigmas[rise - 1])
             self.make_plan = self.recorder = None
         elif self.make_plan is not None:
             self.plan = self.make_plan(sample_sigmas[:-1])
 
     def _decide_step(self, branch: Branch, step: float) -> Decision:
-        # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and is
-        # computed, uncached. Every later call at a step repeats its first decision (Heun evaluates most sigmas
-        # twice, heunpp2 looks ahead and back); a repeated computation replaces the cached one if it is the
-        # newest, and is not cached if a later step's already is.
+        # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and
+        # is computed, uncached. Every later call at a step repeats its first decision (Heun evaluates most
+        # sigmas twice, heunpp2 looks ahead and back); a repeated computation replaces the cached one if it
+        # is the newest, and is not cached if a later step's already is.
         if not step.is_integer():
             return Decision.COMPUTE
         earlier = branch.decided.get(int(step))
@@ -232,7 +232,7 @@ class RunState:
         self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
     def check(self, call: Call, unit: str, residual: torch.Tensor) -> None:
-        """Queue the check that a predicted residual is finite; `faults` reads the call's checks at its end."""
+        """Queue the check that a predicted residual is finite; `faults` reads a call's checks at its end."""
         call.checks.append((unit, finite(residual)))
 
     def faults(self, call: Call) -> frozenset[str]:
@@ -259,7 +259,8 @@ class RunState:
         cache_key = (key, int(call.step), tuple(branch.steps), history.device)
         weights = self.weights.get(cache_key)
         if weights is None:
-            table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas), call.sigma)
+            table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
+                                           call.sigma)
             weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
         return history.predict(weights).to(like.device, like.dtype)
 
@@ -274,7 +275,8 @@ class RunState:
         if self.fallbacks:
             text += f"; {self.fallbacks} computed as their prediction was not finite"
         if self.extra_calls:
-            text += f"; {self.extra_calls} model calls with other nodes' patches (Skip Layer Guidance ...) kept apart"
+            text += (f"; {self.extra_calls} model calls with other nodes' patches (Skip Layer Guidance ...) "
+                     "kept apart")
         return text
 
 

@@ -12,6 +12,7 @@ A shorter session does the same among other nodes: Skip Layer Guidance before an
 twice, and schedules that repeat a sigma.
 """
 
+import functools
 import logging
 import random
 import weakref
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
+from harness.other_nodes import scheduler_sigmas, skip_layer_guidance, skip_layer_guidance_simple
 
 RUNS = 200
 FLUX = tiny_models.FLUX_SMALLEST
@@ -177,28 +179,12 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
         tracker.peak_run / 1024, tracker.peak_held / 1024, compiled / 1024)
 
 
-def _slg(model):
-    """ComfyUI's Skip Layer Guidance (DiT): a layer-skipped second pass at every step's sigma."""
-    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
-
-    return SkipLayerGuidanceDiT.execute(model, scale=3.0, start_percent=0.0, end_percent=1.0, double_layers="0",
-                                        single_layers="")[0]
-
-
-def _slg_simple(model):
-    """Its simple variant: the unconditional pass with layers skipped, in the first half of the denoising."""
-    from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
-
-    return SkipLayerGuidanceDiTSimple.execute(model, start_percent=0.0, end_percent=0.5, double_layers="0",
-                                              single_layers="")[0]
-
-
 def test_a_long_session_among_other_nodes(pack, monkeypatch):
-    """Every output is what a fresh build of its graph gives (Apply chained twice: a single Apply with the second's
-    settings), or where the schedule repeats a sigma, the graph without HyCa's, bit for bit; nothing of a run stays."""
+    """Every output is what a fresh build of its graph gives (Apply chained twice: a single Apply with the
+    second's settings), or where the schedule repeats a sigma, the graph without HyCa's, bit for bit; nothing
+    of a run stays."""
     import comfy.sample
     import comfy.samplers
-    from comfy_extras.nodes_custom_sampler import BasicScheduler
 
     Schedule = pack.hyca_core.schedule.Schedule
     flux = tiny_models.build(FLUX, seed=63)
@@ -209,10 +195,12 @@ def test_a_long_session_among_other_nodes(pack, monkeypatch):
     def apply(model, interval=N):
         return pack.nodes.apply_node.apply_hyca(model, flux_map, Schedule(interval, WARMUP))
 
+    slg, slg_simple = skip_layer_guidance, functools.partial(skip_layer_guidance_simple, end_percent=0.5)
     graphs = {  # name -> (the graph with HyCa, a fresh graph it must equal, the graph without HyCa)
-        "slg-after-hyca": (lambda: _slg(apply(flux)), lambda: _slg(apply(flux)), lambda: _slg(flux)),
-        "slg-before-hyca": (lambda: apply(_slg(flux)), lambda: apply(_slg(flux)), lambda: _slg(flux)),
-        "slg-simple": (lambda: apply(_slg_simple(flux)), lambda: apply(_slg_simple(flux)), lambda: _slg_simple(flux)),
+        "slg-after-hyca": (lambda: slg(apply(flux)), lambda: slg(apply(flux)), lambda: slg(flux)),
+        "slg-before-hyca": (lambda: apply(slg(flux)), lambda: apply(slg(flux)), lambda: slg(flux)),
+        "slg-simple": (lambda: apply(slg_simple(flux)), lambda: apply(slg_simple(flux)),
+                       lambda: slg_simple(flux)),
         "apply-twice": (lambda: apply(apply(flux, 3)), lambda: apply(flux), lambda: flux),
     }
     tracker = Tracker(pack, monkeypatch)
@@ -232,7 +220,7 @@ def test_a_long_session_among_other_nodes(pack, monkeypatch):
         name = draw.choice(sorted(graphs))
         steps, cfg, seed = draw.choice(STEPS[1:]), draw.choice((1.0, 3.0)), draw.randrange(2)
         sampler, repeated = draw.choice(("euler", "heun")), draw.random() < 0.3
-        sigmas = BasicScheduler.execute(flux, "simple", steps, 1.0)[0]
+        sigmas = scheduler_sigmas(flux, steps)
         if repeated:
             sigmas = torch.cat([sigmas[:3], sigmas[2:]])
         out = run(session[name], sigmas, cfg, sampler, seed)

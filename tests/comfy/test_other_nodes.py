@@ -1,9 +1,9 @@
 """HyCa among other nodes that patch or call the model, on a tiny real FLUX with ComfyUI's real samplers.
 
 Skip Layer Guidance calls the model a second time at a step's sigma with blocks skipped: that call caches
-apart from the sampler's and never reads or writes their cache. A block patch another node put on the model is run as the
-block, whichever node comes first. A second HyCa on a model (Apply chained twice, Calibrate on Apply's
-output) replaces the first. A schedule whose sigmas do not strictly decrease computes fully.
+apart from the sampler's and never reads or writes their cache. A block patch another node put on the model
+is run as the block, whichever node comes first. A second HyCa on a model (Apply chained twice, Calibrate on
+Apply's output) replaces the first. A schedule whose sigmas do not strictly decrease computes fully.
 """
 
 import functools
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
+from harness.other_nodes import scheduler_sigmas, skip_layer_guidance, skip_layer_guidance_simple
 from harness.metrics import psnr
 
 LATENT = (1, 16, 16, 16)
@@ -28,22 +29,6 @@ def _apply(pack, model, solver_map, interval=N, **kwargs):
 
 def _sample(model, conditioning, cfg=1.0, steps=STEPS):
     return sampling.sample(model, *conditioning, torch.zeros(LATENT), steps=steps, cfg=cfg, seed=5)
-
-
-def _slg(model, end=1.0):
-    """ComfyUI's Skip Layer Guidance (DiT) node: a second, layer-skipped conditional pass after CFG."""
-    from comfy_extras.nodes_slg import SkipLayerGuidanceDiT
-
-    return SkipLayerGuidanceDiT.execute(model, scale=3.0, start_percent=0.0, end_percent=end, double_layers="0",
-                                        single_layers="")[0]
-
-
-def _slg_simple(model, end):
-    """ComfyUI's Skip Layer Guidance (DiT, simple): the unconditional pass with layers skipped, inside a window."""
-    from comfy_extras.nodes_slg import SkipLayerGuidanceDiTSimple
-
-    return SkipLayerGuidanceDiTSimple.execute(model, start_percent=0.0, end_percent=end, double_layers="0",
-                                              single_layers="")[0]
 
 
 def _slg_pass_without_hyca(pack, model):
@@ -62,11 +47,20 @@ def _slg_pass_without_hyca(pack, model):
     return clone
 
 
+def _stacked(pack):
+    """A tiny FLUX of two double and two single blocks, its conditioning and a stack-granularity map."""
+    config = tiny_models.FLUX
+    flux = tiny_models.build(config, seed=3)
+    conditioning = sampling.flux_conditioning(config["context_in_dim"], config["vec_in_dim"])
+    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
+    return flux, conditioning, stack_map
+
+
 class HistoryAudit:
     """Wraps every HyCa block patch of a model and watches one block. Keeps the residual it computes in each
     call under that call's branch, and at each call that predicts it, notes whether the history predicted from
     is exactly the residuals computed in that branch's calls. Tells Skip Layer Guidance's skipped passes from
-    the sampler's own calls by a dit patch that is not one of these wrappers, and notes the branches of each."""
+    the sampler's own calls by a dit patch that is not one of these wrappers; notes the branches of each."""
 
     def __init__(self, pack, patched, block=("single_block", 0)):
         self.current_call = pack.nodes.run_state.current_call
@@ -112,10 +106,10 @@ def test_skip_layer_guidance_pass_caches_apart(pack, flux, solver_map, condition
     own, predicted at the steps the sampler's are."""
     def build(interval):
         if order == "slg-after-hyca":
-            return _slg(_apply(pack, flux, solver_map, interval))
-        return _apply(pack, _slg(flux), solver_map, interval)
+            return skip_layer_guidance(_apply(pack, flux, solver_map, interval))
+        return _apply(pack, skip_layer_guidance(flux), solver_map, interval)
 
-    full = _sample(_slg(flux), conditioning)
+    full = _sample(skip_layer_guidance(flux), conditioning)
     assert not torch.equal(full, _sample(flux, conditioning))  # the guidance acts
     assert torch.equal(_sample(build(1), conditioning), full)
 
@@ -130,18 +124,17 @@ def test_skip_layer_guidance_pass_caches_apart(pack, flux, solver_map, condition
     assert f"; {STEPS} {EXTRA}" in caplog.text
     value = psnr(out, full)
     logging.getLogger(__name__).warning("measured: SLG %s, N=%d: PSNR %.1f dB", order, N, value)
-    assert not torch.equal(out, full) and value > 55  # measured 60.2 dB (scale 3 magnifies the cond pass's error)
+    assert not torch.equal(out, full) and value > 55  # measured 60.2 dB; scale 3 magnifies the cond's error
 
 
 def test_skip_layer_guidance_inside_a_stack_computes_its_pass(pack, caplog):
     """A pass that skips a block inside a stack unit cannot use the stack's residuals: it computes fully and
     keeps nothing, as the unpatched model computes it."""
-    flux = tiny_models.build(tiny_models.FLUX, seed=3)  # stacks of two double and two single blocks
-    conditioning = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
-    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
-    full = _sample(_slg(flux), conditioning)
-    assert torch.equal(_sample(_slg(_apply(pack, flux, stack_map, 1, granularity="stack")), conditioning), full)
-    patched = _slg(_apply(pack, flux, stack_map, granularity="stack"))
+    flux, conditioning, stack_map = _stacked(pack)
+    full = _sample(skip_layer_guidance(flux), conditioning)
+    exact = skip_layer_guidance(_apply(pack, flux, stack_map, 1, granularity="stack"))
+    assert torch.equal(_sample(exact, conditioning), full)
+    patched = skip_layer_guidance(_apply(pack, flux, stack_map, granularity="stack"))
     out = _sample(patched, conditioning)
     assert torch.equal(out, _sample(_slg_pass_without_hyca(pack, patched), conditioning))
     assert not torch.equal(out, full)
@@ -151,9 +144,10 @@ def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_ma
     """The simple variant skips layers in the unconditional pass inside its window only: the plain passes
     outside it never predict from the skipped ones."""
     end, cfg = 0.5, 3.0
-    full = _sample(_slg_simple(flux, end), conditioning, cfg)
-    assert torch.equal(_sample(_apply(pack, _slg_simple(flux, end), solver_map, 1), conditioning, cfg), full)
-    patched = _apply(pack, _slg_simple(flux, end), solver_map)
+    full = _sample(skip_layer_guidance_simple(flux, end), conditioning, cfg)
+    exact = _apply(pack, skip_layer_guidance_simple(flux, end), solver_map, 1)
+    assert torch.equal(_sample(exact, conditioning, cfg), full)
+    patched = _apply(pack, skip_layer_guidance_simple(flux, end), solver_map)
     audit = HistoryAudit(pack, patched)
     out = _sample(patched, conditioning, cfg)
     assert audit.predicted["own"] > 0 and audit.predicted["skipped"] > 0 and audit.stale == 0
@@ -168,7 +162,7 @@ def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_ma
 
 
 def _halved(args, extra):
-    """Another node's dit patch: the block adds half its residual (IPAdapter-style packs reshape blocks so)."""
+    """Another node's dit patch: the block adds half its residual (IPAdapter-style packs reshape blocks)."""
     before = {s: args[s].clone() for s in ("img", "txt") if s in args}
     out = extra["original_block"](args)
     return {**out, **{s: before[s] + 0.5 * (out[s] - before[s]) for s in before}}
@@ -188,7 +182,8 @@ def test_a_block_patch_placed_before_hyca_is_run_as_the_block(pack, flux, solver
         assert torch.equal(_sample(_apply(pack, foreign, solver_map, 1), conditioning), full)
     assert "1 blocks carry another node's patch (double_block.0)" in caplog.text
     # a second HyCa replaces the first and keeps the other node's patch
-    assert torch.equal(_sample(_apply(pack, _apply(pack, foreign, solver_map), solver_map, 1), conditioning), full)
+    twice = _apply(pack, _apply(pack, foreign, solver_map), solver_map, 1)
+    assert torch.equal(_sample(twice, conditioning), full)
     patched = _apply(pack, foreign, solver_map)
     audit = HistoryAudit(pack, patched, block=("double_block", 0))
     out = _sample(patched, conditioning)
@@ -211,15 +206,14 @@ def test_a_block_patch_placed_after_hyca(pack, flux, solver_map, conditioning):
 def test_a_block_patch_placed_after_hyca_inside_a_stack_computes_the_run(pack, caplog):
     """A stack's prediction is added at its first block and its residual taken at its last: a block of it
     replaced after HyCa breaks both, so the run computes fully, with a warning."""
-    flux = tiny_models.build(tiny_models.FLUX, seed=3)  # stacks of two double and two single blocks
-    conditioning = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
-    stack_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, granularity="stack")
+    flux, conditioning, stack_map = _stacked(pack)
     for block in (("double_block", 0), ("double_block", 1), ("single_block", 1)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
-            out = _sample(_with_patch(_apply(pack, flux, stack_map, granularity="stack"), block), conditioning)
+            patched = _with_patch(_apply(pack, flux, stack_map, granularity="stack"), block)
+            out = _sample(patched, conditioning)
         assert torch.equal(out, _sample(_with_patch(flux, block), conditioning)), block
-        assert f"a node placed after HyCa replaced blocks of {block[0]}s; this run computes fully" in caplog.text
+        assert f"replaced blocks of {block[0]}s; this run computes fully" in caplog.text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -240,7 +234,8 @@ def test_a_second_apply_replaces_the_first(pack, flux, solver_map, conditioning,
     maps = {"block": solver_map, "model": model_map}
     first = _apply(pack, flux, maps[granularity], interval, granularity=granularity)
     with caplog.at_level(logging.WARNING):
-        second = _apply(pack, first, maps[second_granularity], second_interval, granularity=second_granularity)
+        second = _apply(pack, first, maps[second_granularity], second_interval,
+                        granularity=second_granularity)
     alone = _apply(pack, flux, maps[second_granularity], second_interval, granularity=second_granularity)
     assert torch.equal(_sample(second, conditioning), _sample(alone, conditioning))
     assert caplog.text.count("this model already has HyCa on it") == 1
@@ -268,9 +263,9 @@ def test_calibrate_on_an_applied_model_probes_at_full_compute(pack, flux, solver
 
 
 def _schedules(flux):
-    from comfy_extras.nodes_custom_sampler import BasicScheduler, SetFirstSigma
+    from comfy_extras.nodes_custom_sampler import SetFirstSigma
 
-    sigmas = BasicScheduler.execute(flux, "simple", STEPS, 1.0)[0]
+    sigmas = scheduler_sigmas(flux, STEPS)
     return {
         "repeated": torch.cat([sigmas[:7], sigmas[6:]]),
         "set-first-sigma": SetFirstSigma.execute(sigmas, 0.5)[0],
@@ -280,7 +275,8 @@ def _schedules(flux):
 
 @pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("name", ["repeated", "set-first-sigma", "bump"])
-def test_sigmas_that_do_not_decrease_compute_fully(pack, flux, solver_map, conditioning, name, adaptive, caplog):
+def test_sigmas_that_do_not_decrease_compute_fully(pack, flux, solver_map, conditioning, name, adaptive,
+                                                    caplog):
     import comfy.sample
     import comfy.samplers
 
@@ -299,7 +295,8 @@ def test_sigmas_that_do_not_decrease_compute_fully(pack, flux, solver_map, condi
 
 
 @pytest.mark.parametrize("name", ["repeated", "bump"])
-def test_sigmas_that_do_not_decrease_calibrate_nothing(pack, conditioning, name, tmp_path, monkeypatch, caplog):
+def test_sigmas_that_do_not_decrease_calibrate_nothing(pack, conditioning, name, tmp_path, monkeypatch,
+                                                       caplog):
     """Auto mode (no map yet) records nothing from such a run: a map fitted on it would not load."""
     import comfy.sample
     import comfy.samplers
