@@ -23,24 +23,29 @@ from .run_state import OPTIONS_KEY, RunState, call_scope
 MODEL_KEY = "model.out"  # the whole model's residual (output - input), for whole-model granularity
 
 
-def replacements(transformer_options: dict) -> dict[tuple, object]:
-    """Every replacement patch a model call runs with: (kind, key) -> patch, kind "dit", "attn1" ..."""
-    return {(kind, key): patch for kind, patches in transformer_options.get("patches_replace", {}).items()
-            for key, patch in patches.items()}
+def patches_by_place(transformer_options: dict) -> dict[tuple, object]:
+    """Every patch a model call runs with, by its place: ("replace", "dit", ("double_block", 3)) for a block
+    replacement, ("patch", "post_input", 0) for the first patch of a list."""
+    replaced, listed = transformer_options.get("patches_replace", {}), transformer_options.get("patches", {})
+    places = {("replace", kind, key): patch for kind, patches in replaced.items()
+              for key, patch in patches.items()}
+    places.update({("patch", name, i): patch for name, patches in listed.items()
+                   for i, patch in enumerate(patches)})
+    return places
 
 
 def variant(state: RunState, transformer_options: dict) -> frozenset | None:
-    """Which replacement patches a model call changes from those the run started with: none for the sampler's
+    """The places of the patches a model call changes from those the run started with: none for the sampler's
     own evaluations (Heun's two, DPM++ 2S's midpoint included), which run with exactly those.
 
     Nodes that call the model again at a step's sigma for their own ends (Skip Layer Guidance skips blocks,
-    Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with replacement
-    patches of their own on top of the run's: such a call is never the sampler's evaluation of the step.
-    Keyed by the patches' places, not their objects, its branch is the same whether the node makes its patch
-    once or per call. None where it replaces a block inside a stack unit: that unit's prediction, added at its
-    first block, and its residual, taken at its last, would not span what the call computes.
+    Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with patches of their
+    own on top of the run's: such a call is never the sampler's evaluation of the step. Keyed by places, not
+    objects, its branch is the same whether the node makes its patch once or per call. None where it replaces
+    a block inside a stack unit: that unit's prediction, added at its first block, and its residual, taken at
+    its last, would not span what the call computes.
     """
-    found, own = replacements(transformer_options), state.patches
+    found, own = patches_by_place(transformer_options), state.patches
     changed = frozenset(k for k in found.keys() | own.keys() if found.get(k) is not own.get(k))
     if any(isinstance(own.get(k), BlockPatch) and own[k].unit.size > 1 for k in changed):
         return None
@@ -139,7 +144,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]
     state = transformer_options[OPTIONS_KEY] = transformer_options[OPTIONS_KEY].clone()
-    state.patches = replacements(transformer_options)  # what tells the sampler's calls from other nodes'
+    state.patches = patches_by_place(transformer_options)  # what tells the sampler's calls from other nodes'
     _check_units(state)
     completed = False
     try:

@@ -117,10 +117,10 @@ class RunState:
         self.computed = 0
         self.predicted = 0
         self.fallbacks = 0  # block calls computed because their prediction was not finite
-        self.extra_calls = 0  # model calls with other nodes' replacement patches (Skip Layer Guidance ...)
+        self.extra_calls = 0  # model calls with other nodes' patches (Skip Layer Guidance ...)
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
-        self.patches: dict[tuple, object] = {}  # the replacement patches the sampler's own calls run with
+        self.patches: dict[tuple, object] = {}  # the patches the sampler's own calls run with, by place
         self.recorded: Branch | None = None  # the branch a calibration records: the sampler's first
 
     def clone(self) -> "RunState":
@@ -141,7 +141,7 @@ class RunState:
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict,
                    variant: frozenset | None = frozenset()) -> Call:
-        """The decision for a model call. ``variant``: the replacement patches another node's call changes
+        """The decision for a model call. ``variant``: the places of the patches another node's call changes
         from the run's own (`model_wrappers.variant`), empty for the sampler's own evaluations; such a call
         (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
         reading or writing the sampler's. None: a call that computes fully and keeps nothing."""

@@ -59,19 +59,22 @@ def _stacked(pack):
 class HistoryAudit:
     """Wraps every HyCa block patch of a model and watches one block. Keeps the residual it computes in each
     call under that call's branch, and at each call that predicts it, notes whether the history predicted from
-    is exactly the residuals computed in that branch's calls. Tells Skip Layer Guidance's skipped passes from
-    the sampler's own calls by a dit patch that is not one of these wrappers; notes the branches of each."""
+    is exactly the residuals computed in that branch's calls. Tells another node's extra passes from the
+    sampler's own calls (``extra(options, wrappers)``; by default: a dit patch that is not one of these
+    wrappers, as Skip Layer Guidance's) and notes the branches of each."""
 
-    def __init__(self, pack, patched, block=("single_block", 0)):
+    def __init__(self, pack, patched, block=("single_block", 0), extra=None):
         self.current_call = pack.nodes.run_state.current_call
         self.block, self.key = block, f"{block[0]}.{block[1]}.img"
+        self.extra = extra or (lambda options, wrappers: any(
+            options["patches_replace"]["dit"].get(k) is not w for k, w in wrappers.items()))
         dit = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         self.wrappers = {}
         for key, patch in list(dit.items()):
             dit[key] = self.wrappers[key] = functools.partial(self._call, key, patch)
         self.residuals = {}  # (branch, step) -> the block's computed residual
-        self.branches = {"own": set(), "skipped": set()}
-        self.predicted = {"own": 0, "skipped": 0}
+        self.branches = {"own": set(), "extra": set()}
+        self.predicted = {"own": 0, "extra": 0}
         self.stale = 0
 
     def _call(self, key, patch, args, extra):
@@ -79,8 +82,7 @@ class HistoryAudit:
         call = self.current_call(options)
         if key != self.block or call is None:
             return patch(args, extra)
-        dit = options["patches_replace"]["dit"]
-        kind = "skipped" if any(dit.get(k) is not w for k, w in self.wrappers.items()) else "own"
+        kind = "extra" if self.extra(options, self.wrappers) else "own"
         self.branches[kind].add(id(call.branch))
         if call.predict:
             views = call.branch.histories[self.key].views()
@@ -118,9 +120,9 @@ def test_skip_layer_guidance_pass_caches_apart(pack, flux, solver_map, condition
     with caplog.at_level(logging.INFO):
         out = _sample(patched, conditioning)
     predicted_steps = int((~pack.hyca_core.schedule.Schedule(N, WARMUP).mask(STEPS)).sum())
-    assert audit.predicted == {"own": predicted_steps, "skipped": predicted_steps} and audit.stale == 0
-    assert len(audit.branches["own"]) == len(audit.branches["skipped"]) == 1
-    assert not audit.branches["own"] & audit.branches["skipped"]
+    assert audit.predicted == {"own": predicted_steps, "extra": predicted_steps} and audit.stale == 0
+    assert len(audit.branches["own"]) == len(audit.branches["extra"]) == 1
+    assert not audit.branches["own"] & audit.branches["extra"]
     assert f"; {STEPS} {EXTRA}" in caplog.text
     value = psnr(out, full)
     logging.getLogger(__name__).warning("measured: SLG %s, N=%d: PSNR %.1f dB", order, N, value)
@@ -150,11 +152,48 @@ def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_ma
     patched = _apply(pack, skip_layer_guidance_simple(flux, end), solver_map)
     audit = HistoryAudit(pack, patched)
     out = _sample(patched, conditioning, cfg)
-    assert audit.predicted["own"] > 0 and audit.predicted["skipped"] > 0 and audit.stale == 0
-    assert not audit.branches["own"] & audit.branches["skipped"]
+    assert audit.predicted["own"] > 0 and audit.predicted["extra"] > 0 and audit.stale == 0
+    assert not audit.branches["own"] & audit.branches["extra"]
     value = psnr(out, full)
     logging.getLogger(__name__).warning("measured: SLG simple, cfg %.0f, N=%d: PSNR %.1f dB", cfg, N, value)
     assert not torch.equal(out, full) and value > 60  # measured 65.8 dB
+
+
+def _weakened_text_guidance(model):
+    """A guidance trick as a node would build it with ComfyUI's own mechanisms: after CFG, a second conditional
+    pass at the step's sigma whose text stream a "post_input" patch weakens, pushed away from."""
+    import comfy.samplers
+
+    def weaken(inputs):
+        return {**inputs, "txt": inputs["txt"] * 0.5}
+
+    def post_cfg(args):
+        options = args["model_options"].copy()
+        transformer_options = options["transformer_options"] = options["transformer_options"].copy()
+        patches = transformer_options["patches"] = dict(transformer_options.get("patches", {}))
+        patches["post_input"] = patches.get("post_input", []) + [weaken]
+        (weak,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
+                                                  options)
+        return args["denoised"] + (args["cond_denoised"] - weak)
+
+    guided = model.clone()
+    guided.set_model_sampler_post_cfg_function(post_cfg)
+    return guided
+
+
+def test_a_guidance_pass_with_list_patches_caches_apart(pack, flux, solver_map, conditioning):
+    """Not only replacement patches: a pass that adds a patch to a list (here "post_input") is another's too."""
+    full = _sample(_weakened_text_guidance(flux), conditioning)
+    assert not torch.equal(full, _sample(flux, conditioning))
+    assert torch.equal(_sample(_weakened_text_guidance(_apply(pack, flux, solver_map, 1)), conditioning), full)
+    patched = _weakened_text_guidance(_apply(pack, flux, solver_map))
+    audit = HistoryAudit(pack, patched, extra=lambda options, _: "post_input" in options.get("patches", {}))
+    out = _sample(patched, conditioning)
+    assert audit.predicted["own"] > 0 and audit.predicted["extra"] > 0 and audit.stale == 0
+    assert not audit.branches["own"] & audit.branches["extra"]
+    value = psnr(out, full)
+    logging.getLogger(__name__).warning("measured: a list-patch guidance pass, N=%d: PSNR %.1f dB", N, value)
+    assert not torch.equal(out, full) and value > 65  # measured 70.5 dB
 
 
 # ---------------------------------------------------------------------------------------------------------
