@@ -121,7 +121,7 @@ class RunState:
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
         self.patches: dict[tuple, object] = {}  # the patches the sampler's own calls run with, by place
-        self.recorded: Branch | None = None  # the branch a calibration records: the sampler's first
+        self.recorded: Branch | None = None  # the branch a calibration records: the run's first
 
     def clone(self) -> "RunState":
         return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate,
@@ -160,7 +160,7 @@ class RunState:
         if branch is None:
             gate = copy.copy(self.gate) if self.gate else None
             branch = self.branches[key] = Branch(gate=gate)
-            if not variant and self.recorded is None:
+            if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
                 self.recorded = branch
         return Call(self._decide_step(branch, step), step, sigma, branch)
 
