@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from .block_patch import BlockPatch
-from .run_state import OPTIONS_KEY, RunState, call_scope
+from .run_state import OPTIONS_KEY, Call, RunState, call_scope
 
 MODEL_KEY = "model.out"  # the whole model's residual (output - input), for whole-model granularity
 
@@ -34,22 +34,36 @@ def patches_by_place(transformer_options: dict) -> dict[tuple, object]:
     return places
 
 
-def variant(state: RunState, transformer_options: dict) -> frozenset | None:
-    """The places of the patches a model call changes from those the run started with: none for the sampler's
-    own evaluations (Heun's two, DPM++ 2S's midpoint included), which run with exactly those.
+def _cut_units(places: dict[tuple, object]) -> list[str]:
+    """Stack units some of whose blocks run another node's patch instead of HyCa's: the unit's prediction,
+    added at its first block, would be added again by such a block computing, and its residual, taken
+    between its first and last block, might never be taken."""
+    found = Counter(patch.unit for patch in places.values() if isinstance(patch, BlockPatch))
+    return sorted(unit.name for unit, count in found.items() if count < unit.size)
+
+
+def begin_call(state: RunState, x: torch.Tensor, transformer_options: dict) -> Call:
+    """The run state's call for a model call, with the places of the patches it changes from the sampler's.
 
     Nodes that call the model again at a step's sigma for their own ends (Skip Layer Guidance skips blocks,
     Self-Attention Guidance perturbs attention) do so through ComfyUI's model options with patches of their
-    own on top of the run's: such a call is never the sampler's evaluation of the step. Keyed by places, not
-    objects, its branch is the same whether the node makes its patch once or per call. None where it replaces
-    a block inside a stack unit: that unit's prediction, added at its first block, and its residual, taken at
-    its last, would not span what the call computes.
+    own on top of the run's: such a call is never the sampler's evaluation of a step (`RunState.begin_call`).
+    The sampler's calls (Heun's two, DPM++ 2S's midpoint included) run with the patches of the run's first
+    call, its first evaluation; taken there rather than when the run starts, as ComfyUI adds hooks' patches
+    while it prepares the run. Keyed by places, not objects, another node's call gets the same branch
+    whether it makes its patch once or per call; one that cuts a stack unit computes fully.
     """
-    found, own = patches_by_place(transformer_options), state.patches
-    changed = frozenset(k for k in found.keys() | own.keys() if found.get(k) is not own.get(k))
-    if any(isinstance(own.get(k), BlockPatch) and own[k].unit.size > 1 for k in changed):
-        return None
-    return changed
+    places = patches_by_place(transformer_options)
+    cut = _cut_units(places)
+    if not state.started:
+        state.patches = places
+        if cut:
+            logging.warning("HyCa: a node placed after HyCa replaced blocks of %s; this run computes fully. "
+                            "Place HyCa after it (HyCa then runs its patches as the blocks)", ", ".join(cut))
+            state.make_plan = state.recorder = None
+    own = state.patches
+    changed = frozenset(k for k in places.keys() | own.keys() if places.get(k) is not own.get(k))
+    return state.begin_call(x, transformer_options, None if changed and cut else changed)
 
 
 def _transformer_options(args, kwargs) -> dict:
@@ -73,7 +87,7 @@ def apply_model_wrapper(executor, *args, **kwargs):
     state = _run_state(transformer_options)
     if state is None:
         return executor(*args, **kwargs)
-    call = state.begin_call(args[0], transformer_options, variant(state, transformer_options))
+    call = begin_call(state, args[0], transformer_options)
     counts = state.computed, state.predicted
     with call_scope(transformer_options, call):
         out = executor(*args, **kwargs)
@@ -105,7 +119,7 @@ def whole_model_wrapper(executor, *args, **kwargs):
     if state is None:
         return executor(*args, **kwargs)
     x = args[0]
-    call = state.begin_call(x, transformer_options, variant(state, transformer_options))
+    call = begin_call(state, x, transformer_options)
     if call.predict:
         residual = state.predicted_residual(call, MODEL_KEY, _as_tokens(x))
         state.check(call, MODEL_KEY, residual)
@@ -123,18 +137,6 @@ def whole_model_wrapper(executor, *args, **kwargs):
     return out
 
 
-def _check_units(state: RunState) -> None:
-    """A node placed after HyCa that replaced some blocks of a stack unit: the unit's prediction, added at
-    its first block, would be added again by the replaced block computing; its residual, taken between its
-    first and last block, might never be taken. Such a run computes fully and records nothing."""
-    found = Counter(patch.unit for patch in state.patches.values() if isinstance(patch, BlockPatch))
-    broken = sorted(unit.name for unit, count in found.items() if count < unit.size)
-    if broken:
-        logging.warning("HyCa: a node placed after HyCa replaced blocks of %s; this run computes fully. "
-                        "Place HyCa after it (HyCa then runs its patches as the blocks)", ", ".join(broken))
-        state.make_plan, state.recorder = None, None
-
-
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Give this sampling run its own state and release it however the run ends."""
     import comfy.model_patcher
@@ -144,8 +146,6 @@ def outer_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
     transformer_options = guider.model_options["transformer_options"]
     state = transformer_options[OPTIONS_KEY] = transformer_options[OPTIONS_KEY].clone()
-    state.patches = patches_by_place(transformer_options)  # what tells the sampler's calls from other nodes'
-    _check_units(state)
     completed = False
     try:
         out = executor(*args, **kwargs)

@@ -142,7 +142,7 @@ class RunState:
     def begin_call(self, x: torch.Tensor, transformer_options: dict,
                    variant: frozenset | None = frozenset()) -> Call:
         """The decision for a model call. ``variant``: the places of the patches another node's call changes
-        from the run's own (`model_wrappers.variant`), empty for the sampler's own evaluations; such a call
+        from the sampler's (`model_wrappers.begin_call`), empty for the sampler's own evaluations; such a call
         (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
         reading or writing the sampler's. None: a call that computes fully and keeps nothing."""
         sample_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()

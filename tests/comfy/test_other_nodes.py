@@ -353,3 +353,23 @@ def test_sigmas_that_do_not_decrease_calibrate_nothing(pack, conditioning, name,
     assert caplog.text.count("sigmas do not decrease") == 1
     assert patched.model_options["transformer_options"]["hyca"].source.solver_map is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_patches_a_hook_adds_while_the_run_is_prepared_are_the_samplers(pack, flux, solver_map, conditioning,
+                                                                        caplog):
+    """A TransformerOptionsHook on the conditioning adds its patches to every call once ComfyUI prepares the
+    run: the sampler's calls, not another node's."""
+    import comfy.hooks
+
+    def shift(inputs):
+        return {**inputs, "img": inputs["img"] + 0.1}
+
+    hooks = comfy.hooks.HookGroup()
+    hooks.add(comfy.hooks.TransformerOptionsHook({"patches": {"post_input": [shift]}}))
+    hooked = tuple(comfy.hooks.set_hooks_for_conditioning(c, hooks) for c in conditioning)
+    full = _sample(flux, hooked)
+    assert not torch.equal(full, _sample(flux, conditioning))  # the hook acts
+    with caplog.at_level(logging.INFO):
+        out = _sample(_apply(pack, flux, solver_map), hooked)
+    assert "block calls computed" in caplog.text and "kept apart" not in caplog.text
+    assert psnr(out, full) > 60
