@@ -77,28 +77,27 @@ def compiled_map(pack, keys, step_sigmas: np.ndarray, schedule):
 
 def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[float]:
     """HyCa's time at each step of one sampling run, the block's compute left out."""
-    block_cache, families = pack.nodes.block_cache, pack.nodes.families
+    run_state, families = pack.nodes.run_state, pack.nodes.families
     img, txt, vec, pe = inputs
     generator = torch.Generator().manual_seed(1)
     outputs = {s: x + 0.1 * torch.randn(x.shape, generator=generator).to(dtype)
                for s, x in (("img", img), ("txt", txt))}
-    patch = block_cache.BlockPatch(families.Block("double_block", 0, HIDDEN),
-                                   block_cache.Unit("double_block.0", 1))
+    patch = pack.nodes.block_patch.BlockPatch(families.Block("double_block", 0, HIDDEN),
+                                              pack.nodes.block_patch.Unit("double_block.0", 1))
     stand_in = {"original_block": lambda args: dict(outputs)}
-    state = block_cache.RunState(make_plan=lambda sigmas: plan)
-    options = {"sample_sigmas": torch.tensor([*step_sigmas, 0.0]), block_cache.OPTIONS_KEY: state}
+    state = run_state.RunState(make_plan=lambda sigmas: plan)
+    options = {"sample_sigmas": torch.tensor([*step_sigmas, 0.0]), run_state.OPTIONS_KEY: state}
     args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
     times = []
     with torch.inference_mode():
         for sigma in step_sigmas:
             options["sigmas"] = torch.tensor([sigma])
-            call = options[block_cache._CALL_KEY] = state.begin_call(img, options)
-            start = time.perf_counter()
-            patch(args, stand_in)
-            times.append(time.perf_counter() - start)
-            state.faults(call)
+            with run_state.call_scope(options, state.begin_call(img, options)) as call:
+                start = time.perf_counter()
+                patch(args, stand_in)
+                times.append(time.perf_counter() - start)
+                state.faults(call)
             state.end_call(call)
-            del options[block_cache._CALL_KEY]
     return times
 
 

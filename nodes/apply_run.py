@@ -10,7 +10,7 @@ import torch
 from ..hyca_core.schedule import AdaptiveGate
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import ui_text
-from .block_cache import RunState
+from .run_state import RunState
 from .history_memory import HistoryMemory, Placement, log_fallback, moved
 from .map_source import MapSource
 
@@ -36,18 +36,18 @@ class ApplyRunState(RunState):
         self.spare_device = torch.device(spare_device)  # the model's offload device: a history fallback
         self.memory = HistoryMemory(None, self.spare_device, options.memory_budget)
         self.run_sigmas = None  # the run's sigmas, the final one included: what a probe must cover
-        self.started = time.perf_counter()  # a run's state is cloned as the run starts
+        self.wall_start = time.perf_counter()  # a run's state is cloned as the run starts
 
     def clone(self) -> "ApplyRunState":
         return ApplyRunState(self.source, self.spare_device)
 
-    def begin_call(self, x, transformer_options):
+    def begin_call(self, x, transformer_options, variant=frozenset()):
         if self.run_sigmas is None:
             self.run_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
-        return super().begin_call(x, transformer_options)
+        return super().begin_call(x, transformer_options, variant)
 
     def store(self, call, key: str, residual: torch.Tensor) -> None:
-        if self.plan is not None and call.cache and key not in call.branch.histories:
+        if self.plan is not None and call.decision.keeps and key not in call.branch.histories:
             self._place_history(key, residual)
         super().store(call, key, residual)
 
@@ -61,7 +61,7 @@ class ApplyRunState(RunState):
         if placement == current:
             return
         log_fallback(placement, self.spare_device)
-        self._coefficients.clear()  # weights are prepared for the histories' dtype
+        self.weights.clear()  # weights are prepared for the histories' dtype
         if placement is None:
             self.plan = self.make_plan = None  # every later call computes; nothing more is cached
             for branch in self.branches.values():
@@ -77,6 +77,6 @@ class ApplyRunState(RunState):
         if completed and self.predicted:
             total = self.computed + self.predicted
             text = (f"HyCa: {total / max(self.computed, 1):.2f}x fewer block computations; sampling took "
-                    f"{time.perf_counter() - self.started:.1f} s")
+                    f"{time.perf_counter() - self.wall_start:.1f} s")
             logging.info("%s (wall clock)", text)
             ui_text.show(self.source.options.node_id, text)

@@ -18,7 +18,7 @@ from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
 from . import checkpoint_path, map_store, prompt_links, ui_text
 from .apply_options import AUTO, ApplyOptions, map_warmup, mismatch_message
 from .apply_hyca import patch_model
-from .block_cache import RunState
+from .run_state import RunState
 from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
 

@@ -131,7 +131,7 @@ def test_compile_predict_samples_as_the_eager_ops(pack, flux, solver_map, condit
         fused, fused_computed = _run(_apply(pack, flux, solver_map, compile_predict=True, **knobs),
                                      conditioning, finished, steps)
     assert "could not build" not in caplog.text
-    weights = list(finished[-1]._coefficients.values())
+    weights = list(finished[-1].weights.values())
     assert max(len(w.coeffs) for w in weights) == 4, "the schedule must exercise the longest histories"
     assert all(w.fused is not None for w in weights if len(w.coeffs) > 2)
     assert np.array_equal(computed, fused_computed) and not computed.all()

@@ -116,7 +116,7 @@ class _CountingPatch:
 
 def _count_block_calls(pack, patched):
     replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
-    state_key = pack.nodes.block_cache.OPTIONS_KEY
+    state_key = pack.nodes.run_state.OPTIONS_KEY
     counters = {key: _CountingPatch(patch, state_key) for key, patch in replaced.items()}
     replaced.update(counters)
     return counters
@@ -205,7 +205,7 @@ def test_family_without_block_patches_is_refused(pack, name):
     positive, negative = sampling.text_conditioning(32)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     attempts = (
-        lambda: pack.nodes.patching.with_hyca(model, pack.nodes.block_cache.RunState()),
+        lambda: pack.nodes.patching.with_hyca(model, pack.nodes.run_state.RunState()),
         lambda: pack.nodes.apply_hyca.apply_hyca(model, None, Schedule(interval=3, warmup=3)),
         lambda: pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
                                                 latent, Schedule(interval=3, warmup=3)),

@@ -7,8 +7,12 @@ random step. Every completed output must be what a fresh clone gives for the sam
 mode has no map, the unpatched model's, bit for bit; otherwise a fresh HyCa Apply's with the same map. After
 every run, completed or not, HyCa holds nothing of it: its run state and every residual history are freed, the
 MODELs' templates are pristine, and each map's compiled schedules stay within their bound.
+
+A shorter session does the same among other nodes: Skip Layer Guidance before and after HyCa, Apply chained
+twice, and schedules that repeat a sigma.
 """
 
+import functools
 import logging
 import random
 import weakref
@@ -17,6 +21,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
+from harness.other_nodes import scheduler_sigmas, skip_layer_guidance, skip_layer_guidance_simple
 
 RUNS = 200
 FLUX = tiny_models.FLUX_SMALLEST
@@ -26,6 +31,7 @@ SIZES = ((8, 8), (8, 12), (12, 12))  # latent height, width
 STEPS = (3, 5, 6)  # 3 steps: predicted with a map, too short to calibrate from
 DENOISE = (1.0, 1.0, 0.8, 0.6)  # img2img: each value a schedule of its own
 CANCELLED = 0.15
+OTHER_RUNS = 60
 
 
 class Tracker:
@@ -33,14 +39,14 @@ class Tracker:
     only, so that what it watches can be freed."""
 
     def __init__(self, pack, monkeypatch):
-        block_cache, apply_run = pack.nodes.block_cache, pack.nodes.apply_run
+        run_state, apply_run = pack.nodes.run_state, pack.nodes.apply_run
         self.histories = weakref.WeakSet()
         self.states = []  # weak references to the run states of the current run
         self.peak_run = 0  # the most residual-history bytes one run held
         self.peak_held = 0  # the most bytes all live histories held at once
         tracker = self
 
-        class History(block_cache.ResidualHistory):
+        class History(run_state.ResidualHistory):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 tracker.histories.add(self)
@@ -56,7 +62,7 @@ class Tracker:
             self.peak_run = max(self.peak_run, state.peak_bytes)
             finish(state, completed)
 
-        monkeypatch.setattr(block_cache, "ResidualHistory", History)
+        monkeypatch.setattr(run_state, "ResidualHistory", History)
         monkeypatch.setattr(apply_run.ApplyRunState, "finish", finishing)
 
     def check_released(self, templates):
@@ -65,8 +71,7 @@ class Tracker:
         assert len(self.histories) == 0
         self.states.clear()
         for template in templates:
-            assert template.branches == {} and template.plan is None and template._coefficients == {}
-            assert template.computed == template.predicted == template.fallbacks == template.peak_bytes == 0
+            assert not template.holds_run_data()
 
 
 def _lora(model, seed):
@@ -172,3 +177,56 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
         "measured: %d runs (%s), %d references; residual histories at most %.1f KB in one run, %.1f KB live at "
         "once, 0 after every run; compiled maps held at the end %.1f KB", RUNS, counts, len(references),
         tracker.peak_run / 1024, tracker.peak_held / 1024, compiled / 1024)
+
+
+def test_a_long_session_among_other_nodes(pack, monkeypatch):
+    """Every output is what a fresh build of its graph gives (Apply chained twice: a single Apply with the
+    second's settings), or where the schedule repeats a sigma, the graph without HyCa's, bit for bit; nothing
+    of a run stays."""
+    import comfy.sample
+    import comfy.samplers
+
+    Schedule = pack.hyca_core.schedule.Schedule
+    flux = tiny_models.build(FLUX, seed=63)
+    conditioning = sampling.flux_conditioning(FLUX["context_in_dim"], FLUX["vec_in_dim"])
+    flux_map, _ = pack.nodes.calibrate_node.probe(flux, 0, 8, 1.0, "euler", "simple", *conditioning,
+                                                  {"samples": torch.zeros(1, 16, 8, 8)}, Schedule(N, WARMUP))
+
+    def apply(model, interval=N):
+        return pack.nodes.apply_node.apply_hyca(model, flux_map, Schedule(interval, WARMUP))
+
+    slg, slg_simple = skip_layer_guidance, functools.partial(skip_layer_guidance_simple, end_percent=0.5)
+    graphs = {  # name -> (the graph with HyCa, a fresh graph it must equal, the graph without HyCa)
+        "slg-after-hyca": (lambda: slg(apply(flux)), lambda: slg(apply(flux)), lambda: slg(flux)),
+        "slg-before-hyca": (lambda: apply(slg(flux)), lambda: apply(slg(flux)), lambda: slg(flux)),
+        "slg-simple": (lambda: apply(slg_simple(flux)), lambda: apply(slg_simple(flux)),
+                       lambda: slg_simple(flux)),
+        "apply-twice": (lambda: apply(apply(flux, 3)), lambda: apply(flux), lambda: flux),
+    }
+    tracker = Tracker(pack, monkeypatch)
+    session = {name: build() for name, (build, *_) in graphs.items()}
+    templates = [model.model_options["transformer_options"][pack.nodes.run_state.OPTIONS_KEY]
+                 for model in session.values()]
+
+    def run(model, sigmas, cfg, sampler, seed):
+        latent = torch.zeros(1, 16, 8, 8)
+        noise = comfy.sample.prepare_noise(latent, seed)
+        return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.sampler_object(sampler), sigmas,
+                                          *conditioning, latent, disable_pbar=True, seed=seed)
+
+    draw = random.Random(11)
+    references = {}
+    for index in range(OTHER_RUNS):
+        name = draw.choice(sorted(graphs))
+        steps, cfg, seed = draw.choice(STEPS[1:]), draw.choice((1.0, 3.0)), draw.randrange(2)
+        sampler, repeated = draw.choice(("euler", "heun")), draw.random() < 0.3
+        sigmas = scheduler_sigmas(flux, steps)
+        if repeated:
+            sigmas = torch.cat([sigmas[:3], sigmas[2:]])
+        out = run(session[name], sigmas, cfg, sampler, seed)
+        key = (name, steps, cfg, seed, sampler, repeated)
+        if key not in references:
+            references[key] = run(graphs[name][2 if repeated else 1](), sigmas, cfg, sampler, seed)
+        assert torch.equal(out, references[key]), f"run {index}: {key}"
+        tracker.check_released(templates)
+    assert len(references) > OTHER_RUNS // 3

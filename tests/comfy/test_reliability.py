@@ -184,7 +184,7 @@ def test_file_names_from_map_data_stay_in_the_folder(store, solver_map, tmp_path
 
 def _poison(pack, patched, where):
     """Make the patched model's plan give inf weights for every (unit, step) that ``where`` accepts."""
-    source = patched.model_options["transformer_options"][pack.nodes.block_cache.OPTIONS_KEY].source
+    source = patched.model_options["transformer_options"][pack.nodes.run_state.OPTIONS_KEY].source
     plan = source.plan
     CompiledMap = pack.hyca_core.solver_map.CompiledMap
 
@@ -201,13 +201,13 @@ def _poison(pack, patched, where):
 def _computing(pack, patched, unit, steps=None):
     """The patched model with ``unit``'s block computed (uncached) at the predicted calls of ``steps``
     (all if None): what falling back to computing it must give."""
-    call_key = pack.nodes.block_cache._CALL_KEY
+    current_call = pack.nodes.run_state.current_call
     replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     block_type, index = unit.rsplit(".", 1)
     patch = replaced[(block_type, int(index))]
 
     def computing(args, extra):
-        call = args["transformer_options"].get(call_key)
+        call = current_call(args["transformer_options"])
         if call is not None and call.predict and (steps is None or int(call.step) in steps):
             return extra["original_block"](args)
         return patch(args, extra)

@@ -73,8 +73,7 @@ class Watch:
     """
 
     def __init__(self, pack, patched):
-        block_cache = pack.nodes.block_cache
-        self.call_key, self.state_key = block_cache._CALL_KEY, block_cache.OPTIONS_KEY
+        self.current_call, self.state_key = pack.nodes.run_state.current_call, pack.nodes.run_state.OPTIONS_KEY
         self.history_key = f"{FIRST[0]}.{FIRST[1]}.img"
         replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         self.counts = {key: [0, 0] for key in replaced}
@@ -91,7 +90,7 @@ class Watch:
 
     def _call(self, key, patch, args, extra):
         options = args["transformer_options"]
-        state, call = options.get(self.state_key), options.get(self.call_key)
+        state, call = options.get(self.state_key), self.current_call(options)
         if call is None:
             return patch(args, extra)
         before = state.predicted
@@ -107,7 +106,7 @@ class Watch:
         self.counts[key][predicted] += 1
         if first:
             self.calls.append((call.step, call.predict, id(call.branch), tuple(img.shape[:2])))
-            if not predicted and call.cache:  # what the run state keeps: an on-grid step's newest computation
+            if call.decision.keeps:  # what the run state keeps: an on-grid step's newest computation
                 self.residuals[id(call.branch), int(call.step)] = out["img"] - img
         return out
 
@@ -329,10 +328,8 @@ def _no_run_state(pack, patched, options_before):
     """The MODEL holds exactly the options it had before sampling, its HyCa template without run data."""
     options = patched.model_options["transformer_options"]
     assert options.keys() == options_before
-    assert pack.nodes.block_cache._CALL_KEY not in options
-    template = options[pack.nodes.block_cache.OPTIONS_KEY]
-    assert template.branches == {} and template.plan is None
-    assert template.computed == template.predicted == template.peak_bytes == 0
+    template = options[pack.nodes.run_state.OPTIONS_KEY]
+    assert pack.nodes.run_state.current_call(options) is None and not template.holds_run_data()
 
 
 def test_cancelled_run_leaves_nothing_behind(pack, flux, solver_map, conditioning):

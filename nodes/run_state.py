@@ -1,0 +1,299 @@
+"""HyCa's memory for one sampling run, and the decision it takes for each model call.
+
+The sampling wrappers (model_wrappers.py) clone a run state from the template Apply or Calibrate puts on the
+model, ask it for a `Call` before every model call, and drop it when the run ends. Residual histories are
+keyed by conditioning branch and input shape, never kept on the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from ..hyca_core.predict import ResidualHistory
+from ..hyca_core.schedule import AdaptiveGate
+from ..hyca_core.solvers import MAX_HISTORY
+from ..hyca_core.timeline import first_rise, step_position
+from ..hyca_core.trajectories import TrajectoryRecorder
+
+OPTIONS_KEY = "hyca"  # transformer_options entry holding the run state
+_CALL_KEY = "hyca_call"  # transformer_options entry holding the current call
+
+
+class Decision(Enum):
+    """What one model call does; every block patch of the call follows it."""
+
+    PREDICT = "predict"  # every unit's residual predicted from the branch's history
+    MEASURE = "measure"  # adaptive: the first unit computes, and the map's error on it decides the rest
+    CACHE = "cache"  # compute; the residuals are the step's first computation: the history keeps them
+    REPLACE = "replace"  # compute the history's newest step again (Heun's correction): replace that entry
+    COMPUTE = "compute"  # compute, keep nothing: off-grid, an older step again, a stack cut by another node
+
+    @property
+    def keeps(self) -> bool:
+        """Whether the call's computed residuals are stored."""
+        return self in (Decision.CACHE, Decision.REPLACE)
+
+
+@dataclass
+class Branch:
+    """Cached residuals of one conditioning branch and input shape."""
+
+    steps: list[int] = field(default_factory=list)  # steps of the cached computations
+    sigmas: list[float] = field(default_factory=list)  # and their sigmas
+    histories: dict[str, ResidualHistory] = field(default_factory=dict)
+    gate: AdaptiveGate | None = None
+    decided: dict[int, bool] = field(default_factory=dict)  # step -> predicted: later calls there do the same
+
+    def nbytes(self) -> int:
+        return sum(h.nbytes for h in self.histories.values())
+
+
+@dataclass
+class Call:
+    """One model call: its decision, read by every block patch during the call, and what they leave for the
+    call's end."""
+
+    decision: Decision
+    step: float
+    sigma: float
+    branch: Branch | None  # None for a call that keeps nothing apart from the run's branches
+    unit_inputs: dict = field(default_factory=dict)  # inputs of the unit being computed, by stream
+    checks: list = field(default_factory=list)  # (unit, 0-d bool tensor: its predicted residuals are finite)
+    fallback: frozenset = frozenset()  # units computed although the call predicts: their prediction was not
+
+    @property
+    def predict(self) -> bool:
+        return self.decision is Decision.PREDICT
+
+
+class RunPlan(Protocol):
+    """A solver map made ready for one run: hyca_core's CompiledMap or DynamicMap."""
+
+    def history(self, key: str) -> int: ...
+    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool: ...
+    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray: ...
+
+
+def finite(residual: torch.Tensor) -> torch.Tensor:
+    """Whether every value is finite, as a device scalar (no sync): a NaN or inf makes the sum NaN or inf.
+    One reduction pass, 5-15% of a prediction's cost, where isfinite().all() writes and reads a bool
+    tensor (2-7x a prediction on CPU). fp16 sums overflow at 65504, so they accumulate in fp32; the
+    other float types hold any real residual's sum."""
+    total = residual.sum(dtype=torch.float32) if residual.dtype == torch.float16 else residual.sum()
+    return torch.isfinite(total)
+
+
+class RunState:
+    """HyCa's memory for one sampling run, cloned from the template Apply/Calibrate puts on the model.
+
+    ``make_plan(step_sigmas)`` gives the run's plan; with ``gate`` (an AdaptiveGate template) every
+    predictable step first computes its first block and predicts the rest only if the map's error
+    on that block is within the gate's tolerance. ``recorder`` (calibration) receives the residuals
+    of every block at every step of the first branch. ``fused``: predict with hyca_core's compiled
+    single-pass kernels.
+    """
+
+    def __init__(self, make_plan: Callable[[np.ndarray], RunPlan] | None = None,
+                 recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
+                 offload_device: torch.device | None = None, gate: AdaptiveGate | None = None,
+                 fused: bool = False):
+        self.make_plan = make_plan
+        self.recorder = recorder
+        self.history_dtype = history_dtype
+        self.offload_device = offload_device
+        self.gate = gate
+        self.fused = fused
+        self.started = False  # the run's first model call came: its sigmas are checked, its plan made
+        self.plan: RunPlan | None = None
+        self.branches: dict[tuple, Branch] = {}
+        self.computed = 0
+        self.predicted = 0
+        self.fallbacks = 0  # block calls computed because their prediction was not finite
+        self.extra_calls = 0  # model calls with other nodes' patches (Skip Layer Guidance ...)
+        self.peak_bytes = 0
+        self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
+        self.patches: dict[tuple, object] = {}  # the patches the sampler's own calls run with, by place
+        self.recorded: Branch | None = None  # the branch a calibration records: the run's first
+
+    def clone(self) -> "RunState":
+        return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate,
+                        self.fused)
+
+    def __deepcopy__(self, memo) -> "RunState":
+        # ModelPatcher.clone deep-copies model_options; a template holds no run data to copy
+        return self.clone()
+
+    def holds_run_data(self) -> bool:
+        """Whether anything of a run is here: never true of a template on a MODEL."""
+        return bool(self.started or self.branches or self.weights or self.patches or self.peak_bytes
+                    or self.computed or self.predicted or self.fallbacks or self.extra_calls)
+
+    def finish(self, completed: bool) -> None:
+        """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed."""
+
+    def begin_call(self, x: torch.Tensor, transformer_options: dict,
+                   variant: frozenset | None = frozenset()) -> Call:
+        """The decision for a model call. ``variant``: the places of the patches another node's call changes
+        from the sampler's (`model_wrappers.begin_call`), empty for the sampler's own evaluations; such a call
+        (Skip Layer Guidance's layer-skipped pass at a step's sigma) caches in a branch of its own, never
+        reading or writing the sampler's. None: a call that computes fully and keeps nothing."""
+        sample_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
+        if not self.started:
+            self._start(sample_sigmas)
+        sigma = float(transformer_options["sigmas"].flatten()[0])
+        step = step_position(sample_sigmas, sigma)
+        if variant is None or variant:
+            self.extra_calls += 1
+        if variant is None:
+            return Call(Decision.COMPUTE, step, sigma, None)
+        key = (tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(x.shape), x.dtype, x.device,
+               variant)
+        branch = self.branches.get(key)
+        if branch is None:
+            gate = copy.copy(self.gate) if self.gate else None
+            branch = self.branches[key] = Branch(gate=gate)
+            if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
+                self.recorded = branch
+        return Call(self._decide_step(branch, step), step, sigma, branch)
+
+    def _start(self, sample_sigmas: np.ndarray) -> None:
+        self.started = True
+        rise = first_rise(sample_sigmas)
+        if rise is not None:
+            # the predictors' time grids, a map's probe and the step positions need strictly decreasing sigmas
+            logging.warning("HyCa: this run's sigmas do not decrease at step %d (%.4g after %.4g); every "
+                            "step computes fully and nothing is recorded", rise, sample_sigmas[rise],
+                            sample_sigmas[rise - 1])
+            self.make_plan = self.recorder = None
+        elif self.make_plan is not None:
+            self.plan = self.make_plan(sample_sigmas[:-1])
+
+    def _decide_step(self, branch: Branch, step: float) -> Decision:
+        # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and
+        # is computed, uncached. Every later call at a step repeats its first decision (Heun evaluates most
+        # sigmas twice, heunpp2 looks ahead and back); a repeated computation replaces the cached one if it
+        # is the newest, and is not cached if a later step's already is.
+        if not step.is_integer():
+            return Decision.COMPUTE
+        earlier = branch.decided.get(int(step))
+        if earlier is not None:
+            if earlier:
+                return Decision.PREDICT
+            return Decision.REPLACE if branch.steps and branch.steps[-1] == step else Decision.COMPUTE
+        candidate = self.plan is not None and self.plan.can_predict(int(step), tuple(branch.steps))
+        if branch.gate is not None and self.plan is not None and not candidate:
+            branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
+        if candidate and branch.gate is not None:
+            return Decision.MEASURE  # decided by `decide` once the first block has run
+        branch.decided[int(step)] = candidate
+        return Decision.PREDICT if candidate else Decision.CACHE
+
+    def decide(self, call: Call, key: str, computed: torch.Tensor) -> None:
+        """Adaptive: measure the map's error on the first block's true residual, then decide."""
+        predicted = self.predicted_residual(call, key, computed)
+        error = float((predicted - computed).float().norm() / computed.float().norm().clamp_min(1e-12))
+        predict = not call.branch.gate.decide(error)
+        call.decision = Decision.PREDICT if predict else Decision.CACHE
+        call.branch.decided[int(call.step)] = predict
+
+    def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
+        """Keep a computed residual of a call whose decision keeps them."""
+        residual = residual.detach()  # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
+        if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self.recorded:
+            self.recorder.record(key, call.sigma, residual)
+        if self.plan is None:
+            return  # the history holds the newest computation of each computed grid step, in step order
+        history = call.branch.histories.get(key)
+        if history is None:
+            history = call.branch.histories[key] = ResidualHistory(
+                self.plan.history(key), self.history_dtype, self.offload_device)
+        if call.decision is Decision.REPLACE and len(history):
+            history.drop_newest()
+        history.push(residual)
+
+    def end_call(self, call: Call) -> None:
+        if not call.decision.keeps or self.plan is None:
+            return
+        branch = call.branch
+        if call.decision is Decision.REPLACE:
+            branch.steps[-1], branch.sigmas[-1] = int(call.step), call.sigma
+        else:
+            branch.steps.append(int(call.step))
+            branch.sigmas.append(call.sigma)
+            del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
+        self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
+
+    def check(self, call: Call, unit: str, residual: torch.Tensor) -> None:
+        """Queue the check that a predicted residual is finite; `faults` reads a call's checks at its end."""
+        call.checks.append((unit, finite(residual)))
+
+    def faults(self, call: Call) -> frozenset[str]:
+        """The units whose predicted residual in this call was not finite; the first in a run is logged.
+
+        Each predicted block only queues its check on the device; they are read here, once the call
+        has run: one sync per predicted model call, whose output the sampler waits for next anyway,
+        instead of one per predicted block, each stalling the queue of the next block's kernels.
+        """
+        if not call.checks:
+            return frozenset()
+        ok = torch.stack([finite_ for _, finite_ in call.checks]).tolist()
+        faults = frozenset(unit for (unit, _), fine in zip(call.checks, ok) if not fine)
+        call.checks.clear()
+        if faults and not self.fallbacks:  # every fault leads to counted fallbacks: none yet, none logged yet
+            logging.warning("HyCa: the predicted residual of %s at step %d is not finite (NaN or inf); "
+                            "computing instead. Reported once per run, counted in the summary.",
+                            ", ".join(sorted(faults)[:4]), int(call.step))
+        return faults
+
+    def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
+        history = call.branch.histories[key]
+        branch = call.branch
+        cache_key = (key, int(call.step), tuple(branch.steps), history.device)
+        weights = self.weights.get(cache_key)
+        if weights is None:
+            table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
+                                           call.sigma)
+            weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
+        return history.predict(weights).to(like.device, like.dtype)
+
+    def summary(self) -> str | None:
+        """The run's counts for the log, None if nothing was predicted or kept apart."""
+        if not (self.predicted or self.fallbacks or self.extra_calls):
+            return None
+        total = self.computed + self.predicted
+        text = (f"HyCa: {self.computed} block calls computed, {self.predicted} predicted "
+                f"({total / max(self.computed, 1):.2f}x fewer block computations); "
+                f"residual history held {self.peak_bytes / 2**20:.1f} MB at most")
+        if self.fallbacks:
+            text += f"; {self.fallbacks} computed as their prediction was not finite"
+        if self.extra_calls:
+            text += (f"; {self.extra_calls} model calls with other nodes' patches (Skip Layer Guidance ...) "
+                     "kept apart")
+        return text
+
+
+def current_call(transformer_options: dict) -> Call | None:
+    """The HyCa call a model call's block patches are running in, None outside one."""
+    return transformer_options.get(_CALL_KEY)
+
+
+@contextlib.contextmanager
+def call_scope(transformer_options: dict, call: Call):
+    """Make ``call`` the current call of these options while the model runs, then restore what was there."""
+    previous = transformer_options.get(_CALL_KEY)
+    transformer_options[_CALL_KEY] = call
+    try:
+        yield call
+    finally:
+        if previous is None:
+            transformer_options.pop(_CALL_KEY, None)
+        else:
+            transformer_options[_CALL_KEY] = previous
