@@ -6,7 +6,7 @@ to sample it."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 STEPS = 50
@@ -29,7 +29,6 @@ class Method:
     key: tuple = ()
     note: str = ""
     memory_known: bool = True  # HyCa logs its history peak; the stock caches do not
-    extra: dict = field(default_factory=dict)
 
 
 def copying_input(model):
@@ -123,7 +122,7 @@ class Methods:
 
     def fewer_steps(self, sampler: str, steps: int, family: str, label: str, n: int | None = None) -> Method:
         return Method(f"{sampler} {steps} steps ({label})", family, self.model, steps=steps, sampler=sampler,
-                      n=n, key=(sampler, steps), memory_known=True)
+                      n=n, key=(sampler, steps))
 
     def caches(self, thresholds, stock_thresholds) -> list[Method]:
         """ComfyUI's EasyCache / LazyCache at their default start/end percent (0.15 / 0.95); EasyCache

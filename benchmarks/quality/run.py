@@ -241,19 +241,22 @@ def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan, t
 
 def equal_time(bench: Bench, methods: Methods, section: report.Section, reference: Reference,
                plan: Plan) -> list[Result]:
-    """For each N: the step count of euler and dpmpp_2m whose time matches HyCa fixed's measured time
-    (from a line fitted through that sampler's timed fewer-steps runs, and full compute's for euler),
-    sampled and timed in the same rounds as HyCa fixed at that N."""
+    """For each N: the step count of euler and dpmpp_2m whose time matches HyCa fixed's measured time,
+    sampled and timed in the same rounds as HyCa fixed at that N. The count comes from a line fitted
+    through the sampler's fewer-steps runs (and full compute's, for euler), each time taken as a share
+    of full compute's in its own rounds (1 / wall speed-up), so that groups timed under different
+    loads compare."""
     group = []
     for n in plan.intervals:
         group.append(Method(f"HyCa fixed N={n} (re-timed beside them)", "equal time HyCa", methods.hyca(n, False),
                             n=n, key=("equal time", n)))
         for sampler in EQUAL_TIME_SAMPLERS:
-            points = [(r.steps, r.seconds) for r in section.family(f"fewer steps {sampler}")]
+            points = [(r.steps, 1 / r.wall_x) for r in section.family(f"fewer steps {sampler}")]
             if sampler == reference.sampler:
-                points.append((reference.steps, statistics.median(reference.runs)))
+                points.append((reference.steps, 1.0))
             slope, intercept = np.polyfit(*zip(*points), 1)
-            steps = int(np.clip(round((section.hyca["fixed", n].seconds - intercept) / slope), 1, STEPS))
+            share = 1 / section.hyca["fixed", n].wall_x
+            steps = int(np.clip(round((share - intercept) / slope), 1, STEPS))
             group.append(methods.fewer_steps(sampler, steps, f"equal time {sampler}", f"HyCa N={n}'s time", n))
     return bench.measure(group, reference)
 
