@@ -83,7 +83,7 @@ def benchmark(name: str, args, pack) -> bool:
     sizes = tuple(args.sizes or spec.sizes)
     plan = run.plan(args.quick, sizes, args.pairs, args.rounds)
     bench = run.Bench(spec, pack, plan.rounds, say, args.weights, args.classifier)
-    started, load = time.perf_counter(), os.getloadavg()[0]
+    started, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     say(f"HyCa quality benchmark{' (--quick)' if plan.quick else ''}, model {name}: {spec.title}, "
         f"{len(bench.blocks)} blocks, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs")
     solver_map = run.calibrate(bench)
@@ -120,8 +120,9 @@ def benchmark(name: str, args, pack) -> bool:
         say(line)
     verdicts.append(matrix[-1])
     say()
-    say(f"total benchmark time for {name}: {time.perf_counter() - started:.0f} s (load average {load:.1f} at the "
-        f"start, {os.getloadavg()[0]:.1f} at the end: other processes share these CPUs)")
+    say(f"total benchmark time for {name}: {time.perf_counter() - started:.0f} s, {time.process_time() - cpu:.0f} s "
+        f"of this process's CPU time (load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+        "other processes share these CPUs)")
     say()
     say("TARGETS")
     for line in verdicts:

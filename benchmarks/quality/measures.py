@@ -1,5 +1,5 @@
 """What the benchmark measures of one method's output, outside the timed runs: block executions
-and model calls (counted by hooks in an untimed run), image quality against full compute, the
+and model passes (counted by hooks in an untimed run), image quality against full compute, the
 classifier's agreement, HyCa's residual-history peak from its log; and the row a method gets."""
 
 from __future__ import annotations
@@ -15,27 +15,28 @@ from harness.metrics import image_psnr, ssim
 
 
 class Counter:
-    """Block executions and diffusion-model calls of one run."""
+    """Block executions and model passes of one run."""
 
     def __init__(self):
         self.blocks = 0
-        self.calls = 0
+        self.passes = 0
 
 
 @contextlib.contextmanager
-def counting(diffusion_model: torch.nn.Module, blocks: list[torch.nn.Module]):
-    """Forward hooks counting real executions (whole-step skips count too) for the runs inside the
-    ``with``; they are removed on leaving it, so that no timed run ever carries them."""
+def counting(entry: torch.nn.Module, blocks: list[torch.nn.Module]):
+    """Forward hooks counting real executions for the runs inside the ``with``: of the blocks, and of
+    the model's entry module (a pass that ran the model's own work; a cache that skips the whole model,
+    as EasyCache does, skips it too). They are removed on leaving, so no timed run carries them."""
     counter = Counter()
 
     def block(*_):
         counter.blocks += 1
 
-    def call(*_):
-        counter.calls += 1
+    def model_pass(*_):
+        counter.passes += 1
 
     handles = [b.register_forward_hook(block) for b in blocks]
-    handles.append(diffusion_model.register_forward_hook(call))
+    handles.append(entry.register_forward_hook(model_pass))
     try:
         yield counter
     finally:
@@ -72,7 +73,7 @@ class Result:
     family: str
     steps: int
     blocks: int
-    calls: int
+    passes: int
     psnr: float  # image_psnr: per decoded image, peak 1, mean over the batch
     ssim: float
     agree: float

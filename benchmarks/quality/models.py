@@ -29,6 +29,7 @@ class ModelSpec:
     latent: Callable[[int, int], torch.Tensor]  # (batch, image size in px) -> empty latent
     decode: Callable[[torch.Tensor], torch.Tensor]  # sampled latent -> IMAGE (B, H, W, 3) in [0, 1]
     blocks: Callable[[Any], list[torch.nn.Module]]  # ModelPatcher -> the transformer blocks HyCa caches
+    entry: Callable[[Any], torch.nn.Module]  # ModelPatcher -> the module each model pass runs first
     classes: int
     cfg: float  # the guidance the model is meant to be sampled at
     sizes: tuple[int, ...]  # image sizes in px, the trained one first
@@ -54,6 +55,7 @@ WAN = ModelSpec(
     latent=lambda batch, size: torch.zeros(batch, reference_model.LATENT_CHANNELS, 1, size // 2, size // 2),
     decode=reference_model.decode,
     blocks=lambda model: list(model.model.diffusion_model.blocks),
+    entry=lambda model: model.model.diffusion_model.patch_embedding,
     classes=reference_data.NUM_CLASSES,
     cfg=reference_model.CFG,
     sizes=(32, 40),

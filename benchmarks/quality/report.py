@@ -23,7 +23,7 @@ COLUMNS = (
     "run of its own; compute = full compute's block executions / this; time = median of the timed runs (no hook "
     "attached; interleaved with full compute and the other methods of its group, order rotated and reversed "
     "round by round); +- = (slowest - fastest) / median of those runs; wall = full compute's median / this, "
-    "from the same rounds; bound = Amdahl's bound with free prediction, 1 / (outside x calls kept + inside x "
+    "from the same rounds; bound = Amdahl's bound with free prediction, 1 / (outside x model passes kept + inside x "
     "blocks kept), inside = share of a full run's time inside the blocks (pre/post hooks, its own run); '!' "
     "marks a wall speed-up above its bound by more than the noise (full compute's +- plus this method's); "
     "PSNR = image PSNR (dB, per decoded RGB image, peak 1, mean over the batch) and SSIM (Gaussian 11x11, sigma "

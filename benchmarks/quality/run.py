@@ -73,7 +73,7 @@ class Reference:
     images: torch.Tensor
     classes: torch.Tensor
     blocks: int
-    calls: int
+    passes: int
     share: float = float("nan")  # of its time inside the blocks (its own hooked run); nan: not timed
     runs: list[float] = field(default_factory=list)  # its timed runs, from every group's rounds
 
@@ -89,7 +89,7 @@ class Bench:
         self.model = spec.load(weights or spec.weights)
         self.classifier = spec.load_classifier(classifier or spec.classifier_weights)
         self.blocks = spec.blocks(self.model)
-        self.diffusion_model = self.model.model.diffusion_model
+        self.entry = spec.entry(self.model)
         self.capture = measures.LogCapture()
         root = logging.getLogger()
         root.addHandler(self.capture)
@@ -111,20 +111,20 @@ class Bench:
                 self.spec.negative(len(setting.labels)), latent, disable_pbar=True, seed=setting.seeds[0])
 
     def counted(self, model, setting: Setting, steps: int, sampler: str):
-        """One untimed run with counting hooks: (images, block executions, model calls, log lines)."""
+        """One untimed run with counting hooks: (images, block executions, model passes, log lines)."""
         self.capture.lines.clear()
-        with measures.counting(self.diffusion_model, self.blocks) as counter:
+        with measures.counting(self.entry, self.blocks) as counter:
             latent = self.sample(model, setting, steps, sampler)
-        return self.spec.decode(latent), counter.blocks, counter.calls, list(self.capture.lines)
+        return self.spec.decode(latent), counter.blocks, counter.passes, list(self.capture.lines)
 
     def classify(self, images):
         return classify(self.spec, self.classifier, images)
 
     def reference(self, setting: Setting, steps: int = STEPS, sampler: str = "euler", timed: bool = True):
-        images, blocks, calls, _ = self.counted(self.model, setting, steps, sampler)
+        images, blocks, passes, _ = self.counted(self.model, setting, steps, sampler)
         share = (timing.block_share(lambda: self.sample(self.model, setting, steps, sampler), self.blocks)
                  if timed else float("nan"))
-        return Reference(setting, steps, sampler, images, self.classify(images), blocks, calls, share)
+        return Reference(setting, steps, sampler, images, self.classify(images), blocks, passes, share)
 
     # -- measuring -----------------------------------------------------------------------------
 
@@ -136,14 +136,14 @@ class Bench:
         measured: list[tuple[Result, Method]] = []
         for method in methods:
             try:
-                images, blocks, calls, lines = self.counted(method.model, setting, method.steps, method.sampler)
+                images, blocks, passes, lines = self.counted(method.model, setting, method.steps, method.sampler)
             except Exception as error:  # reported, never hidden
                 self.say(f"{method.name}: FAILED ({type(error).__name__}: {error})")
                 continue
             psnr, ssim = measures.score(images, reference.images)
             mb = measures.history_mb(lines)
             measured.append((Result(
-                name=method.name, family=method.family, steps=method.steps, blocks=blocks, calls=calls,
+                name=method.name, family=method.family, steps=method.steps, blocks=blocks, passes=passes,
                 psnr=psnr, ssim=ssim, agree=float((self.classify(images) == reference.classes).float().mean()),
                 memory=f"{mb:.1f}" if mb is not None else ("0" if method.memory_known else "-"),
                 compute_x=reference.blocks / max(blocks, 1), n=method.n, key=method.key, lines=lines,
@@ -161,13 +161,13 @@ class Bench:
         jobs = [lambda: self.sample(self.model, setting, reference.steps, reference.sampler)]
         jobs += [lambda m=m: self.sample(m.model, setting, m.steps, m.sampler) for _, m in measured]
         runs = timing.interleaved(jobs, self.rounds,
-                                  before=lambda: timing.assert_unhooked([self.diffusion_model, *self.blocks]))
+                                  before=lambda: timing.assert_unhooked([self.entry, *self.blocks]))
         full = runs[0]
         for (r, _), own in zip(measured, runs[1:]):
             r.seconds = statistics.median(own)
             r.spread = timing.spread(own)
             r.wall_x = statistics.median(full) / r.seconds
-            r.bound = timing.amdahl_bound(reference.share, r.blocks / reference.blocks, r.calls / reference.calls)
+            r.bound = timing.amdahl_bound(reference.share, r.blocks / reference.blocks, r.passes / reference.passes)
             r.noise = timing.spread(full) + r.spread
         reference.runs.extend(full)
 
@@ -175,7 +175,7 @@ class Bench:
 def full_result(reference: Reference, label: str = "") -> Result:
     """Full compute's row: its median and spread over every timed run of it in the section."""
     return Result(f"full compute {reference.steps} steps", "full", reference.steps, reference.blocks,
-                  reference.calls, float("inf"), 1.0, 1.0, "0", seconds=statistics.median(reference.runs),
+                  reference.passes, float("inf"), 1.0, 1.0, "0", seconds=statistics.median(reference.runs),
                   spread=timing.spread(reference.runs), wall_x=1.0, bound=1.0, noise=0.0, note=label)
 
 

@@ -52,12 +52,12 @@ def spread(runs: list[float]) -> float:
     return (max(runs) - min(runs)) / statistics.median(runs)
 
 
-def amdahl_bound(share: float, blocks_fraction: float, calls_fraction: float) -> float:
+def amdahl_bound(share: float, blocks_fraction: float, passes_fraction: float) -> float:
     """The highest wall-clock speed-up over full compute a method can reach if what it puts in place
     of a block costs nothing: full compute's time is `share` inside the blocks and the rest outside
-    (embeddings, final layer, sampler), which scales at most with the model calls kept. Fractions:
-    the method's block executions and model calls over full compute's."""
-    return 1 / ((1 - share) * calls_fraction + share * blocks_fraction)
+    (embeddings, final layer, sampler), which scales at most with the model passes kept. Fractions:
+    the method's block executions and model passes over full compute's."""
+    return 1 / ((1 - share) * passes_fraction + share * blocks_fraction)
 
 
 def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],
