@@ -30,7 +30,7 @@ def main() -> int:
     schedule = pack.hyca_core.schedule.Schedule(N, WARMUP)
 
     def apply(m):
-        return pack.nodes.apply_node.apply_hyca(m, None, schedule)
+        return pack.nodes.apply_hyca.apply_hyca(m, None, schedule)
 
     def images(m):
         return reference.decode(reference.sample(m, range(reference.NUM_CLASSES), steps=STEPS))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from . import node_pack, sampling, tiny_models
-from .metrics import psnr
+from .metrics import latent_psnr
 
 DEMO_FLUX = dict(tiny_models.FLUX, hidden_size=256, num_heads=4, axes_dim=[16, 24, 24], depth=2,
                  depth_single_blocks=4, context_in_dim=64, vec_in_dim=32)
@@ -78,9 +78,10 @@ def main(argv=None) -> None:
     print(f"calibration (probe + choosing): {calibration_s:.1f} s")
     print(f"{'':28}{'time':>8}{'speed-up':>10}{'PSNR vs full':>14}")
     print(f"{'full compute, ' + str(args.steps) + ' steps':28}{full_s:7.2f}s{1.0:9.2f}x{'-':>14}")
-    print(f"{'HyCa N=' + str(args.interval):28}{hyca_s:7.2f}s{full_s / hyca_s:9.2f}x{psnr(hyca, full):11.2f} dB")
+    print(f"{'HyCa N=' + str(args.interval):28}{hyca_s:7.2f}s{full_s / hyca_s:9.2f}x"
+          f"{latent_psnr(hyca, full):11.2f} dB")
     print(f"{'fewer steps (' + str(computed) + ', same compute)':28}{fewer_s:7.2f}s{full_s / fewer_s:9.2f}x"
-          f"{psnr(fewer, full):11.2f} dB")
+          f"{latent_psnr(fewer, full):11.2f} dB")
     print(f"block computations: {computed}/{args.steps} steps computed ({args.steps / computed:.2f}x fewer)")
 
     low, high = float(full.min()), float(full.max())

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 LATENT = (1, 16, 16, 16)
 N, WARMUP = 2, 2  # as the conftest's solver_map
@@ -52,7 +52,7 @@ def test_target_speedup_picks_each_runs_interval(pack, flux, solver_map, conditi
         assert np.array_equal(computed, Schedule(interval, WARMUP).mask(steps))
         assert logged in caplog.text
         full = sampling.sample(flux, *conditioning, torch.zeros(LATENT), steps=steps, seed=5)
-        quality = psnr(out, full)
+        quality = latent_psnr(out, full)
         logging.getLogger(__name__).warning("measured: %d steps at 2.5x asked: N=%d, PSNR %.1f dB",
                                             steps, interval, quality)
         assert quality > 62  # measured 70.7 (20 steps) and 67.6 dB (12 steps)

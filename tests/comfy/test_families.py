@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 STEPS = 10
 INTERVAL, WARMUP = 3, 3
@@ -181,7 +181,7 @@ def test_family(pack, name, caplog):
 
     # 4. close to full compute, but not equal to it: caching really happened; and closer than sampling
     # with fewer steps at the same compute (a bound that skipping the predicted blocks would not meet)
-    cached, fewer = psnr(out, full), psnr(run(model, steps=computed_steps), full)
+    cached, fewer = latent_psnr(out, full), latent_psnr(run(model, steps=computed_steps), full)
     logging.getLogger(__name__).info(
         "%s: PSNR %.1f dB at N=%d (%d steps: %.1f dB); %d blocks, per block %d calls computed, %d predicted",
         name, cached, INTERVAL, computed_steps, fewer, len(blocks), computed, predicted)

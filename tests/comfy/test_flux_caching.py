@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 STEPS = 20
 
@@ -72,13 +72,13 @@ def test_caching_skips_the_scheduled_blocks_and_stays_close(pack, flux, solver_m
     computed_steps = 7
     assert f"{computed_steps * blocks} block calls computed, {(STEPS - computed_steps) * blocks} predicted" in caplog.text
     assert not torch.equal(out, full)
-    assert psnr(out, full) > 30
+    assert latent_psnr(out, full) > 30
 
 
 def test_fixed_pool_and_fitted_both_run(pack, flux, solver_map, conditioning, latent, full):
     fixed = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=False), *conditioning, latent, steps=STEPS, seed=5)
     fitted = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=True), *conditioning, latent, steps=STEPS, seed=5)
-    assert psnr(fixed, full) > 30 and psnr(fitted, full) > 30
+    assert latent_psnr(fixed, full) > 30 and latent_psnr(fitted, full) > 30
     assert not torch.equal(fixed, fitted)
 
 
@@ -124,7 +124,7 @@ def test_auto_mode_calibrates_on_the_first_run_saves_and_reuses(pack, conditioni
     with caplog.at_level(logging.INFO):
         second = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)
-    assert psnr(second, full) > 30
+    assert latent_psnr(second, full) > 30
     # a new Apply on the same base model finds the saved map without being given one
     caplog.clear()
     with caplog.at_level(logging.INFO):
@@ -181,7 +181,7 @@ def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solv
     computed, predicted = _counts(caplog)
     assert computed + predicted == STEPS * blocks and predicted > 0
     assert predicted % (blocks - 1) == 0  # a predicted step still computes its first block
-    assert psnr(loose, full) > 30
+    assert latent_psnr(loose, full) > 30
 
 
 def test_inspector_plots_and_summarizes_and_compares(pack, flux, solver_map, conditioning, latent):
@@ -230,7 +230,7 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
     with caplog.at_level(logging.INFO):
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
-    assert not torch.equal(out, full) and psnr(out, full) > 25
+    assert not torch.equal(out, full) and latent_psnr(out, full) > 25
     with pytest.raises(ValueError, match='calibrated with granularity "model", but HyCa Apply is set to "block"'):
         apply(flux, whole_map, schedule, granularity="block")  # a whole-model map does not fit per block
 
@@ -248,6 +248,6 @@ def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditionin
         out = sampling.sample(apply(flux, stack_map, schedule, granularity="stack"), *conditioning, latent,
                               steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)  # every block of a predicted step is skipped, as per block
-    assert not torch.equal(out, full) and psnr(out, full) > 25
+    assert not torch.equal(out, full) and latent_psnr(out, full) > 25
     with pytest.raises(ValueError, match='calibrated with granularity "stack", but HyCa Apply is set to "block"'):
         apply(flux, stack_map, schedule, granularity="block")  # a stack map does not fit per block

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from harness import reference_data, reference_model
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 # Measured when the weights were trained (see harness/train_reference.py's log): with shift
 # reference_model.SHIFT, euler / simple, cfg 1, 30 samples at 20 steps the classifier recognized
@@ -129,7 +129,7 @@ def test_default_hyca_beats_fewer_steps_and_uniform_taylor(pack, model):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval)  # the warm-up HyCa Apply runs (no map given)
     taylor = pack.nodes.apply_hyca.apply_hyca(model, None, schedule, fitted=False, only=("taylor1", "step"))
     computed = int(schedule.mask(steps).sum())
-    quality = {name: psnr(out, full) for name, out in
+    quality = {name: latent_psnr(out, full) for name, out in
                (("hyca", output(hyca)), ("taylor", output(taylor)), ("fewer", output(model, "dpmpp_2m", computed)))}
     assert quality["hyca"] >= quality["fewer"] + 1.0, quality
     assert quality["hyca"] >= quality["taylor"] + 1.5, quality

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 FLUX = tiny_models.FLUX_SMALLEST  # the conftest's flux
 LATENT = (1, 16, 16, 16)
@@ -359,6 +359,6 @@ def test_maps_serve_other_step_counts_and_samplers(pack, flux, conditioning, cap
     if sampler == "heun":  # every step after the first is evaluated twice (the step before's correction)
         calls[1:] = 2
     assert _summary(caplog.text) == (calls[mask].sum() * BLOCKS, calls[~mask].sum() * BLOCKS, 0)
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: %s: PSNR %.1f dB", name, value)
     assert torch.isfinite(out).all() and value > bound

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from harness import sampling, tiny_models
-from harness.metrics import psnr as _psnr
+from harness.metrics import latent_psnr
 
 # FLUX with one double and one single block: every code path, little compute
 FLUX = tiny_models.FLUX_SMALLEST  # the conftest's flux
@@ -187,7 +187,7 @@ def test_decisions_follow_the_sigma_schedule(pack, flux, solver_map, conditionin
         assert float(sigmas[0]) < 0.9
     expected = _check_calls(watch, _mask(pack, STEPS), _positions(sampler, STEPS), blocks)
     assert _logged_counts(caplog.text) == expected
-    psnr = _psnr(out, full)
+    psnr = latent_psnr(out, full)
     _report("%s: PSNR %.1f dB at N=%d, block calls computed/predicted %s", name, psnr, N, expected)
     assert not torch.equal(out, full) and psnr > SAMPLERS[name]
 
@@ -206,7 +206,7 @@ def test_adaptive_mode_gives_every_call_at_one_sigma_the_same_decision(pack, flu
         assert [step for step, *_ in watch.calls] == _positions("heun", STEPS)
         assert watch.stale == []
         assert any(decided.values()) or tolerance < 1  # the loose gate predicts
-        psnr = _psnr(out, full)
+        psnr = latent_psnr(out, full)
         _report("adaptive heun, tolerance %.1f: PSNR %.1f dB, %d of %d steps predicted", tolerance, psnr,
                 sum(decided.values()), STEPS)
         assert psnr > 62  # measured 73.0 (tolerance 0.5) and 67.5 dB (5.0)
@@ -287,7 +287,7 @@ def test_conditioning_branches_and_batches(pack, flux, solver_map, conditioning,
     assert _logged_counts(caplog.text) == expected
     assert len({branch for *_, branch, _ in watch.calls}) == branches
     assert {shape[0] for *_, shape in watch.calls} == {batch_per_call}
-    psnr = _psnr(out, full)
+    psnr = latent_psnr(out, full)
     _report("%s: PSNR %.1f dB at N=%d", name, psnr, N)
     assert not torch.equal(out, full) and psnr > bound
 
@@ -432,7 +432,7 @@ def test_controlnet_inputs_added_after_the_blocks(pack, flux, solver_map, condit
         out = _sample(patched, positive, negative, latent)
     expected = _check_calls(watch, _mask(pack, STEPS), list(range(STEPS)), blocks)
     assert _logged_counts(caplog.text) == expected
-    psnr = _psnr(out, full)
+    psnr = latent_psnr(out, full)
     _report("controlnet: PSNR %.1f dB at N=%d", psnr, N)
     assert not torch.equal(out, full) and psnr > 67
 
@@ -468,7 +468,7 @@ def test_short_schedules(pack, flux, solver_map, conditioning, name):
     assert float(watch.sample_sigmas[0][-1]) == 0.0  # the sampler's last step goes to sigma 0, never evaluated
     _check_calls(watch, mask, list(range(steps)), blocks)
     assert mask.sum() < steps
-    psnr = _psnr(out, full)
+    psnr = latent_psnr(out, full)
     _report("%s: PSNR %.1f dB, %d of %d steps computed", name, psnr, mask.sum(), steps)
     assert not torch.equal(out, full) and psnr > bound
 
@@ -552,7 +552,7 @@ def test_wan22_two_stages_each_with_its_own_map(pack, caplog):
         assert {shape[0] for *_, shape in watch.calls} == {2}  # cond and uncond batched
     high_sigmas, low_sigmas = watches[0].sample_sigmas[0], watches[1].sample_sigmas[0]
     assert float(high_sigmas[-1]) == float(low_sigmas[0]) > 0 and float(low_sigmas[-1]) == 0
-    psnr = _psnr(out, full)
+    psnr = latent_psnr(out, full)
     _report("wan 2.2 two stages: PSNR %.1f dB at N=%d", psnr, N)
     assert not torch.equal(out, full) and psnr > 64
 
@@ -691,7 +691,7 @@ def test_workflow_through_comfyui_executor(pack, monkeypatch, caplog):
     mask = _mask(pack, steps)
     blocks = WAN_FILE["num_layers"]
     assert counts == (int(mask.sum()) * blocks, int((~mask).sum()) * blocks)
-    psnr = _psnr(hyca, probe)
+    psnr = latent_psnr(hyca, probe)
     _report("workflow: PSNR %.1f dB at N=%d, block calls computed/predicted %s", psnr, N, counts)
     # PSNR measured: 68.2 dB
     assert not torch.equal(hyca, probe) and psnr > 63

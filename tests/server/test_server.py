@@ -12,6 +12,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from harness.metrics import psnr_8bit
 from harness.reference_model import SHIFT, STEPS, UNET_CONFIG
 
 NODES = ("HyCaCalibrate", "HyCaApply", "HyCaSolverInspector")
@@ -104,10 +105,6 @@ def _image(server, outputs: dict, node_id: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(server.get(f"/view?{query}"))).convert("RGB")).astype(np.float64)
 
 
-def _psnr(output: np.ndarray, reference: np.ndarray) -> float:
-    return float(10 * np.log10(255.0**2 / np.mean((output - reference) ** 2)))
-
-
 def _logged_speedups(log: str) -> list[tuple[int, int, float]]:
     return [(int(a), int(b), float(c)) for a, b, c in SPEEDUP.findall(log)]
 
@@ -175,7 +172,7 @@ def test_calibrate_apply_and_sample_through_the_prompt_api(server):
     assert hyca.shape == full.shape == (32, 32, 3)
     assert np.array_equal(probe, full)  # the probe is a full-compute sampling, not a cached one
     assert not np.array_equal(hyca, full)  # steps were predicted...
-    assert _psnr(hyca, full) > 25, _psnr(hyca, full)  # ...close to full compute
+    assert psnr_8bit(hyca, full) > 25, psnr_8bit(hyca, full)  # ...close to full compute
     plot = _image(server, outputs, "17")
     assert min(plot.shape[:2]) > 300 and plot.std() > 1  # the Inspector drew its figure
     saved = sorted((server.base / "models" / "hyca").glob("*.hyca.safetensors"))
@@ -202,4 +199,4 @@ def test_calibrate_apply_and_sample_through_the_prompt_api(server):
     assert f"HyCa: using solver map {beside}" in server.log()
     assert len(_logged_speedups(server.log())[before:]) == 2
     hyca, full = _image(server, outputs, "11"), _image(server, outputs, "13")
-    assert not np.array_equal(hyca, full) and _psnr(hyca, full) > 25, _psnr(hyca, full)
+    assert not np.array_equal(hyca, full) and psnr_8bit(hyca, full) > 25, psnr_8bit(hyca, full)
