@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import comfy_runtime, node_pack  # noqa: E402
 from harness import reference_model as reference  # noqa: E402
+from harness.metrics import image_psnr  # noqa: E402
 from harness.other_nodes import skip_layer_guidance  # noqa: E402
 
 STEPS, N, WARMUP, LAYER = 20, 4, 2, "3"
@@ -35,17 +36,14 @@ def main() -> int:
     def images(m):
         return reference.decode(reference.sample(m, range(reference.NUM_CLASSES), steps=STEPS))
 
-    def psnr(a, b):
-        return float(10 * torch.log10(1 / ((a - b) ** 2).mean()))
-
     print(f"reference model, cfg 1, {STEPS} steps, HyCa N={N} warm-up {WARMUP}; PSNR of decoded images "
-          "(peak 1) against the same graph without HyCa")
-    print(f"HyCa alone: {psnr(images(apply(model)), images(model)):.2f} dB")
+          "(peak 1, mean per image) against the same graph without HyCa")
+    print(f"HyCa alone: {image_psnr(images(apply(model)), images(model)):.2f} dB")
     for end in (0.15, 1.0):
         guided = images(skip_layer_guidance(model, end_percent=end, double_layers=LAYER))
         with_hyca = images(skip_layer_guidance(apply(model), end_percent=end, double_layers=LAYER))
         print(f"SLG on block {LAYER}, scale 3, first {end:.0%} of the denoising: "
-              f"{psnr(with_hyca, guided):.2f} dB")
+              f"{image_psnr(with_hyca, guided):.2f} dB")
     return 0
 
 

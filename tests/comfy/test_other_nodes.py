@@ -14,7 +14,7 @@ import torch
 
 from harness import sampling, tiny_models
 from harness.other_nodes import scheduler_sigmas, skip_layer_guidance, skip_layer_guidance_simple
-from harness.metrics import psnr
+from harness.metrics import latent_psnr
 
 LATENT = (1, 16, 16, 16)
 STEPS = 10
@@ -124,7 +124,7 @@ def test_skip_layer_guidance_pass_caches_apart(pack, flux, solver_map, condition
     assert len(audit.branches["own"]) == len(audit.branches["extra"]) == 1
     assert not audit.branches["own"] & audit.branches["extra"]
     assert f"; {STEPS} {EXTRA}" in caplog.text
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: SLG %s, N=%d: PSNR %.1f dB", order, N, value)
     assert not torch.equal(out, full) and value > 55  # measured 60.2 dB; scale 3 magnifies the cond's error
 
@@ -154,7 +154,7 @@ def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_ma
     out = _sample(patched, conditioning, cfg)
     assert audit.predicted["own"] > 0 and audit.predicted["extra"] > 0 and audit.stale == 0
     assert not audit.branches["own"] & audit.branches["extra"]
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: SLG simple, cfg %.0f, N=%d: PSNR %.1f dB", cfg, N, value)
     assert not torch.equal(out, full) and value > 60  # measured 65.8 dB
 
@@ -191,7 +191,7 @@ def test_a_guidance_pass_with_list_patches_caches_apart(pack, flux, solver_map, 
     out = _sample(patched, conditioning)
     assert audit.predicted["own"] > 0 and audit.predicted["extra"] > 0 and audit.stale == 0
     assert not audit.branches["own"] & audit.branches["extra"]
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: a list-patch guidance pass, N=%d: PSNR %.1f dB", N, value)
     assert not torch.equal(out, full) and value > 65  # measured 70.5 dB
 
@@ -227,7 +227,7 @@ def test_a_block_patch_placed_before_hyca_is_run_as_the_block(pack, flux, solver
     audit = HistoryAudit(pack, patched, block=("double_block", 0))
     out = _sample(patched, conditioning)
     assert audit.predicted["own"] > 0 and audit.stale == 0
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: a foreign block patch, N=%d: PSNR %.1f dB", N, value)
     assert not torch.equal(out, full) and value > 68  # measured 73.2 dB
 
@@ -237,7 +237,7 @@ def test_a_block_patch_placed_after_hyca(pack, flux, solver_map, conditioning):
     full = _sample(_with_patch(flux), conditioning)
     assert torch.equal(_sample(_with_patch(_apply(pack, flux, solver_map, 1)), conditioning), full)
     out = _sample(_with_patch(_apply(pack, flux, solver_map)), conditioning)
-    value = psnr(out, full)
+    value = latent_psnr(out, full)
     logging.getLogger(__name__).warning("measured: a block patch after HyCa, N=%d: PSNR %.1f dB", N, value)
     assert not torch.equal(out, full) and value > 69  # measured 74.2 dB
 
@@ -372,4 +372,4 @@ def test_patches_a_hook_adds_while_the_run_is_prepared_are_the_samplers(pack, fl
     with caplog.at_level(logging.INFO):
         out = _sample(_apply(pack, flux, solver_map), hooked)
     assert "block calls computed" in caplog.text and "kept apart" not in caplog.text
-    assert psnr(out, full) > 60
+    assert latent_psnr(out, full) > 60
