@@ -14,6 +14,7 @@ Nothing here imports ComfyUI into the test process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,24 +131,9 @@ class Server:
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, published_files) -> Server:
-    base = tmp_path_factory.mktemp("comfyui-base")
-    folder = project()["project"]["name"]  # the registry installs a node into custom_nodes/<node id>
-    package = base / "custom_nodes" / folder
-    for path in published_files:
-        (package / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, package / path)
-    shutil.copytree(
-        HERE / "reference_pack",
-        base / "custom_nodes" / TEST_PACK,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    shutil.copy2(
-        REPO / "harness" / "assets" / "reference_wan.safetensors", base / "models" / "diffusion_models"
-    )
-
+@contextlib.contextmanager
+def running_server(base: Path, folder: str) -> Iterator[Server]:
+    """ComfyUI's ``main.py`` serving ``base`` (its ``--base-directory``) until the block ends."""
     port = _free_port()
     log_path, records_path = base / "server.log", base / "server-records.jsonl"
     env = dict(os.environ, HYCA_TEST_REPO=str(REPO), HYCA_TEST_RECORDS=str(records_path),
@@ -178,3 +165,24 @@ def server(tmp_path_factory, published_files) -> Server:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, published_files) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("comfyui-base")
+    folder = project()["project"]["name"]  # the registry installs a node into custom_nodes/<node id>
+    package = base / "custom_nodes" / folder
+    for path in published_files:
+        (package / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, package / path)
+    shutil.copytree(
+        HERE / "reference_pack",
+        base / "custom_nodes" / TEST_PACK,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    shutil.copy2(
+        REPO / "harness" / "assets" / "reference_wan.safetensors", base / "models" / "diffusion_models"
+    )
+    with running_server(base, folder) as srv:
+        yield srv
