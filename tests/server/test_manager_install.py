@@ -56,7 +56,7 @@ def _seed_empty_registry(manager_dir: Path, comfyui: Path) -> None:
                    capture_output=True, env=_manager_env(comfyui), timeout=120)
 
 
-@pytest.mark.skipif(not CM_CLI.exists(), reason="no cm-cli: requirements-dev.txt's comfyui-manager is missing")
+@pytest.mark.skipif(not CM_CLI.exists(), reason="no cm-cli: comfyui-manager is not installed")
 def test_cm_cli_installs_from_a_git_url_and_the_server_lists_the_nodes(tmp_path):
     name = project()["project"]["name"]
     served = tmp_path / "git"
