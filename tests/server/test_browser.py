@@ -139,7 +139,7 @@ def page(server):
         pytest.skip(
             "Chromium is not installed (Debian: apt-get install -y chromium); the browser tests need it"
         )
-    # A returning user: the first visit would open the template browser by itself, at a moment of its choosing.
+    # A returning user: the first visit would open the template browser by itself, when it chooses.
     settings = server.base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
@@ -294,8 +294,16 @@ def test_examples_load_with_no_missing_node(page, server):
     browser loads a card: its JSON from /api/workflow_templates/ into app.loadGraphData (quicker than
     reopening the browser, whose hundreds of official thumbnails make each opening slow)."""
     examples = sorted(path.stem for path in EXAMPLES.glob("*.json"))
-    first = "hyca_flux_dev_text_to_image"
+    first = "FLUX.1 dev - text to image"
     assert sorted(_open_extension_templates(page, server.folder)) == examples
+    # every card shows its thumbnail (the frontend fetches <name>.jpg into the card's image)
+    page.wait_for(
+        "[...document.querySelectorAll('[data-testid^=\"template-workflow-\"]')].every(c => {"
+        " const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0"
+        " && i.naturalWidth === i.naturalHeight; })",
+        what="every template card's thumbnail",
+    )
+    page.screenshot("template_cards.png")
     for name in [first] + [e for e in examples if e != first]:
         workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
         if name == first:
@@ -343,11 +351,12 @@ def test_examples_load_with_no_missing_node(page, server):
 def test_a_missing_node_is_reported(page):
     """The check above is not vacuous: a workflow naming an unknown node type raises the dialog."""
     _close_dialogs(page)
-    workflow = json.loads((EXAMPLES / "hyca_flux_schnell_few_steps.json").read_text())
+    workflow = json.loads((EXAMPLES / "FLUX.1 schnell - four steps.json").read_text())
     workflow["nodes"][-1]["type"] = "HyCaNoSuchNode"
     page.eval(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)")
     dialogs = page.wait_for(
-        f"(() => {{ const t = [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText).join(' ');"
+        "(() => { const t = [...document.querySelectorAll('[role=dialog]')]"
+        ".map(d => d.innerText).join(' ');"
         f" return t.includes({json.dumps(MISSING_NODES_TITLE)}) ? t : null; }})()",
         what="the missing-nodes dialog",
     )
@@ -378,3 +387,4 @@ def test_node_documentation_opens_from_the_node_library(page):
     page.eval(
         "app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library').then(() => true)"
     )
+

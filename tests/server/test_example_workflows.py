@@ -17,10 +17,13 @@ official templates.
 """
 
 import importlib.resources
+import io
 import json
+import urllib.parse
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from .conftest import comfy
 
@@ -30,13 +33,14 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # Official templates name every model a workflow loads; a LoRA is the user's own choice.
 USER_CHOSEN = {"LoraLoaderModelOnly": "lora_name"}
 # The workflows the README promises (file name -> a node type each must contain besides HyCa Apply).
+# The frontend (1.32) titles a custom node's template card with the file name: names are titles.
 PROMISED = {
-    "hyca_flux_dev_text_to_image": "HyCaCalibrate",
-    "hyca_flux_dev_lora": "LoraLoaderModelOnly",
-    "hyca_flux_schnell_few_steps": "KSampler",
-    "hyca_qwen_image": "ModelSamplingAuraFlow",
-    "hyca_qwen_image_edit": "TextEncodeQwenImageEdit",
-    "hyca_wan21_text_to_video": "SaveVideo",
+    "FLUX.1 dev - text to image": "HyCaCalibrate",
+    "FLUX.1 dev - with a LoRA": "LoraLoaderModelOnly",
+    "FLUX.1 schnell - four steps": "KSampler",
+    "Qwen-Image - text to image": "ModelSamplingAuraFlow",
+    "Qwen-Image Edit - editing": "TextEncodeQwenImageEdit",
+    "Wan 2.1 - text to video": "SaveVideo",
 }
 
 
@@ -246,9 +250,13 @@ def test_example_loads_the_model_files_of_the_official_templates(path, object_in
     assert not problems, "\n".join(problems)
 
 
-def test_server_lists_and_serves_the_examples(server):
+def test_server_lists_and_serves_the_examples_with_their_thumbnails(server):
+    """The card of a custom node's template shows ``<name>.jpg`` from the same folder (frontend 1.32)."""
     listed = server.get_json("/workflow_templates")
     assert sorted(listed.get(server.folder, [])) == sorted(path.stem for path in _examples()), listed
     for path in _examples():
-        served = server.get_json(f"/api/workflow_templates/{server.folder}/{path.name}")
+        folder = f"/api/workflow_templates/{server.folder}/"
+        served = server.get_json(folder + urllib.parse.quote(path.name))
         assert served == json.loads(path.read_text())
+        thumbnail = Image.open(io.BytesIO(server.get(folder + urllib.parse.quote(f"{path.stem}.jpg"))))
+        assert thumbnail.format == "JPEG" and thumbnail.width == thumbnail.height >= 256, path.stem
