@@ -27,6 +27,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.reference_model import SHIFT
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 ARTIFACTS = Path(os.environ.get("HYCA_TEST_ARTIFACTS", REPO / "artifacts")) / "browser"
@@ -388,3 +390,68 @@ def test_node_documentation_opens_from_the_node_library(page):
         "app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library').then(() => true)"
     )
 
+
+KMEANS_SEED_LIMIT = 2**32  # KMeans takes random_state 0..2^32-1; Calibrate's seed goes to 2^64
+
+
+def _history(server) -> dict:
+    return server.get_json("/history")
+
+
+def test_calibrate_runs_twice_with_randomized_seeds_queued_from_the_ui(page, server):
+    """An artist sets Calibrate's seed to randomize after each run and presses Run twice. Each probe's
+    seed reaches scikit-learn's KMeans (issue 15: "The 'random_state' parameter of KMeans must be ...
+    Got 920065994407979"); both runs must succeed. The first seed lies above 2^32, the second is the
+    frontend's random one."""
+    _close_dialogs(page)
+    first_seed = 920065994407979
+    page.eval(
+        "(() => { app.graph.clear();"
+        " const add = (type, x, y, values) => { const n = LiteGraph.createNode(type); n.pos = [x, y];"
+        "   app.graph.add(n); for (const [k, v] of Object.entries(values)) {"
+        "     const w = n.widgets.find(w => w.name === k); if (w) w.value = v; } return n; };"
+        " const link = (a, b, input) => a.connect(0, b, b.findInputSlot(input));"
+        " const unet = add('UNETLoader', 0, 0, {unet_name: 'reference_wan.safetensors'});"
+        f" const shift = add('ModelSamplingSD3', 320, 0, {{shift: {SHIFT}}});"
+        " const positive = add('ReferenceClassConditioning', 0, 160, {class_id: 3});"
+        " const negative = add('ReferenceClassConditioning', 0, 300, {class_id: -1});"
+        " const latent = add('EmptyHunyuanLatentVideo', 0, 440, {width: 128, height: 128, length: 1});"
+        # save off and recalibrate on (where the widget exists): every run probes, none reuses a map
+        f" const calibrate = add('HyCaCalibrate', 640, 0, {{seed: {first_seed}, steps: 4, save: false,"
+        "   recalibrate: true, control_after_generate: 'randomize'});"
+        " const decode = add('ReferenceDecode', 1040, 0, {});"
+        " const preview = add('PreviewImage', 1280, 0, {});"
+        " link(unet, shift, 'model'); link(shift, calibrate, 'model'); link(positive, calibrate, 'positive');"
+        " link(negative, calibrate, 'negative'); link(latent, calibrate, 'latent_image');"
+        " calibrate.connect(1, decode, decode.findInputSlot('samples')); link(decode, preview, 'images');"
+        " app.canvas.setDirty(true, true); return true; })()"
+    )
+    seed = ("app.graph._nodes.find(n => n.type === 'HyCaCalibrate')"
+            ".widgets.find(w => w.name === 'seed').value")
+    assert page.eval(seed) == first_seed
+    before = set(_history(server))
+    for run in range(2):
+        _close_dialogs(page)  # e.g. the report of a failed first run, which covers the button
+        x, y = page.eval(
+            "(() => { const r = document.querySelector('[data-testid=\"queue-button\"]')"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        queued = page.eval(seed)
+        page.click_at(x, y)  # the Run button, as an artist presses it
+        page.wait_for(f"{seed} !== {queued}", what=f"run {run + 1} to be queued (its seed then randomized)")
+    page.screenshot("calibrate_twice.png")
+    deadline = time.monotonic() + 600
+    while True:
+        runs = {key: entry for key, entry in _history(server).items() if key not in before}
+        if len(runs) == 2 and all(e.get("status", {}).get("completed") is not None for e in runs.values()):
+            break
+        assert time.monotonic() < deadline, f"the two runs did not finish: {runs}\n{server.log()[-3000:]}"
+        time.sleep(0.5)
+    seeds = sorted(
+        node["inputs"]["seed"] for entry in runs.values() for node in entry["prompt"][2].values()
+        if node["class_type"] == "HyCaCalibrate"
+    )
+    assert len(seeds) == 2 and seeds[1] >= KMEANS_SEED_LIMIT and first_seed in seeds, seeds
+    failed = {key: entry["status"] for key, entry in runs.items()
+              if entry["status"].get("status_str") != "success"}
+    assert not failed, json.dumps(failed, indent=1)[-4000:]
