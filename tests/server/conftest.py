@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,22 +46,24 @@ def project() -> dict:
 COMFY_CLI = Path(sys.executable).parent / "comfy"
 
 
-def comfy(*args: str, cwd: Path, home: Path) -> subprocess.CompletedProcess:
-    """comfy-cli with its telemetry off (DO_NOT_TRACK) and its config in ``home``, not the user's."""
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """``comfy(*args, cwd=...)`` runs comfy-cli with its telemetry off (DO_NOT_TRACK) and its config in
+    a throw-away home, not the user's."""
     if not COMFY_CLI.exists():
         pytest.skip("comfy-cli is not installed (requirements-dev.txt; scripts/setup_env.sh installs it)")
+    home = tmp_path_factory.mktemp("comfy-cli-home")
     env = dict(os.environ, HOME=str(home), DO_NOT_TRACK="1", NO_COLOR="1")
-    return subprocess.run([str(COMFY_CLI), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(COMFY_CLI), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    return run
 
 
 @pytest.fixture(scope="session")
-def comfy_home(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("comfy-cli-home")
-
-
-@pytest.fixture(scope="session")
-def published_archive(tmp_path_factory, comfy_home) -> Path:
+def published_archive(tmp_path_factory, comfy) -> Path:
     """The archive the Comfy Registry gets: ``comfy node pack`` (git's files minus ``.comfyignore``).
 
     It packs a snapshot of the working tree in which the files not yet committed but not ignored by git
@@ -78,7 +80,7 @@ def published_archive(tmp_path_factory, comfy_home) -> Path:
             shutil.copy2(REPO / path, snapshot / path)
     for command in (["init", "--quiet"], ["add", "--all"]):
         subprocess.run(["git", "-C", str(snapshot), *command], check=True, capture_output=True)
-    packed = comfy("node", "pack", cwd=snapshot, home=comfy_home)
+    packed = comfy("node", "pack", cwd=snapshot)
     assert packed.returncode == 0 and (snapshot / "node.zip").is_file(), packed.stdout + packed.stderr
     return snapshot / "node.zip"
 
@@ -148,7 +150,7 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(base: Path, folder: str) -> Iterator[Server]:
+def _running_server(base: Path, folder: str) -> Iterator[Server]:
     """ComfyUI's ``main.py`` serving ``base`` (its ``--base-directory``) until the block ends."""
     port = _free_port()
     log_path, records_path = base / "server.log", base / "server-records.jsonl"
@@ -198,5 +200,11 @@ def server(tmp_path_factory, published_archive) -> Iterator[Server]:
     shutil.copy2(
         REPO / "harness" / "assets" / "reference_wan.safetensors", base / "models" / "diffusion_models"
     )
-    with running_server(base, folder) as srv:
+    with _running_server(base, folder) as srv:
         yield srv
+
+
+@pytest.fixture
+def start_server():
+    """``with start_server(base, folder) as server``: a ComfyUI server on another base directory."""
+    return _running_server

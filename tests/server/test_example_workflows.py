@@ -25,8 +25,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from .conftest import comfy
-
 EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 FRONTEND_ONLY = {"MarkdownNote": 1, "Note": 1}  # node types the frontend defines itself: widget count
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -95,11 +93,11 @@ def saved_object_info(object_info, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("path", _examples(), ids=lambda p: p.stem)
-def test_example_passes_comfy_workflow_validate(path, saved_object_info, comfy_home):
+def test_example_passes_comfy_workflow_validate(path, saved_object_info, comfy):
     """The test server has no model files: the only errors allowed are model files unavailable, those
     each node declares for download (properties.models) and the LoRA the user picks."""
     result = comfy("--json", "workflow", "validate", "--workflow", str(path),
-                   "--input", str(saved_object_info), cwd=path.parent, home=comfy_home)
+                   "--input", str(saved_object_info), cwd=path.parent)
     envelope = json.loads(result.stdout.strip().splitlines()[-1])
     assert envelope["data"]["converted_from_ui"] and not envelope["data"]["warnings"], envelope
     nodes = {str(node["id"]): node for node in json.loads(path.read_text())["nodes"]}

@@ -24,9 +24,11 @@ from pathlib import Path
 
 import pytest
 
+import tomllib
+
 from harness import comfy_runtime
 
-from .conftest import REPO, project, running_server
+REPO = Path(__file__).resolve().parents[2]
 
 NODES = {"HyCaCalibrate", "HyCaApply", "HyCaSolverInspector"}
 CM_CLI = Path(sys.executable).parent / "cm-cli"
@@ -57,8 +59,10 @@ def _seed_empty_registry(manager_dir: Path, comfyui: Path) -> None:
 
 
 @pytest.mark.skipif(not CM_CLI.exists(), reason="no cm-cli: comfyui-manager is not installed")
-def test_cm_cli_installs_from_a_git_url_and_the_server_lists_the_nodes(tmp_path):
-    name = project()["project"]["name"]
+def test_cm_cli_installs_from_a_git_url_and_the_server_lists_the_nodes(tmp_path, start_server):
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    name = project["name"]
     served = tmp_path / "git"
     bare = served / f"{name}.git"
     subprocess.run(["git", "clone", "--quiet", "--bare", "--single-branch", str(REPO), str(bare)], check=True)
@@ -89,10 +93,10 @@ def test_cm_cli_installs_from_a_git_url_and_the_server_lists_the_nodes(tmp_path)
     package = base / "custom_nodes" / name
     assert (package / "__init__.py").is_file() and (package / "nodes").is_dir(), output[-2000:]
     executed = output.replace("\n", "")  # the Manager's log wraps its long lines
-    for requirement in project()["project"]["dependencies"]:
+    for requirement in project["dependencies"]:
         assert f"'install', '{requirement}'" in executed, output[-4000:]
 
-    with running_server(base, name) as server:
+    with start_server(base, name) as server:
         info = server.get_json("/object_info")
         assert NODES <= info.keys(), server.log()[-4000:]
         assert all(info[node]["python_module"] == f"custom_nodes.{name}" for node in NODES)

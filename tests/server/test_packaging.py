@@ -15,8 +15,6 @@ from pathlib import Path
 
 import tomllib
 
-from .conftest import comfy
-
 REPO = Path(__file__).resolve().parents[2]
 
 SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
@@ -50,10 +48,10 @@ def test_pyproject_has_the_registry_fields():
     assert "web" not in comfy  # WEB_DIRECTORY serves web/; a `web` key would register it a second time
 
 
-def test_comfy_node_validate_passes_without_a_warning(comfy_home):
+def test_comfy_node_validate_passes_without_a_warning(comfy):
     """comfy-cli reports a malformed field as a warning and drops it from what it publishes, with
     exit status 0: a warning fails here."""
-    result = comfy("node", "validate", cwd=REPO, home=comfy_home)
+    result = comfy("node", "validate", cwd=REPO)
     output = result.stdout + result.stderr
     assert result.returncode == 0 and "All validation checks passed" in output, output
     assert "warning" not in output.lower(), output
