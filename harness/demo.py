@@ -94,11 +94,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--interval", type=int, help="HyCa's N (default: the N the map was tuned for)")
     parser.add_argument("--warmup", type=int, help="warm-up steps (default: the map's)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each variant, in turns")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each variant, in turns")
     parser.add_argument("--out", type=Path, default=Path("output/demo.png"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger().handlers[0].addFilter(_QuietAudio())
+    # The model is too small to gain from intra-op threads; on a busy machine their spin-waiting made
+    # a run 8-45x slower (and its time erratic) than on one thread.
+    torch.set_num_threads(1)
 
     pack = node_pack.load()
     model = reference_model.load()
