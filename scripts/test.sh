@@ -6,7 +6,8 @@ bash scripts/setup_env.sh
 # The browser tests (tests/server/test_browser.py) drive headless Chromium; without it they skip.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "[test] installing chromium for the browser tests" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
+  { apt-get update -qq \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
     || echo "[test] could not install chromium; the browser tests will skip" >&2
 fi
 exec "${HYCA_VENV:-.venv}/bin/python" -m pytest "$@"

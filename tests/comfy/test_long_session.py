@@ -193,7 +193,7 @@ def test_a_long_session_among_other_nodes(pack, monkeypatch):
                                                   {"samples": torch.zeros(1, 16, 8, 8)}, Schedule(N, WARMUP))
 
     def apply(model, interval=N):
-        return pack.nodes.apply_node.apply_hyca(model, flux_map, Schedule(interval, WARMUP))
+        return pack.nodes.apply_hyca.apply_hyca(model, flux_map, Schedule(interval, WARMUP))
 
     slg, slg_simple = skip_layer_guidance, functools.partial(skip_layer_guidance_simple, end_percent=0.5)
     graphs = {  # name -> (the graph with HyCa, a fresh graph it must equal, the graph without HyCa)

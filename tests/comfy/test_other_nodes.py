@@ -24,7 +24,7 @@ EXTRA = "model calls with other nodes' patches (Skip Layer Guidance ...) kept ap
 
 def _apply(pack, model, solver_map, interval=N, **kwargs):
     schedule = pack.hyca_core.schedule.Schedule(interval=interval, warmup=WARMUP)
-    return pack.nodes.apply_node.apply_hyca(model, solver_map, schedule, **kwargs)
+    return pack.nodes.apply_hyca.apply_hyca(model, solver_map, schedule, **kwargs)
 
 
 def _sample(model, conditioning, cfg=1.0, steps=STEPS):

@@ -3,8 +3,8 @@
 The session's server runs ComfyUI's own ``main.py`` (through ``launch_comfyui.py``) with ``--cpu``
 on a free port and a fresh ``--base-directory`` that holds:
 
-- ``custom_nodes/<project name>/``: a copy of exactly the files the registry archive would hold
-  (git's file list minus ``.comfyignore``), so a file the package needs but the archive drops fails
+- ``custom_nodes/<project name>/``: the registry archive as ``comfy node pack`` builds it (git's
+  file list minus ``.comfyignore``), unpacked, so a file the package needs but the archive drops fails
   here;
 - ``custom_nodes/hyca_test_reference/``: test-only nodes for the reference model (``reference_pack``);
 - ``models/diffusion_models/reference_wan.safetensors``: the trained reference model.
@@ -14,6 +14,7 @@ Nothing here imports ComfyUI into the test process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,35 +43,52 @@ def project() -> dict:
         return tomllib.load(f)
 
 
-def _git(*args: str) -> list[str]:
-    out = subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout
-    return sorted(line for line in out.splitlines() if line)
-
-
-def archive_files() -> list[str]:
-    """The files ``comfy node publish`` would zip: the git-tracked files minus ``.comfyignore``.
-
-    Files not yet committed but not ignored by git count as tracked (they will be once committed).
-    The ``.comfyignore`` patterns are matched by git itself (its exclude-file syntax is the
-    gitwildmatch syntax comfy-cli reads the file with).
-    """
-    candidates = _git("ls-files", "--cached", "--others", "--exclude-standard")
-    # --directory: an ignored untracked folder is one entry ending in "/" (git does not descend into .venv)
-    dropped = _git(
-        "ls-files", "--cached", "--others", "--ignored", "--exclude-from=.comfyignore", "--directory"
-    )
-    files = {path for path in dropped if not path.endswith("/")}
-    folders = tuple(path for path in dropped if path.endswith("/"))
-    return [
-        path
-        for path in candidates
-        if path not in files and not path.startswith(folders) and (REPO / path).is_file()
-    ]
+COMFY_CLI = Path(sys.executable).parent / "comfy"
 
 
 @pytest.fixture(scope="session")
-def published_files() -> list[str]:
-    return archive_files()
+def comfy(tmp_path_factory) -> Callable[..., subprocess.CompletedProcess]:
+    """``comfy(*args, cwd=...)`` runs comfy-cli with its telemetry off (DO_NOT_TRACK) and its config in
+    a throw-away home, not the user's."""
+    if not COMFY_CLI.exists():
+        pytest.skip("comfy-cli is not installed (requirements-dev.txt; scripts/setup_env.sh installs it)")
+    home = tmp_path_factory.mktemp("comfy-cli-home")
+    env = dict(os.environ, HOME=str(home), DO_NOT_TRACK="1", NO_COLOR="1")
+
+    def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(COMFY_CLI), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def published_archive(tmp_path_factory, comfy) -> Path:
+    """The archive the Comfy Registry gets: ``comfy node pack`` (git's files minus ``.comfyignore``).
+
+    It packs a snapshot of the working tree in which the files not yet committed but not ignored by git
+    are committed too (they will be), so a test run sees the archive of what it tests.
+    """
+    snapshot = tmp_path_factory.mktemp("archive-snapshot")
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    for path in filter(None, listed.split("\0")):
+        if (REPO / path).is_file():
+            (snapshot / path).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / path, snapshot / path)
+    for command in (["init", "--quiet"], ["add", "--all"]):
+        subprocess.run(["git", "-C", str(snapshot), *command], check=True, capture_output=True)
+    packed = comfy("node", "pack", cwd=snapshot)
+    assert packed.returncode == 0 and (snapshot / "node.zip").is_file(), packed.stdout + packed.stderr
+    return snapshot / "node.zip"
+
+
+@pytest.fixture(scope="session")
+def published_files(published_archive) -> list[str]:
+    with zipfile.ZipFile(published_archive) as archive:
+        return sorted(archive.namelist())
 
 
 def _free_port() -> int:
@@ -129,24 +149,9 @@ class Server:
         raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s:\n{self.log()[-4000:]}")
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory, published_files) -> Server:
-    base = tmp_path_factory.mktemp("comfyui-base")
-    folder = project()["project"]["name"]  # the registry installs a node into custom_nodes/<node id>
-    package = base / "custom_nodes" / folder
-    for path in published_files:
-        (package / path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / path, package / path)
-    shutil.copytree(
-        HERE / "reference_pack",
-        base / "custom_nodes" / TEST_PACK,
-        ignore=shutil.ignore_patterns("__pycache__"),
-    )
-    (base / "models" / "diffusion_models").mkdir(parents=True)
-    shutil.copy2(
-        REPO / "harness" / "assets" / "reference_wan.safetensors", base / "models" / "diffusion_models"
-    )
-
+@contextlib.contextmanager
+def _running_server(base: Path, folder: str) -> Iterator[Server]:
+    """ComfyUI's ``main.py`` serving ``base`` (its ``--base-directory``) until the block ends."""
     port = _free_port()
     log_path, records_path = base / "server.log", base / "server-records.jsonl"
     env = dict(os.environ, HYCA_TEST_REPO=str(REPO), HYCA_TEST_RECORDS=str(records_path),
@@ -178,3 +183,28 @@ def server(tmp_path_factory, published_files) -> Server:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, published_archive) -> Iterator[Server]:
+    base = tmp_path_factory.mktemp("comfyui-base")
+    folder = project()["project"]["name"]  # the registry installs a node into custom_nodes/<node id>
+    with zipfile.ZipFile(published_archive) as archive:
+        archive.extractall(base / "custom_nodes" / folder)
+    shutil.copytree(
+        HERE / "reference_pack",
+        base / "custom_nodes" / TEST_PACK,
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (base / "models" / "diffusion_models").mkdir(parents=True)
+    shutil.copy2(
+        REPO / "harness" / "assets" / "reference_wan.safetensors", base / "models" / "diffusion_models"
+    )
+    with _running_server(base, folder) as srv:
+        yield srv
+
+
+@pytest.fixture
+def start_server():
+    """``with start_server(base, folder) as server``: a ComfyUI server on another base directory."""
+    return _running_server

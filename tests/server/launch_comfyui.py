@@ -39,7 +39,8 @@ RUNTIME = Path(__file__).resolve().parents[2] / "harness" / "comfy_runtime.py"
 class JsonRecords(logging.Handler):
     def __init__(self, path: str):
         super().__init__(logging.INFO)
-        self.stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 (open while the server lives)
+        # open while the server lives
+        self.stream = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -59,7 +60,8 @@ def _exit_with(parent: int) -> None:
 
 def main() -> None:
     if os.environ.get("HYCA_TEST_PARENT_PID"):
-        threading.Thread(target=_exit_with, args=(int(os.environ["HYCA_TEST_PARENT_PID"]),), daemon=True).start()
+        parent = int(os.environ["HYCA_TEST_PARENT_PID"])
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     if os.environ.get("HYCA_TEST_RECORDS"):
         logging.getLogger().addHandler(JsonRecords(os.environ["HYCA_TEST_RECORDS"]))
         logging.captureWarnings(True)

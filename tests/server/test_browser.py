@@ -27,11 +27,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.reference_model import SHIFT
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "example_workflows"
 ARTIFACTS = Path(os.environ.get("HYCA_TEST_ARTIFACTS", REPO / "artifacts")) / "browser"
 NODES = {
-    "HyCaApply": "HyCa Apply",
+    "HyCaCacheSpeedUp": "HyCa Apply (faster sampling)",
+    "HyCaApply": "HyCa Apply (Advanced)",
     "HyCaCalibrate": "HyCa Calibrate",
     "HyCaSolverInspector": "HyCa Solver Inspector",
 }
@@ -139,7 +142,7 @@ def page(server):
         pytest.skip(
             "Chromium is not installed (Debian: apt-get install -y chromium); the browser tests need it"
         )
-    # A returning user: the first visit would open the template browser by itself, at a moment of its choosing.
+    # A returning user: the first visit would open the template browser by itself, when it chooses.
     settings = server.base / "user" / "default" / "comfy.settings.json"
     settings.parent.mkdir(parents=True, exist_ok=True)
     settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
@@ -259,7 +262,7 @@ def test_node_search_finds_the_hyca_nodes(page):
     assert options[0].startswith("HyCa Apply"), options  # the best match for "HyCa" comes first
     page.screenshot("node_search.png")
     page.key("Enter", "Enter", 13)  # adds the highlighted node, as in the UI
-    page.wait_for("app.graph._nodes.some(n => n.type === 'HyCaApply')", what="HyCa Apply to be added")
+    page.wait_for("app.graph._nodes.some(n => n.type.startsWith('HyCa'))", what="a HyCa node to be added")
 
 
 def _open_extension_templates(page: Page, folder: str) -> list[str]:
@@ -294,8 +297,16 @@ def test_examples_load_with_no_missing_node(page, server):
     browser loads a card: its JSON from /api/workflow_templates/ into app.loadGraphData (quicker than
     reopening the browser, whose hundreds of official thumbnails make each opening slow)."""
     examples = sorted(path.stem for path in EXAMPLES.glob("*.json"))
-    first = "hyca_flux_dev_text_to_image"
+    first = "FLUX.1 dev - text to image"
     assert sorted(_open_extension_templates(page, server.folder)) == examples
+    # every card shows its thumbnail (the frontend fetches <name>.jpg into the card's image)
+    page.wait_for(
+        "[...document.querySelectorAll('[data-testid^=\"template-workflow-\"]')].every(c => {"
+        " const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0"
+        " && i.naturalWidth === i.naturalHeight; })",
+        what="every template card's thumbnail",
+    )
+    page.screenshot("template_cards.png")
     for name in [first] + [e for e in examples if e != first]:
         workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
         if name == first:
@@ -343,11 +354,12 @@ def test_examples_load_with_no_missing_node(page, server):
 def test_a_missing_node_is_reported(page):
     """The check above is not vacuous: a workflow naming an unknown node type raises the dialog."""
     _close_dialogs(page)
-    workflow = json.loads((EXAMPLES / "hyca_flux_schnell_few_steps.json").read_text())
+    workflow = json.loads((EXAMPLES / "FLUX.1 schnell - four steps.json").read_text())
     workflow["nodes"][-1]["type"] = "HyCaNoSuchNode"
     page.eval(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)")
     dialogs = page.wait_for(
-        f"(() => {{ const t = [...document.querySelectorAll('[role=dialog]')].map(d => d.innerText).join(' ');"
+        "(() => { const t = [...document.querySelectorAll('[role=dialog]')]"
+        ".map(d => d.innerText).join(' ');"
         f" return t.includes({json.dumps(MISSING_NODES_TITLE)}) ? t : null; }})()",
         what="the missing-nodes dialog",
     )
@@ -378,3 +390,69 @@ def test_node_documentation_opens_from_the_node_library(page):
     page.eval(
         "app.extensionManager.command.execute('Workspace.ToggleSidebarTab.node-library').then(() => true)"
     )
+
+
+KMEANS_SEED_LIMIT = 2**32  # KMeans takes random_state 0..2^32-1; Calibrate's seed goes to 2^64
+
+
+def _history(server) -> dict:
+    return server.get_json("/history")
+
+
+def test_calibrate_runs_twice_with_randomized_seeds_queued_from_the_ui(page, server):
+    """An artist sets Calibrate's seed to randomize after each run and presses Run twice. Each probe's
+    seed reaches scikit-learn's KMeans (issue 15: "The 'random_state' parameter of KMeans must be ...
+    Got 920065994407979"); both runs must succeed. The first seed lies above 2^32, the second is the
+    frontend's random one."""
+    _close_dialogs(page)
+    first_seed = 920065994407979
+    page.eval(
+        "(() => { app.graph.clear();"
+        " const add = (type, x, y, values) => { const n = LiteGraph.createNode(type); n.pos = [x, y];"
+        "   app.graph.add(n); for (const [k, v] of Object.entries(values)) {"
+        "     const w = n.widgets.find(w => w.name === k); if (w) w.value = v; } return n; };"
+        " const link = (a, b, input) => a.connect(0, b, b.findInputSlot(input));"
+        " const unet = add('UNETLoader', 0, 0, {unet_name: 'reference_wan.safetensors'});"
+        f" const shift = add('ModelSamplingSD3', 320, 0, {{shift: {SHIFT}}});"
+        " const positive = add('ReferenceClassConditioning', 0, 160, {class_id: 3});"
+        " const negative = add('ReferenceClassConditioning', 0, 300, {class_id: -1});"
+        " const latent = add('EmptyHunyuanLatentVideo', 0, 440, {width: 128, height: 128, length: 1});"
+        # save off and recalibrate on (where the widget exists): every run probes, none reuses a map
+        f" const calibrate = add('HyCaCalibrate', 640, 0, {{seed: {first_seed}, steps: 4, save: false,"
+        "   recalibrate: true, control_after_generate: 'randomize'});"
+        " const decode = add('ReferenceDecode', 1040, 0, {});"
+        " const preview = add('PreviewImage', 1280, 0, {});"
+        " link(unet, shift, 'model'); link(shift, calibrate, 'model'); link(positive, calibrate, 'positive');"
+        " link(negative, calibrate, 'negative'); link(latent, calibrate, 'latent_image');"
+        " calibrate.connect(1, decode, decode.findInputSlot('samples')); link(decode, preview, 'images');"
+        " app.canvas.setDirty(true, true); return true; })()"
+    )
+    seed = ("app.graph._nodes.find(n => n.type === 'HyCaCalibrate')"
+            ".widgets.find(w => w.name === 'seed').value")
+    assert page.eval(seed) == first_seed
+    before = set(_history(server))
+    for run in range(2):
+        _close_dialogs(page)  # e.g. the report of a failed first run, which covers the button
+        x, y = page.eval(
+            "(() => { const r = document.querySelector('[data-testid=\"queue-button\"]')"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        queued = page.eval(seed)
+        page.click_at(x, y)  # the Run button, as an artist presses it
+        page.wait_for(f"{seed} !== {queued}", what=f"run {run + 1} to be queued (its seed then randomized)")
+    page.screenshot("calibrate_twice.png")
+    deadline = time.monotonic() + 600
+    while True:
+        runs = {key: entry for key, entry in _history(server).items() if key not in before}
+        if len(runs) == 2 and all(e.get("status", {}).get("completed") is not None for e in runs.values()):
+            break
+        assert time.monotonic() < deadline, f"the two runs did not finish: {runs}\n{server.log()[-3000:]}"
+        time.sleep(0.5)
+    seeds = sorted(
+        node["inputs"]["seed"] for entry in runs.values() for node in entry["prompt"][2].values()
+        if node["class_type"] == "HyCaCalibrate"
+    )
+    assert len(seeds) == 2 and seeds[1] >= KMEANS_SEED_LIMIT and first_seed in seeds, seeds
+    failed = {key: entry["status"] for key, entry in runs.items()
+              if entry["status"].get("status_str") != "success"}
+    assert not failed, json.dumps(failed, indent=1)[-4000:]

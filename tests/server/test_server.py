@@ -1,6 +1,6 @@
 """End to end on a real ComfyUI server (``main.py --cpu``) with the package installed from its archive.
 
-What a user sees: the package loads without a warning, its three nodes are listed with tooltips,
+What a user sees: the package loads without a warning, its nodes are listed with tooltips,
 categories and their documentation pages, and a workflow queued through ``POST /prompt`` calibrates,
 applies and samples the trained reference model, saves images and logs the speed-up.
 """
@@ -15,7 +15,7 @@ from PIL import Image
 from harness.metrics import psnr_8bit
 from harness.reference_model import SHIFT, STEPS, UNET_CONFIG
 
-NODES = ("HyCaCalibrate", "HyCaApply", "HyCaSolverInspector")
+NODES = ("HyCaCalibrate", "HyCaCacheSpeedUp", "HyCaApply", "HyCaSolverInspector")
 BLOCKS = UNET_CONFIG["num_layers"]
 SPEEDUP = re.compile(
     r"HyCa: (\d+) block calls computed, (\d+) predicted \(([\d.]+)x fewer block computations\)"
