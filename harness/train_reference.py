@@ -35,6 +35,13 @@ Steps, in order (all seeded):
 The shipped Wan weights: 6,500 steps of batch 32 in 57.9 min with 2 threads on this project's 2-core
 machine, ended by the step count; 77% of full-compute samples read as their class at cfg 1, 89.5%
 at cfg 2.
+
+The shipped FLUX weights: ``--model flux --threads 1 --eval-per-class 10``, 2,800 steps of batch 32
+in 45.8 min, ended by the step count; 95% of full-compute samples read as their class at cfg 1
+(any shift from 1 to 8, 20 to 50 steps), 100% at cfg 2. One thread, not two: with some ten
+processes runnable on the 2 cores, two threads ran 0.07 steps/s (each waits for the other at every
+parallel region) and one thread 0.8-1.0. Its classifier (100% on 2,000 held-out shapes) came
+from a first, aborted run of the same command with 2 threads, kept with ``--reuse-classifier``.
 """
 
 from __future__ import annotations
