@@ -248,8 +248,8 @@ def ship_map(ref, weights: Path) -> Path:
     def probe_map(label, seed):
         schedule = pack.hyca_core.schedule.Schedule(interval=probe["interval"], warmup=probe["warmup"])
         solver_map, _ = pack.nodes.calibrate_node.probe(
-            model, seed, probe["steps"], 1.0, "euler", "simple", ref.conditioning([label]), ref.unconditional(1),
-            {"samples": ref.empty_latent(1)}, schedule)
+            model, seed, probe["steps"], 1.0, "euler", "simple", ref.conditioning([label]),
+            ref.unconditional(1), {"samples": ref.empty_latent(1)}, schedule)
         return solver_map
 
     solver_map = probe_map(probe["label"], probe["seed"])
@@ -268,7 +268,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="which reference model")
     parser.add_argument("--smoke", action="store_true", help="3-minute end-to-end check, writes under artifacts/")
     parser.add_argument("--map-only", action="store_true", help="only calibrate --out's weights and ship their map")
-    parser.add_argument("--steps", type=int, help="diffusion optimizer steps (upper bound; default the model's)")
+    parser.add_argument("--steps", type=int, help="diffusion optimizer steps (upper bound; model's default)")
     parser.add_argument("--minutes", type=float, help="diffusion training time budget (upper bound)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="training device (e.g. cuda); sampling uses ComfyUI's choice")
@@ -354,7 +354,8 @@ def main(argv=None) -> None:
 
     log(f"SUMMARY: classifier held-out real accuracy {real_accuracy:.4f}; diffusion {info['steps']} steps, "
         f"{info['minutes']:.1f} min, final loss {info['final_loss']:.4f}; kept {best} "
-        f"(accuracy {results[best][0]:.3f}); grid {args.grid}; total {(time.time() - total_start) / 60:.1f} min")
+        f"(accuracy {results[best][0]:.3f}); grid {args.grid}; "
+        f"total {(time.time() - total_start) / 60:.1f} min")
     if args.out.resolve() == ref.WEIGHTS.resolve():
         ship_map(ref, args.out)
 
@@ -366,8 +367,8 @@ def report_accuracy(ref, weights: Path, classifier, per_class: int, grid: Path) 
     settings = [(shift, 1.0, ref.STEPS) for shift in (1.0, 2.0, 3.0, 8.0)]
     settings += [(ref.SHIFT, 2.0, ref.STEPS), (ref.SHIFT, 1.0, 20), (ref.SHIFT, 1.0, 50)]
     for shift, cfg, steps in settings:
-        accuracy, images, labels = evaluate(ref, ref.with_shift(base, shift), classifier, per_class, steps, cfg,
-                                            seed=777)
+        accuracy, images, labels = evaluate(ref, ref.with_shift(base, shift), classifier, per_class, steps,
+                                            cfg, seed=777)
         log(f"full-compute samples, shift {shift}, cfg {cfg}, {steps} euler/simple steps: "
             f"accuracy {accuracy:.3f} on {len(labels)}")
         if (shift, cfg, steps) == (ref.SHIFT, 1.0, ref.STEPS):
