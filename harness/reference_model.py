@@ -34,12 +34,15 @@ What it is (HyCa's quality benchmarks need a model whose features have real, lea
 
 from __future__ import annotations
 
+import contextlib
+import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import comfy_runtime
+from . import reference_data as DATA
 from .reference_data import IMAGE_SIZE, NUM_CLASSES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -64,6 +67,10 @@ STEPS = 30  # recommended steps, euler / simple
 # Recommended guidance: the shipped weights' full-compute samples (30 steps) are read as their class
 # 89.5% of the time at cfg 2 and 77% at cfg 1 (harness/train_reference.py's final evaluation).
 CFG = 2.0
+# The trainer's defaults for this model (harness/train_reference.py): the shipped run.
+TRAINING = dict(steps=6500, minutes=58.0, batch=32, lr=1.5e-3, warmup=150, ema=0.998)
+# The probe the shipped solver map comes from (and quality benchmark's calibration): one pair, N=6.
+MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,14 +162,14 @@ def unconditional(batch: int = 1) -> list:
 # model
 
 
-def model_config():
-    """ComfyUI's model config (WAN21_T2V) for :data:`UNET_CONFIG`."""
+def model_config(unet_config: dict = UNET_CONFIG):
+    """ComfyUI's model config for ``unet_config`` (WAN21_T2V for :data:`UNET_CONFIG`)."""
     comfy_runtime.load()
     import comfy.model_detection
 
-    config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIG))
+    config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     if config is None:
-        raise RuntimeError("ComfyUI recognizes no model family for the reference Wan config")
+        raise RuntimeError(f"ComfyUI recognizes no model family for the reference config {unet_config}")
     return config
 
 
@@ -202,13 +209,48 @@ def init_weights(wan: torch.nn.Module, seed: int) -> None:
         torch.random.set_rng_state(generator_state)
 
 
-def build_untrained(seed: int = 0):
-    """A fresh (BaseModel, WanModel) pair in fp32 on the CPU, initialized for training."""
-    config = model_config()
+def build_untrained(seed: int = 0, unet_config: dict = UNET_CONFIG, init=init_weights):
+    """A fresh (BaseModel, diffusion model) pair in fp32 on the CPU, initialized for training by
+    ``init(model, seed)`` (the Wan model's by default)."""
+    config = model_config(unet_config)
     config.set_inference_dtype(torch.float32, None)
     base = config.get_model({}, "")
-    init_weights(base.diffusion_model, seed)
+    init(base.diffusion_model, seed)
     return base, base.diffusion_model
+
+
+def param_groups(wan: torch.nn.Module) -> list[dict]:
+    """AdamW groups. The first text-embedding layer reads dense 4096-dim contexts: Adam moves every
+    weight by ~lr per step, which moves its outputs by ~lr * sum|context| (~2.6 at lr 8e-4), so the
+    class signal would be noise the network learns to ignore; its learning rate is scaled by
+    1/sqrt(4096)."""
+    text_in = wan.text_embedding[0].weight
+    groups = {"text_in": [], "decay": [], "other": []}
+    for n, p in wan.named_parameters():
+        key = "text_in" if p is text_in else "decay" if p.ndim >= 2 and "modulation" not in n else "other"
+        groups[key].append(p)
+    text_scale = 1 / math.sqrt(TEXT_DIM)
+    return [{"params": groups["text_in"], "weight_decay": 0.0, "name": "text_in", "lr_scale": text_scale},
+            {"params": groups["decay"], "weight_decay": 0.01, "name": "decay", "lr_scale": 1.0},
+            {"params": groups["other"], "weight_decay": 0.0, "name": "other", "lr_scale": 1.0}]
+
+
+@contextlib.contextmanager
+def training_forward(wan: torch.nn.Module):
+    """Yields ``velocity(z_t, sigma, labels)``, Wan's forward with PyTorch's SDPA for attention while
+    it lasts (ComfyUI picks sub-quadratic attention on CPU; same math, faster there)."""
+    import comfy.ldm.modules.attention as attention
+    import comfy.ldm.wan.model as wan_module
+
+    def velocity(z_t, sigma, labels):
+        return wan(z_t, sigma * 1000, context_batch(labels).to(z_t.device))
+
+    original_attention = wan_module.optimized_attention
+    wan_module.optimized_attention = attention.attention_pytorch
+    try:
+        yield velocity
+    finally:
+        wan_module.optimized_attention = original_attention
 
 
 def state_dict_for_file(wan: torch.nn.Module, dtype=torch.float16) -> dict:
