@@ -15,11 +15,15 @@ machine is shared, contended runs read ~0.2 higher):
       numpy.einsum (one thread) 3.0 (two threads 2.9-3.3), numexpr 5.7-9, a torch.compile'd sum
       returning a new tensor 3.4-4.3 (allocating 48 MB faults its pages in on every call), or a
       compiled sum over dim 0 of the stacked history 4-8 (inductor's reduction loop)
-    bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4; fp32 accumulation through
-      mixed-dtype kernels 7-29; lerp would need bf16 weights (inaccurate).
-Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise;
-or, on request, the single-pass kernels torch.compile builds, unrolled over the terms and writing
-into the output (fused.py: 1.1-1.8x for m=2-4, fp32 and bf16, on the CPU).
+    bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4, but weights rounded to bf16 no
+      longer sum to 1 and bias every channel; fp32 accumulation through full-size mixed-dtype
+      ops 7-29 (the CPU casts each operand into a temporary first; over cached row chunks far less).
+Hence: weights and sums in fp32 at least whatever the history's dtype, rounded once into the
+result; lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise,
+over row chunks where dtypes mix on the CPU; or, on request, the single-pass kernels
+torch.compile builds, unrolled over the terms and writing into the output (fused.py).  A block's
+input (`base`) starts the chain (a term of weight 1 in the fused kernel), so adding it costs no
+pass of its own, and terms no channel weighs are never read.
 """
 from __future__ import annotations
 
@@ -63,7 +67,7 @@ class Weights(NamedTuple):
     terms: int  # history terms (m) the weights were made for
     rows: tuple[int, ...]  # those terms some channel weighs, oldest first: the others are never read
     coeffs: torch.Tensor  # (len(rows), D) in the accumulation dtype: fp32 for half-precision histories
-    lerp: torch.Tensor | None  # (len(rows)-1, D) lerp-chain weights, where that chain is exact and well conditioned
+    lerp: torch.Tensor | None  # (len(rows)-1, D) lerp-chain weights, where exact and well conditioned
     fused: torch.Tensor | None = None  # coeffs, for the fused kernel; None: eager ops only
 
 
@@ -72,14 +76,13 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
 
     Weights and sums are in fp32 at least, whatever the history's dtype: half-precision weights
-    whose sum is not exactly 1 bias every channel (1.6% with taylor1, 12% with second-order
-    members on real flow schedules).  Terms no channel weighs are dropped.  Deriving the lerp form
-    costs about as much as predicting a small model's residual, so a hot loop prepares each set
-    of weights once.  ``fused``: on the CPU, predict residuals of `fused.MIN_ELEMENTS` or more
-    with torch.compile's single-pass kernel where it beats the eager ops (not for two terms that
-    one lerp reads at once).  Elsewhere the eager ops stay: a compiled call costs 0.1-0.2 ms of
-    guards and Python wrappers (dev CPU), several times what a GPU takes for a pass over a
-    FLUX-size residual.
+    no longer sum to 1 and would bias every channel.  Terms no channel weighs are dropped.
+    Deriving the lerp form costs about as much as predicting a small model's residual, so a hot
+    loop prepares each set of weights once.  ``fused``: on the CPU, predict residuals of
+    `fused.MIN_ELEMENTS` or more with torch.compile's single-pass kernel where it beats the eager
+    ops (not for two terms that one lerp reads at once).  Elsewhere the eager ops stay: a compiled
+    call costs 0.1-0.2 ms of guards and Python wrappers (dev CPU), several times what a GPU takes
+    for a pass over a FLUX-size residual.
     """
     device = torch.device(device)
     used = coeffs.ne(0).any(dim=1).nonzero().flatten().tolist() or [len(coeffs) - 1]
@@ -185,7 +188,7 @@ def _chain(terms, coeffs, out, base, scratch=None):
     coeffs' dtype: in out itself where it has that dtype, else in scratch (allocated if None)."""
     acc = out
     if out.dtype != coeffs.dtype and len(terms) > 1:
-        acc = scratch if scratch is not None else torch.empty(out.shape, dtype=coeffs.dtype, device=out.device)
+        acc = torch.empty(out.shape, dtype=coeffs.dtype, device=out.device) if scratch is None else scratch
     last = len(terms) - 1
     for j, (term, c) in enumerate(zip(terms, coeffs)):
         into = out if j == last else acc
@@ -209,7 +212,8 @@ class ResidualHistory:
     """Ring buffer of the last `capacity` residuals of one block for one sampling state.
 
     push() copies into preallocated storage (optionally another dtype/device, e.g. bf16 on
-    CPU), so callers may modify their tensor in place afterwards.  Slots are never rotated: a
+    CPU), so callers may modify their tensor in place afterwards; push_difference() writes a
+    block's output minus its input there directly.  Slots are never rotated: a
     write index tracks the newest, and predict() receives the slots as views in time order.
     """
 

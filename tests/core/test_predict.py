@@ -333,7 +333,7 @@ def test_predict_onto_a_base_elsewhere():
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [24, 1 << 16])
 def test_push_difference_stores_what_push_of_the_difference_did(storage, activations, chunk, monkeypatch):
-    """The residual is written straight into the history's slot, rounded once as copying after - before was."""
+    """The residual goes straight into the history's slot, rounded once as pushing after - before was."""
     monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", chunk)  # 24: four row chunks of 10 rows, one short
     g = torch.Generator().manual_seed(0)
     direct, copied = ResidualHistory(2, storage), ResidualHistory(2, storage)
