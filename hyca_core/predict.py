@@ -142,7 +142,8 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
 
 # On the CPU an eager op whose operands differ in dtype first casts each into a full-size temporary of
 # the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
-# dev CPU, 1-2x when the ops go over row chunks of this many elements, whose temporaries stay cached.
+# dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's cache,
+# and the ops cost about what the same ops in one dtype do.
 _CHUNK_ELEMENTS = 1 << 16
 
 
@@ -177,9 +178,9 @@ def _chunked(operands, dtype) -> bool:
 
 
 def _rows(operands):
-    """Row chunks of _CHUNK_ELEMENTS elements of contiguous (*shape, D) tensors of one shape, zipped."""
+    """Row chunks (_CHUNK_ELEMENTS a thread) of contiguous (*shape, D) tensors of one shape, zipped."""
     width = operands[0].shape[-1]
-    rows = max(1, _CHUNK_ELEMENTS // width)
+    rows = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // width)
     return zip(*(t.view(-1, width).split(rows) for t in operands))
 
 

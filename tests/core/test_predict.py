@@ -112,7 +112,7 @@ def test_half_history_predicts_a_constant_channel_within_its_rounding(dtype, pat
 @pytest.mark.parametrize("onto", [None, torch.float32, torch.bfloat16])
 def test_half_history_sums_in_fp32_and_rounds_once(dtype, m, onto, monkeypatch):
     """Also over several row chunks (the CPU's mixed-dtype path) and onto a base of either precision."""
-    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", 24)  # three rows of 8 a chunk: 4 chunks of 10 rows
+    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", 12)  # 10 rows of 8 in several chunks
     g = torch.Generator().manual_seed(m)
     history = torch.randn(m, 10, 8, generator=g).to(dtype)
     coeffs = pool_coefficients(m, 8, seed=2)
@@ -331,10 +331,10 @@ def test_predict_onto_a_base_elsewhere():
 
 @pytest.mark.parametrize("storage", [None, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("chunk", [24, 1 << 16])
+@pytest.mark.parametrize("chunk", [12, 1 << 16])
 def test_push_difference_stores_what_push_of_the_difference_did(storage, activations, chunk, monkeypatch):
     """The residual goes straight into the history's slot, rounded once as pushing after - before was."""
-    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", chunk)  # 24: four row chunks of 10 rows, one short
+    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", chunk)  # 12: 10 rows of 8 in several chunks
     g = torch.Generator().manual_seed(0)
     direct, copied = ResidualHistory(2, storage), ResidualHistory(2, storage)
     for _ in range(3):
