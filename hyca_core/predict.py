@@ -70,6 +70,13 @@ class Weights(NamedTuple):
     lerp: torch.Tensor | None  # (len(rows)-1, D) lerp-chain weights, where exact and well conditioned
     fused: torch.Tensor | None = None  # coeffs, for the fused kernel; None: eager ops only
 
+    def fuses(self, base: bool) -> bool:
+        """Whether predict() sums (onto a base, if `base`) with the fused kernel, for residuals of
+        `fused.MIN_ELEMENTS` or more: not one term alone, nor two fp32 terms that one lerp reads at once."""
+        terms = len(self.rows) + base
+        one_lerp = not base and self.lerp is not None and terms == 2
+        return self.fused is not None and fused_kernels.supports(terms) and not one_lerp
+
 
 def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
             fused: bool = False) -> Weights:
@@ -130,11 +137,9 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
     terms = [history[i] for i in weights.rows]
     if base is not None:
         base = base.detach()  # the history is: nothing here is differentiated, and out= refuses autograd
-    if weights.fused is not None and out.numel() >= fused_kernels.MIN_ELEMENTS:
-        one_lerp = base is None and weights.lerp is not None and len(terms) == 2
-        if (fused_kernels.supports(len(terms) + (base is not None)) and not one_lerp
-                and fused_kernels.weighted_sum(terms, weights.fused, out, base) is not None):
-            return out
+    if (out.numel() >= fused_kernels.MIN_ELEMENTS and weights.fuses(base is not None)
+            and fused_kernels.weighted_sum(terms, weights.fused, out, base) is not None):
+        return out
     if base is None and weights.lerp is not None:
         return _lerp_chain(terms, weights.lerp, out)
     return _accumulate(terms, weights.coeffs, out, base)
