@@ -147,9 +147,9 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
 
 # On the CPU an eager op whose operands differ in dtype first casts each into a full-size temporary of
 # the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
-# dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's cache,
-# and the ops cost about what the same ops in one dtype do.
-_CHUNK_ELEMENTS = 1 << 16
+# dev CPU.  Over row chunks of this many elements per thread the temporaries stay near each core (L2,
+# else L3); chunks much smaller multiply the ops, whose thread barriers stall on a busy machine.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _accumulate(terms, coeffs, out, base):
