@@ -147,9 +147,11 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
 
 # On the CPU an eager op whose operands differ in dtype first casts each into a full-size temporary of
 # the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
-# dev CPU.  Over row chunks of this many elements per thread the temporaries stay near each core (L2,
-# else L3); chunks much smaller multiply the ops, whose thread barriers stall on a busy machine.
-_CHUNK_ELEMENTS = 1 << 18
+# dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's L2
+# (one thread: faster than the bf16 chain was).  The price is more ops: on a machine whose cores are
+# oversubscribed their thread barriers stall (bench_block_overhead.py --passes); compile_predict
+# sums in one kernel there.
+_CHUNK_ELEMENTS = 1 << 16
 
 
 def _accumulate(terms, coeffs, out, base):
