@@ -1,6 +1,7 @@
 """HyCa's added cost per skipped FLUX double block, as a share of computing that block.
 
 Usage: python benchmarks/bench_block_overhead.py [--steps 28] [--dtype float32|bfloat16] [--runs 5]
+                                                [--passes REPS] [--against REV] [--compile-predict]
 
 One full-size block of ComfyUI's own class (comfy.ldm.flux.layers.DoubleStreamBlock: hidden 3072,
 24 heads, mlp_ratio 4, seeded weights) on 1024 image + 256 text tokens. HyCa's work goes through
@@ -14,12 +15,21 @@ trajectories and compiled for an N=6 schedule with the default warm-up:
 The whole run's HyCa time divided by its predicted steps is the cost per skipped block; the
 per-call work (the step decision, one finiteness sync per model call) is shared by all 57
 blocks of a FLUX call and left out. Target: under 2% of the block's compute.
+
+--passes times, per block and interleaved, the history work of both streams the way the block patch
+does it (predict the residual, move it to the input's dtype and device, add the input; clone the
+input, subtract, push the residual) against the single-pass calls (`ResidualHistory.predict(base=)`,
+`push_difference`), with the weights of the run's first predicted step; --against REV takes the
+first from hyca_core/predict.py as of git revision REV (before and after a change, in one process).
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -101,12 +111,79 @@ def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[flo
     return times
 
 
+def predict_module_at(revision: str):
+    """hyca_core.predict as of a git revision, imported beside the current one (as package hyca_then)."""
+    root = Path(__file__).resolve().parents[1]
+    package = Path(tempfile.mkdtemp()) / "hyca_then"
+    package.mkdir()
+    for name in ("__init__.py", "predict.py", "fused.py"):
+        source = subprocess.run(["git", "-C", str(root), "show", f"{revision}:hyca_core/{name}"],
+                                capture_output=True, text=True, check=True).stdout
+        (package / name).write_text(source)
+    sys.path.insert(0, str(package.parent))
+    return importlib.import_module("hyca_then.predict")
+
+
+def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: int) -> tuple[float, ...]:
+    """Median seconds per block of the history work of both streams, interleaved: predicted block the
+    patch's way (module `then`) and in one pass per term (`now`), computed block likewise."""
+    img, txt = inputs[:2]
+    generator = torch.Generator().manual_seed(2)
+    streams = {"img": img, "txt": txt}
+    outputs = {s: x + 0.1 * torch.randn(x.shape, generator=generator).to(dtype) for s, x in streams.items()}
+    histories = {}
+    for version, module in enumerate((then, now)):
+        for s, x in streams.items():
+            table = torch.from_numpy(plan.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
+            history = module.ResidualHistory(len(table))
+            for _ in range(len(table)):
+                history.push(torch.randn(x.shape, generator=generator).to(dtype))
+            histories[version, s] = history, history.prepare(table, fused)
+
+    def predict_then_add():
+        for s, x in streams.items():
+            history, weights = histories[0, s]
+            history.predict(weights).to(x.device, x.dtype).add_(x)
+
+    def predict_onto_input():
+        for s, x in streams.items():
+            history, weights = histories[1, s]
+            history.predict(weights, base=x)
+
+    def push_the_difference_made():
+        for s, x in streams.items():
+            before = x.clone()
+            histories[0, s][0].push(outputs[s] - before)
+
+    def push_difference():
+        for s, x in streams.items():
+            before = x.clone()
+            histories[1, s][0].push_difference(outputs[s], before)
+
+    fns = [predict_then_add, predict_onto_input, push_the_difference_made, push_difference]
+    for fn in fns:  # warm-up: compiled kernels, allocations
+        fn()
+    times = [[] for _ in fns]
+    with torch.inference_mode():
+        for _ in range(reps):
+            for fn, acc in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - start)
+    return tuple(statistics.median(t) for t in times)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--runs", type=int, default=5, help="sampling runs for HyCa's time (median per step)")
     parser.add_argument("--block-runs", type=int, default=3, help="timed forward passes of the block")
+    parser.add_argument("--passes", type=int, default=0, metavar="REPS",
+                        help="also time the patch's history work against the single-pass calls, REPS times")
+    parser.add_argument("--against", metavar="REV",
+                        help="with --passes: the patch's way as of git revision REV")
+    parser.add_argument("--compile-predict", action="store_true", help="with --passes: the fused kernels")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     pack = node_pack.load()
@@ -135,6 +212,18 @@ def main() -> int:
     verdict = "PASS" if share < TARGET else "FAIL"
     print(f"HyCa per skipped block         {per_skipped * 1e3:9.2f} ms = {share:.2%} of the block "
           f"(target < {TARGET:.0%}: {verdict})")
+    if args.passes:
+        then = predict_module_at(args.against) if args.against else pack.hyca_core.predict
+        step = int(np.flatnonzero(~mask)[0])
+        old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, plan, step, dtype,
+                                                  args.compile_predict, args.passes)
+        print(f"history work per block, both streams, median of {args.passes} interleaved "
+              f"(patch's way{' as of ' + args.against if args.against else ''} -> single pass"
+              f"{', compile_predict' if args.compile_predict else ''}):")
+        print(f"  predicted: predict, add input   {old_p * 1e3:7.2f} ms -> predict(base=)     "
+              f"{new_p * 1e3:7.2f} ms  ({new_p / old_p:.2f}x)")
+        print(f"  computed:  clone, sub, push     {old_c * 1e3:7.2f} ms -> push_difference    "
+              f"{new_c * 1e3:7.2f} ms  ({new_c / old_c:.2f}x)")
     return 0 if share < TARGET else 1
 
 

@@ -1,6 +1,6 @@
 """Cost of hyca_core.predict.predict relative to a plain torch.add, FLUX-size residual.
 
-Usage: python benchmarks/bench_predict.py [--reps N] [--crossover]
+Usage: python benchmarks/bench_predict.py [--reps N] [--crossover] [--grouped]
 
 Both are timed interleaved in one run (warmup first, then the median of N alternating
 repetitions), so a noisy machine slows both alike.  The baseline adds two tensors of the
@@ -14,6 +14,10 @@ see hyca_core/predict.py).  Target: ratio <= 2.5 with compile_predict.  The "arb
 (random, non-affine coefficients, which take the general addcmul chain) are for information.
 --crossover also times the fused kernel against the eager ops on smaller residuals (the kernel
 runs regardless of hyca_core.fused.MIN_ELEMENTS here): where its per-call cost stops paying.
+--grouped times what a dense (m, D) table costs the channels that need fewer terms: 3 of 8 k-means
+clusters (channels scattered at random) weighing 4 terms, the rest 2, predicted densely (every
+channel pays 4 terms) against the 2 shared terms densely plus the other 2 gathered for the channels
+that use them and scattered back (index_select, index_add_).
 """
 from __future__ import annotations
 
@@ -75,10 +79,36 @@ def crossover(reps: int) -> None:
                   f"  eager {t_eager * 1e6:8.0f}  fused {t_fused * 1e6:8.0f}")
 
 
+def grouped(reps: int) -> None:
+    """Dense prediction against gathering the extra terms of the channels that need them."""
+    generator = torch.Generator().manual_seed(0)
+    many = torch.randint(0, 8, (SHAPE[-1],), generator=generator) < 3  # cluster labels scatter channels
+    channels = many.nonzero().flatten()
+    coeffs = map_coefficients(4, SHAPE[-1])
+    coeffs[:2, ~many] = 0  # the values do not matter to the time, only which terms a channel weighs
+    extra = coeffs[:2, channels]
+    print(f"dense against gathered per-term groups ({len(channels)} of {SHAPE[-1]} channels need 4 terms)")
+    for dtype in (torch.float32, torch.bfloat16):
+        history = list(torch.randn(4, *SHAPE).to(dtype))
+        weights = prepare(coeffs, dtype, "cpu")
+        shared = prepare(coeffs[2:], dtype, "cpu")
+        out = torch.empty(SHAPE, dtype=dtype)
+
+        def gathered():
+            predict(history[2:], shared, out)
+            picked = [h.index_select(-1, channels) for h in history[:2]]
+            out.index_add_(-1, channels, (picked[0] * extra[0] + picked[1] * extra[1]).to(dtype))
+
+        t_dense, t_grouped = _median_times([lambda: predict(history, weights, out), gathered], reps)
+        print(f"{str(dtype):15s} dense {t_dense * 1e3:7.2f} ms  grouped {t_grouped * 1e3:7.2f} ms "
+              f"({t_grouped / t_dense:.2f}x)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--crossover", action="store_true", help="also time smaller residuals")
+    parser.add_argument("--grouped", action="store_true", help="also time per-term channel groups")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, shape {SHAPE}")
@@ -92,7 +122,7 @@ def main() -> int:
             # as the node does, once per weight table
             eager, compiled = (prepare(coeffs, dtype, "cpu", fused=f) for f in (False, True))
             out = torch.empty(SHAPE, dtype=dtype)
-            if compiled.fused is not None and kind == "map":
+            if compiled.fuses(base=False) and kind == "map":
                 compiling = time.perf_counter()
                 predict(history, compiled, out)
                 print(f"  (fused kernel for m={m} {dtype} ready in {time.perf_counter() - compiling:.1f} s)")
@@ -105,12 +135,14 @@ def main() -> int:
                 failed |= ratio > LIMIT
             else:
                 verdict = "(info)"
-            path = "fused" if compiled.fused is not None else "eager ops"
+            path = "fused" if compiled.fuses(base=False) else "eager ops"
             print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms  eager {t_eager / t_add:4.2f}x"
                   f"  compile_predict ({path:9s}) {t_compiled * 1e3:6.2f} ms  ratio {ratio:4.2f}  {verdict}")
             del history
     if args.crossover:
         crossover(max(args.reps, 100))
+    if args.grouped:
+        grouped(args.reps)
     return 1 if failed else 0
 
 

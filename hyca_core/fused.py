@@ -33,29 +33,38 @@ def _sum4(out, w, h0, h1, h2, h3):
     return out.copy_(h0 * w[0] + h1 * w[1] + h2 * w[2] + h3 * w[3])
 
 
+def _sum5(out, w, h0, h1, h2, h3, h4):
+    return out.copy_(h0 * w[0] + h1 * w[1] + h2 * w[2] + h3 * w[3] + h4 * w[4])
+
+
 # Below about this many elements per residual the eager ops win on the dev CPU: a compiled call
 # carries 0.1-0.2 ms of guards and Python wrappers (bench_predict.py --crossover, two runs: the
 # kernel wins from 0.4-0.75 M elements in bf16 and from 0.75-1.5 M in fp32, m=2-4).
 MIN_ELEMENTS = 1 << 20
-_SUMS = {2: _sum2, 3: _sum3, 4: _sum4}  # one term needs no fusing: a single mul is one pass
+# one term needs no fusing (a single mul is one pass); five are a base and four history terms
+_SUMS = {2: _sum2, 3: _sum3, 4: _sum4, 5: _sum5}
 _compiled: dict[int, object] = {}
 _failed: set[str] = set()  # device types where compiling failed
 
 
 def supports(m: int) -> bool:
-    """Whether a history of m terms has a fused kernel."""
+    """Whether a sum of m terms has a fused kernel."""
     return m in _SUMS
 
 
-def weighted_sum(history: Sequence[torch.Tensor], weights: torch.Tensor,
-                 out: torch.Tensor) -> torch.Tensor | None:
-    """out = sum_j weights[j] * history[j] in one pass, or None where torch.compile cannot build it.
+def weighted_sum(history: Sequence[torch.Tensor], weights: torch.Tensor, out: torch.Tensor,
+                 base: torch.Tensor | None = None) -> torch.Tensor | None:
+    """out = base + sum_j weights[j] * history[j] (base optional) in one pass, or None where
+    torch.compile cannot build it.
 
-    weights: (m, D), in fp32 for half-precision histories (the sum is rounded once, into out).
+    weights: (m, D), in fp32 at least: the sum is formed in fp32 at least and rounded once, into out.
+    base: a tensor of history's shape, of any float dtype.
     """
     device = out.device.type
     if device in _failed:
         return None
+    if base is not None:  # one more term, of weight 1 (exact), keeps one kernel per number of terms
+        history, weights = [base, *history], torch.cat([torch.ones_like(weights[:1]), weights])
     m = len(history)
     kernel = _compiled.get(m)
     if kernel is None:

@@ -15,11 +15,15 @@ machine is shared, contended runs read ~0.2 higher):
       numpy.einsum (one thread) 3.0 (two threads 2.9-3.3), numexpr 5.7-9, a torch.compile'd sum
       returning a new tensor 3.4-4.3 (allocating 48 MB faults its pages in on every call), or a
       compiled sum over dim 0 of the stacked history 4-8 (inductor's reduction loop)
-    bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4; fp32 accumulation through
-      mixed-dtype kernels 7-29; lerp would need bf16 weights (inaccurate).
-Hence: lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise;
-or, on request, the single-pass kernels torch.compile builds, unrolled over the terms and writing
-into the output (fused.py: 1.1-1.8x for m=2-4, fp32 and bf16, on the CPU).
+    bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4, but weights rounded to bf16 no
+      longer sum to 1 and bias every channel; fp32 accumulation through full-size mixed-dtype
+      ops 7-29 (the CPU casts each operand into a temporary first; over cached row chunks far less).
+Hence: weights and sums in fp32 at least whatever the history's dtype, rounded once into the
+result; lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise,
+over row chunks where dtypes mix on the CPU; or, on request, the single-pass kernels
+torch.compile builds, unrolled over the terms and writing into the output (fused.py).  A block's
+input (`base`) starts the chain (a term of weight 1 in the fused kernel), so adding it costs no
+pass of its own, and terms no channel weighs are never read.
 """
 from __future__ import annotations
 
@@ -60,74 +64,149 @@ class Weights(NamedTuple):
     """Per-channel weights made ready once for histories of one dtype and device (`prepare`)."""
 
     dtype: torch.dtype  # the histories'
-    coeffs: torch.Tensor  # (m, D): in the dtype the terms are combined in
-    lerp: torch.Tensor | None  # (m-1, D) lerp-chain weights, where that chain is exact and well conditioned
-    fp32_accumulate: bool  # half precision off the CPU: combined in fp32, rounded once
-    fused: torch.Tensor | None = None  # (m, D) for the fused kernel, fp32 at least; None: eager ops only
+    terms: int  # history terms (m) the weights were made for
+    rows: tuple[int, ...]  # those terms some channel weighs, oldest first: the others are never read
+    coeffs: torch.Tensor  # (len(rows), D) in the accumulation dtype: fp32 for half-precision histories
+    lerp: torch.Tensor | None  # (len(rows)-1, D) lerp-chain weights, where exact and well conditioned
+    fused: torch.Tensor | None = None  # coeffs, for the fused kernel; None: eager ops only
+
+    def fuses(self, base: bool) -> bool:
+        """Whether predict() sums (onto a base, if `base`) with the fused kernel, for residuals of
+        `fused.MIN_ELEMENTS` or more: not one term alone, nor two fp32 terms that one lerp reads at once."""
+        terms = len(self.rows) + base
+        one_lerp = not base and self.lerp is not None and terms == 2
+        return self.fused is not None and fused_kernels.supports(terms) and not one_lerp
 
 
 def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
             fused: bool = False) -> Weights:
     """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
 
-    Off-CPU, half-precision histories are accumulated in fp32 and rounded once; on CPU they are
-    combined in their own dtype, because mixed-dtype kernels there cost 5-10x a plain add.
+    Weights and sums are in fp32 at least, whatever the history's dtype: half-precision weights
+    no longer sum to 1 and would bias every channel.  Terms no channel weighs are dropped.
     Deriving the lerp form costs about as much as predicting a small model's residual, so a hot
     loop prepares each set of weights once.  ``fused``: on the CPU, predict residuals of
     `fused.MIN_ELEMENTS` or more with torch.compile's single-pass kernel where it beats the eager
-    ops (not for two terms that one lerp reads at once), accumulating in fp32 at least.
-    Elsewhere the eager ops stay: a compiled call costs 0.1-0.2 ms of guards and Python
-    wrappers (dev CPU), several times what a GPU takes for a pass over a FLUX-size residual.
+    ops (not for two terms that one lerp reads at once).  Elsewhere the eager ops stay: a compiled
+    call costs 0.1-0.2 ms of guards and Python wrappers (dev CPU), several times what a GPU takes
+    for a pass over a FLUX-size residual.
     """
     device = torch.device(device)
-    coeffs = coeffs.to(device)
+    used = coeffs.ne(0).any(dim=1).nonzero().flatten().tolist() or [len(coeffs) - 1]
+    kept = coeffs[used].to(device)
+    accumulate = torch.promote_types(dtype, torch.float32)
     on_cpu = device.type == "cpu"
-    if dtype in _HALF and not on_cpu:
-        return Weights(dtype, coeffs.float(), None, True)
-    # lerp weights rounded to half precision would cost accuracy; off-CPU the chain is cheap
-    lerp = _lerp_weights(coeffs) if on_cpu and len(coeffs) > 1 and dtype not in _HALF else None
-    single = None
-    if fused and on_cpu and fused_kernels.supports(len(coeffs)) and not (lerp is not None and len(coeffs) == 2):
-        single = coeffs.to(torch.promote_types(dtype, torch.float32))
-    return Weights(dtype, coeffs.to(dtype), None if lerp is None else lerp.to(dtype), False, single)
+    # a lerp chain can only be as precise as its weights, held in the history's dtype
+    lerp = _lerp_weights(kept) if on_cpu and len(kept) > 1 and dtype == accumulate else None
+    kept = kept.to(accumulate)
+    single = kept if fused and on_cpu and fused_kernels.supports(len(kept) + 1) else None
+    return Weights(dtype, len(coeffs), tuple(used), kept, None if lerp is None else lerp.to(dtype), single)
 
 
 def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Weights,
-            out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j weights[j] * history[j], weights broadcast over all but the last dimension.
+            out: torch.Tensor | None = None, base: torch.Tensor | None = None) -> torch.Tensor:
+    """base + sum_j weights[j] * history[j] (no base: the sum alone), weights broadcast over all but
+    the last dimension, summed in fp32 at least and rounded once into the result.
 
-    history: (m, *shape, D) cached residuals oldest first, or a sequence of m (*shape, D)
-    tensors (e.g. views into a ring buffer); any float dtype.  weights: (m, D) per-channel
-    weights, or the same `prepare`d for history's dtype and device.  out: optional (*shape, D)
-    tensor of history's dtype.
+    history: (m, *shape, D) cached residuals oldest first, or a sequence of m (*shape, D) tensors
+    (e.g. views into a ring buffer); any float dtype.  weights: (m, D) per-channel weights, or the
+    same `prepare`d for history's dtype and device.  base: optional (*shape, D) tensor of any float
+    dtype and device (a block's input): the result takes its dtype and device.  Without base the
+    result has history's dtype and device.  out: optional tensor of the result's shape, dtype and
+    device to write into; it may be base itself.  Each history term weighed is read once, in one
+    pass over the result; a base on another device than the history costs one more pass (the sum
+    is formed where the history is, moved, then added).
     """
     first = history[0]
     if not isinstance(weights, Weights):
         weights = prepare(weights, first.dtype, first.device)
-    m, channels = weights.coeffs.shape
-    if len(history) != m or first.shape[-1] != channels or weights.dtype != first.dtype:
+    channels = weights.coeffs.shape[1]
+    if len(history) != weights.terms or first.shape[-1] != channels or weights.dtype != first.dtype:
         raise ValueError(f"{len(history)} history terms of shape {tuple(first.shape)} {first.dtype} do not "
-                         f"match weights {tuple(weights.coeffs.shape)} prepared for {weights.dtype}")
+                         f"match weights for {weights.terms} x {channels} prepared for {weights.dtype}")
+    if base is not None and base.shape != first.shape:
+        raise ValueError(f"base must be {tuple(first.shape)}, got {tuple(base.shape)}")
+    like = first if base is None else base
     if out is None:
-        out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    elif out.shape != first.shape or out.dtype != first.dtype:
-        raise ValueError(f"out must be {tuple(first.shape)} {first.dtype}, "
-                         f"got {tuple(out.shape)} {out.dtype}")
-    if (weights.fused is not None and out.numel() >= fused_kernels.MIN_ELEMENTS
-            and fused_kernels.weighted_sum(history, weights.fused, out) is not None):
+        out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+    elif out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out must be {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if base is not None and base.device != first.device:
+        return torch.add(base, predict(history, weights).to(base.device), out=out)
+    terms = [history[i] for i in weights.rows]
+    if base is not None:
+        base = base.detach()  # the history is: nothing here is differentiated, and out= refuses autograd
+    if (out.numel() >= fused_kernels.MIN_ELEMENTS and weights.fuses(base is not None)
+            and fused_kernels.weighted_sum(terms, weights.fused, out, base) is not None):
         return out
-    if weights.fp32_accumulate:
-        return _fp32_accumulate(history, weights.coeffs, out)
-    if weights.lerp is not None:
-        return _lerp_chain(history, weights.lerp, out)
-    return _addcmul_chain(history, weights.coeffs, out)
+    if base is None and weights.lerp is not None:
+        return _lerp_chain(terms, weights.lerp, out)
+    return _accumulate(terms, weights.coeffs, out, base)
 
 
-def _fp32_accumulate(history, coeffs, out):
-    acc = torch.mul(history[0], coeffs[0])  # fp32 weights promote to an fp32 accumulator
-    for j in range(1, len(history)):
-        acc.addcmul_(history[j], coeffs[j])
-    return out.copy_(acc)
+# On the CPU an eager op whose operands differ in dtype first casts each into a full-size temporary of
+# the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
+# dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's L2
+# (one thread: faster than the bf16 chain was).  The price is more ops: on a machine whose cores are
+# oversubscribed their thread barriers stall (bench_block_overhead.py --passes); compile_predict
+# sums in one kernel there.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _accumulate(terms, coeffs, out, base):
+    """out = base + sum_j coeffs[j] * terms[j] (base optional), in coeffs' dtype, rounded once into out."""
+    operands = [out, *terms] if base is None else [out, base, *terms]
+    if not _chunked(operands, coeffs.dtype):
+        return _chain(terms, coeffs, out, base)
+    scratch = None
+    for out_rows, *rest in _rows(operands):
+        if scratch is None:  # the first chunk is the longest
+            scratch = torch.empty(out_rows.shape, dtype=coeffs.dtype)
+        base_rows, terms_rows = (None, rest) if base is None else (rest[0], rest[1:])
+        _chain(terms_rows, coeffs, out_rows, base_rows, scratch[:len(out_rows)])
+    return out
+
+
+def _difference(after, before, out):
+    """out = after - before, rounded once into out."""
+    operands = [out, after, before]
+    if not _chunked(operands, torch.promote_types(after.dtype, before.dtype)):
+        return torch.sub(after, before, out=out)
+    for out_rows, after_rows, before_rows in _rows(operands):
+        torch.sub(after_rows, before_rows, out=out_rows)
+    return out
+
+
+def _chunked(operands, dtype) -> bool:
+    """Whether an op computing in `dtype` over these same-device tensors should go over row chunks."""
+    return (operands[0].device.type == "cpu" and any(t.dtype != dtype for t in operands)
+            and all(t.is_contiguous() for t in operands))
+
+
+def _rows(operands):
+    """Row chunks (_CHUNK_ELEMENTS a thread) of contiguous (*shape, D) tensors of one shape, zipped."""
+    width = operands[0].shape[-1]
+    rows = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // width)
+    return zip(*(t.view(-1, width).split(rows) for t in operands))
+
+
+def _chain(terms, coeffs, out, base, scratch=None):
+    """out = base + sum_j coeffs[j] * terms[j] (base optional), one op per term; the partial sums stay in
+    coeffs' dtype: in out itself where it has that dtype, else in scratch (allocated if None)."""
+    acc = out
+    if out.dtype != coeffs.dtype and len(terms) > 1:
+        acc = torch.empty(out.shape, dtype=coeffs.dtype, device=out.device) if scratch is None else scratch
+    last = len(terms) - 1
+    for j, (term, c) in enumerate(zip(terms, coeffs)):
+        into = out if j == last else acc
+        if j:
+            torch.addcmul(acc, term, c, out=into)
+        elif base is None:
+            torch.mul(term, c, out=into)
+        else:
+            torch.addcmul(base, term, c, out=into)
+    return out
 
 
 def _lerp_chain(history, lerp, out):
@@ -137,18 +216,12 @@ def _lerp_chain(history, lerp, out):
     return out
 
 
-def _addcmul_chain(history, coeffs, out):
-    torch.mul(history[0], coeffs[0], out=out)
-    for j in range(1, len(history)):
-        out.addcmul_(history[j], coeffs[j])
-    return out
-
-
 class ResidualHistory:
     """Ring buffer of the last `capacity` residuals of one block for one sampling state.
 
     push() copies into preallocated storage (optionally another dtype/device, e.g. bf16 on
-    CPU), so callers may modify their tensor in place afterwards.  Slots are never rotated: a
+    CPU), so callers may modify their tensor in place afterwards; push_difference() writes a
+    block's output minus its input there directly.  Slots are never rotated: a
     write index tracks the newest, and predict() receives the slots as views in time order.
     """
 
@@ -180,14 +253,33 @@ class ResidualHistory:
         return self._len
 
     def push(self, residual: torch.Tensor) -> None:
+        self._slot(residual).copy_(residual)
+        self._advance()
+
+    def push_difference(self, after: torch.Tensor, before: torch.Tensor) -> None:
+        """Store ``after - before`` (a block's output minus its input) as the newest residual, written
+        straight into its slot: one pass over both, no temporary where the storage shares their device."""
+        if after.shape != before.shape:
+            raise ValueError(f"after {tuple(after.shape)} and before {tuple(before.shape)} differ in shape")
+        slot = self._slot(after)
+        after, before = after.detach(), before.detach()
+        if slot.device != after.device:  # offloaded: subtract where the activations are, move once
+            slot.copy_(after - before)
+        else:
+            _difference(after, before, slot)
+        self._advance()
+
+    def _slot(self, like: torch.Tensor) -> torch.Tensor:
+        """The slot the next residual of `like`'s shape goes into (the storage is made at the first push)."""
         if self._buffer is None:
-            self._buffer = torch.empty((self.capacity, *residual.shape),
-                                       dtype=self._dtype or residual.dtype,
-                                       device=self._device or residual.device)
-        elif residual.shape != self._buffer.shape[1:]:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from the history's "
+            self._buffer = torch.empty((self.capacity, *like.shape), dtype=self._dtype or like.dtype,
+                                       device=self._device or like.device)
+        elif like.shape != self._buffer.shape[1:]:
+            raise ValueError(f"residual shape {tuple(like.shape)} differs from the history's "
                              f"{tuple(self._buffer.shape[1:])}; clear() first")
-        self._buffer[self._next].copy_(residual)
+        return self._buffer[self._next]
+
+    def _advance(self) -> None:
         self._next = (self._next + 1) % self.capacity
         self._len = min(self._len + 1, self.capacity)
 
@@ -210,14 +302,14 @@ class ResidualHistory:
         """`prepare` for this history's storage (after the first push)."""
         return prepare(coeffs, self._buffer.dtype, self._buffer.device, fused)
 
-    def predict(self, weights: torch.Tensor | Weights, out: torch.Tensor | None = None) -> torch.Tensor:
-        """predict() over the newest m residuals, m the weights' rows (oldest first)."""
+    def predict(self, weights: torch.Tensor | Weights, out: torch.Tensor | None = None,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """predict() over the newest m residuals, m the terms the weights were made for (oldest first)."""
         if not isinstance(weights, Weights):
             weights = self.prepare(weights)
-        k = weights.coeffs.shape[0]
-        if not 1 <= k <= self._len:
-            raise ValueError(f"{k} coefficient rows but {self._len} residuals stored")
-        return predict(self.views()[-k:], weights, out)
+        if not 1 <= weights.terms <= self._len:
+            raise ValueError(f"{weights.terms} coefficient rows but {self._len} residuals stored")
+        return predict(self.views()[-weights.terms:], weights, out, base)
 
     def clear(self) -> None:
         """Forget all residuals and release the storage."""

@@ -10,8 +10,11 @@ import torch
 
 from hyca_core import fused
 from hyca_core import predict as predict_module
+from harness.synthetic import flow_sigmas
 from hyca_core.predict import ResidualHistory, predict, prepare
-from hyca_core.solvers import POOL
+from hyca_core.solvers import MAX_HISTORY, POOL, TIME_VARIABLES, time_axis
+
+compiler = shutil.which("g++") or shutil.which("c++")
 
 
 def naive(history, coeffs):
@@ -63,28 +66,63 @@ def test_lerp_chain_is_used_only_where_accurate():
                                torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_predict_low_precision_on_cpu(dtype):
-    g = torch.Generator().manual_seed(0)
-    history = torch.randn(4, 10, 8, generator=g).to(dtype)
-    coeffs = pool_coefficients(4, 8, seed=1)
-    result = predict(history, coeffs)
-    assert result.dtype == dtype
-    # one rounding per term and of each coefficient
-    bound = 3 * 4 * torch.finfo(dtype).eps * scale(history, coeffs)
-    assert ((result.double() - naive(history, coeffs)).abs() <= bound).all()
+def flow_schedule_coefficients(steps=28, interval=3):
+    """(MAX_HISTORY, channels) weights of every pool member in both time variables, one channel per
+    predicted step of an N=`interval` run on a real (shifted) flow schedule, zero-padded to MAX_HISTORY."""
+    sigmas = flow_sigmas(steps, 3.0)
+    computed = np.arange(0, steps, interval)
+    columns = []
+    for member in POOL:
+        for variable in TIME_VARIABLES:
+            axis = time_axis(variable, np.arange(steps), sigmas)
+            for last in range(MAX_HISTORY - 1, len(computed)):
+                times = axis[computed[last - member.history + 1:last + 1]]
+                for target in axis[computed[last] + 1:min(computed[last] + interval, steps)]:
+                    w = np.zeros(MAX_HISTORY)
+                    w[MAX_HISTORY - member.history:] = member.weights(times, target)
+                    columns.append(w)
+    return torch.tensor(np.array(columns).T, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fp32_accumulation_rounds_once(dtype):
-    """The path accelerators take for half-precision histories, exercised on CPU."""
-    g = torch.Generator().manual_seed(0)
-    history = torch.randn(4, 10, 8, generator=g).to(dtype)
-    coeffs = pool_coefficients(4, 8, seed=2)
-    result = predict_module._fp32_accumulate(history, coeffs, torch.empty(10, 8, dtype=dtype))
-    expected = naive(history, coeffs)
-    ulp = torch.finfo(dtype).eps * expected.abs() + 1e-3 * torch.finfo(dtype).eps * scale(history, coeffs)
-    assert ((result.double() - expected).abs() <= ulp).all()
+@pytest.mark.parametrize("path", ["eager", "eager onto a base", "fused", "fused onto a base"])
+def test_half_history_predicts_a_constant_channel_within_its_rounding(dtype, path, monkeypatch):
+    """Weights rounded to half precision no longer sum to 1: a channel constant over the steps came out
+    biased (up to 12% with second-order members).  Weights and sums stay fp32: one rounding at most."""
+    if path.startswith("fused"):
+        if not compiler:
+            pytest.skip("torch.compile needs a C++ compiler on CPU")
+        monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)
+    coeffs = flow_schedule_coefficients()
+    constant = torch.linspace(0.3, 3.0, coeffs.shape[1]).to(dtype)  # a value per channel, as stored
+    history = constant.expand(MAX_HISTORY, 2, -1)
+    weights = prepare(coeffs, dtype, "cpu", fused=path.startswith("fused"))
+    base = torch.linspace(-2.0, 2.0, coeffs.shape[1]).to(dtype).expand(2, -1) if "base" in path else None
+    with torch.inference_mode():
+        result = predict(history, weights) if base is None else predict(history, weights, base=base)
+    expected = constant.double() if base is None else base.double() + constant.double()
+    # rounded to nearest once (half an ulp), after an fp32 sum that may cancel to about 0
+    terms = scale(history, coeffs) + (0 if base is None else base.double().abs())
+    bound = torch.finfo(dtype).eps / 2 * expected.abs() + 8 * torch.finfo().eps * terms
+    assert ((result.double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("onto", [None, torch.float32, torch.bfloat16])
+def test_half_history_sums_in_fp32_and_rounds_once(dtype, m, onto, monkeypatch):
+    """Also over several row chunks (the CPU's mixed-dtype path) and onto a base of either precision."""
+    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", 12)  # 10 rows of 8 in several chunks
+    g = torch.Generator().manual_seed(m)
+    history = torch.randn(m, 10, 8, generator=g).to(dtype)
+    coeffs = pool_coefficients(m, 8, seed=2)
+    base = None if onto is None else torch.randn(10, 8, generator=g).to(onto)
+    result = predict(history, coeffs, base=base)
+    assert result.dtype == (dtype if base is None else onto)
+    expected = naive(history, coeffs) + (0 if base is None else base.double())
+    terms = scale(history, coeffs) + (0 if base is None else base.double().abs())
+    bound = torch.finfo(result.dtype).eps / 2 * expected.abs() + 8 * torch.finfo().eps * terms
+    assert ((result.double() - expected).abs() <= bound).all()
 
 
 def test_predict_accepts_a_sequence_of_views():
@@ -189,48 +227,128 @@ def test_prepared_weights_predict_the_same(dtype):
         predict(history.to(other), prepared)
 
 
-needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
-                                    reason="torch.compile needs a C++ compiler on CPU")
+needs_compiler = pytest.mark.skipif(not compiler, reason="torch.compile needs a C++ compiler on CPU")
 
 
 @needs_compiler
 @pytest.mark.parametrize("m,dtype", [(2, torch.bfloat16), (3, torch.float32), (4, torch.float32),
                                      (4, torch.bfloat16)])
-def test_fused_kernel_sums_ring_buffer_views(m, dtype, monkeypatch):
-    """The kernel torch.compile builds, over a wrapped-around history, under inference mode as in ComfyUI."""
+@pytest.mark.parametrize("onto", [None, torch.float32, torch.bfloat16])
+def test_fused_kernel_sums_ring_buffer_views(m, dtype, onto, monkeypatch):
+    """The kernel torch.compile builds, over a wrapped-around history, under inference mode as in ComfyUI,
+    alone and onto a block input of either precision."""
     monkeypatch.setattr(fused, "MIN_ELEMENTS", 1)  # residuals this small are otherwise left to the eager ops
     g = torch.Generator().manual_seed(m)
     hist = ResidualHistory(m)
+    base = None if onto is None else torch.randn(2, 5, 8, generator=g).to(onto)
     with torch.inference_mode():
         for _ in range(m + 2):
             hist.push(torch.randn(2, 5, 8, generator=g).to(dtype))
         coeffs = pool_coefficients(m, 8, seed=m)
         weights = hist.prepare(coeffs, fused=True)
         assert weights.fused.dtype == torch.float32  # half precision accumulates in fp32
-        out = torch.empty(2, 5, 8, dtype=dtype)
-        assert fused.weighted_sum(hist.views(), weights.fused, out) is out  # built, not fallen back
-        assert torch.equal(hist.predict(weights), out)
-    expected = naive(hist.views(), coeffs)
-    # fp32 sums, rounded once into the history's dtype
-    bound = torch.finfo(dtype).eps * expected.abs() + 8 * torch.finfo().eps * scale(hist.views(), coeffs)
+        out = torch.empty(2, 5, 8, dtype=dtype if base is None else base.dtype)
+        assert fused.weighted_sum(hist.views(), weights.fused, out, base) is out  # built, not fallen back
+        assert torch.equal(hist.predict(weights, base=base), out)
+    expected = naive(hist.views(), coeffs) + (0 if base is None else base.double())
+    terms = scale(hist.views(), coeffs) + (0 if base is None else base.double().abs())
+    # fp32 sums, rounded once into the result's dtype
+    bound = torch.finfo(out.dtype).eps / 2 * expected.abs() + 8 * torch.finfo().eps * terms
     assert ((out.double() - expected).abs() <= bound).all()
 
 
-def test_fused_kernel_only_where_it_beats_the_eager_ops():
-    def fused_weights(coeffs, dtype=torch.float32, device="cpu"):
-        return prepare(coeffs, dtype, device, fused=True).fused
+def test_fused_kernel_only_where_it_beats_the_eager_ops(monkeypatch):
+    """The kernel is tried for 2 to 5 terms (a base is one), large residuals, CPU-held histories, and not for
+    two fp32 terms a single lerp reads at once."""
+    tried = []
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 40)
+    # records which sums reach the kernel; None is what it returns where compiling failed: the eager ops run
+    monkeypatch.setattr(fused, "weighted_sum", lambda terms, w, out, base: tried.append(len(terms)))
 
-    assert fused_weights(pool_coefficients(3, 8)) is not None
-    assert fused_weights(pool_coefficients(2, 8)) is None  # one lerp reads both terms at once
-    assert fused_weights(pool_coefficients(2, 8), torch.bfloat16) is not None
-    assert fused_weights(torch.randn(2, 8)) is not None  # not affine: the eager ops take two passes
-    assert fused_weights(torch.ones(1, 4)) is None and not fused.supports(5)
-    assert fused_weights(pool_coefficients(3, 8), device="meta") is None  # off the CPU: call overhead
-    small = torch.randn(3, 4, 8)
-    weights = prepare(torch.randn(3, 8), torch.float32, "cpu", fused=True)
-    assert small[0].numel() < fused.MIN_ELEMENTS
-    assert torch.equal(predict(small, weights), predict_module._addcmul_chain(small, weights.coeffs,
-                                                                              torch.empty(4, 8)))
+    def attempts(coeffs, dtype=torch.float32, onto=None, rows=5, device="cpu"):
+        tried.clear()
+        history = torch.randn(len(coeffs), rows, 8).to(dtype)
+        weights = prepare(coeffs, dtype, device, fused=True)
+        base = None if onto is None else torch.randn(rows, 8).to(onto)
+        if weights.fused is not None:
+            predict(history, weights, base=base)
+        return weights.fused is not None, list(tried)
+
+    assert attempts(pool_coefficients(3, 8)) == (True, [3])
+    assert attempts(pool_coefficients(2, 8)) == (True, [])  # one lerp reads both terms at once
+    assert attempts(pool_coefficients(2, 8), onto=torch.float32) == (True, [2])  # but not the base
+    assert attempts(pool_coefficients(2, 8), torch.bfloat16) == (True, [2])
+    assert attempts(torch.randn(2, 8)) == (True, [2])  # not affine: the eager ops take two passes
+    assert attempts(torch.ones(1, 8)) == (True, [])  # a single mul is one pass
+    assert attempts(pool_coefficients(4, 8), onto=torch.bfloat16) == (True, [4])
+    assert attempts(pool_coefficients(3, 8), rows=4) == (True, [])  # 32 elements: the call costs more
+    assert attempts(torch.randn(5, 8)) == (False, []) and not fused.supports(6)
+    assert prepare(pool_coefficients(3, 8), torch.float32, "meta", fused=True).fused is None  # call overhead
+
+
+def test_terms_no_channel_weighs_are_never_read():
+    """Each channel pays for the terms weighed at all, not for a dense table's zero rows."""
+    history = torch.randn(4, 3, 6)
+    history[0] = history[2] = float("nan")  # 0 * nan would be nan
+    coeffs = pool_coefficients(4, 6, seed=1)
+    coeffs[0] = coeffs[2] = 0
+    weights = prepare(coeffs, torch.float32, "cpu")
+    assert weights.rows == (1, 3) and weights.terms == 4
+    assert torch.equal(predict(history, weights), predict(history[[1, 3]], coeffs[[1, 3]]))
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+@pytest.mark.parametrize("kind", ["arbitrary", "pool-random"])
+def test_predict_onto_a_base_is_the_old_sum_then_add_fp32(m, kind):
+    """One pass per term onto the block input: within fp32 rounding of predicting, then adding the input."""
+    g = torch.Generator().manual_seed(m)
+    history, base = torch.randn(m, 2, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g)
+    coeffs = torch.randn(m, 8, generator=g) if kind == "arbitrary" else pool_coefficients(m, 8, seed=m)
+    old = predict(history, coeffs) + base
+    new = predict(history, coeffs, base=base)
+    assert new.dtype == torch.float32 and not new.requires_grad
+    bound = 8 * torch.finfo().eps * (scale(history, coeffs) + base.double().abs())
+    assert ((new.double() - old.double()).abs() <= bound).all()
+    assert ((new.double() - old.double()).abs() <= 1e-5 * old.double().abs().clamp_min(1)).all()
+    in_place = base.clone()
+    assert predict(history, coeffs, out=in_place, base=in_place) is in_place
+    assert torch.equal(in_place, new)
+    grad = base.clone().requires_grad_()  # samplers not run under no_grad: out= refuses autograd inputs
+    assert torch.equal(predict(history, coeffs, base=grad), new)
+
+
+def test_predict_onto_a_base_elsewhere():
+    """A base on another device (an offloaded history): the result is on the base's device, in its dtype."""
+    history, coeffs = torch.randn(2, 3, 8), pool_coefficients(2, 8)
+    base = torch.empty(3, 8, dtype=torch.float16, device="meta")
+    result = predict(history, coeffs, base=base)
+    assert result.device.type == "meta" and result.dtype == torch.float16 and result.shape == (3, 8)
+    with pytest.raises(ValueError, match="out must be"):
+        predict(history, coeffs, out=torch.empty(3, 8, dtype=torch.float16), base=base)
+    with pytest.raises(ValueError, match="base must be"):
+        predict(history, coeffs, base=torch.zeros(4, 8))
+
+
+@pytest.mark.parametrize("storage", [None, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activations", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [12, 1 << 16])
+def test_push_difference_stores_what_push_of_the_difference_did(storage, activations, chunk, monkeypatch):
+    """The residual goes straight into the history's slot, rounded once as pushing after - before was."""
+    monkeypatch.setattr(predict_module, "_CHUNK_ELEMENTS", chunk)  # 12: 10 rows of 8 in several chunks
+    g = torch.Generator().manual_seed(0)
+    direct, copied = ResidualHistory(2, storage), ResidualHistory(2, storage)
+    for _ in range(3):
+        before = torch.randn(1, 10, 8, generator=g).to(activations)
+        after = (before + torch.randn(1, 10, 8, generator=g)).to(activations).requires_grad_()
+        direct.push_difference(after, before)
+        copied.push(after.detach() - before)
+        before.add_(1)  # blocks modify their inputs in place afterwards
+    assert all(torch.equal(a, b) for a, b in zip(direct.views(), copied.views()))
+    assert direct.views()[0].dtype == (storage or activations)
+    with pytest.raises(ValueError, match="differ in shape"):
+        direct.push_difference(after, before[:, :5])
+    with pytest.raises(ValueError, match="clear"):
+        direct.push_difference(after[:, :5], before[:, :5])
 
 
 def test_fused_predict_falls_back_where_compiling_fails(tmp_path):
