@@ -46,10 +46,10 @@ class ApplyRunState(RunState):
             self.run_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
         return super().begin_call(x, transformer_options, variant)
 
-    def store(self, call, key: str, residual: torch.Tensor) -> None:
+    def store(self, call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
         if self.plan is not None and call.decision.keeps and key not in call.branch.histories:
-            self._place_history(key, residual)
-        super().store(call, key, residual)
+            self._place_history(key, after)
+        super().store(call, key, after, before)
 
     def _place_history(self, key: str, residual: torch.Tensor) -> None:
         """Before a new history is allocated: the run's placement if all fit there, else the least costly

@@ -70,14 +70,13 @@ class BlockPatch:
         state.computed += 1
         if not self.last:
             return out
-        residuals = {s: out[s] - before for s, before in call.unit_inputs.items()
-                     if isinstance(out.get(s), torch.Tensor)}
+        befores = {s: before for s, before in call.unit_inputs.items() if isinstance(out.get(s), torch.Tensor)}
         if call.decision is Decision.MEASURE:  # adaptive: the first unit's true residual decides the call
-            state.decide(call, self.unit.key("img"), residuals["img"])
+            state.decide(call, self.unit.key("img"), out["img"] - befores["img"])
             if call.predict:
                 return out  # exact for this block; the others will be predicted
-        for s, residual in residuals.items():
-            state.store(call, self.unit.key(s), residual)
+        for s, before in befores.items():
+            state.store(call, self.unit.key(s), out[s], before)
         return out
 
     def _predicted(self, state: RunState, call: Call, x: torch.Tensor, stream: str) -> torch.Tensor | None:
@@ -87,6 +86,6 @@ class BlockPatch:
         key = self.unit.key(stream)
         if key not in call.branch.histories:
             return None
-        residual = state.predicted_residual(call, key, x)
-        state.check(call, self.unit.name, residual)
-        return residual.add_(x)  # a fresh tensor (never a view of the history): no new allocation
+        out = state.predicted_output(call, key, x)
+        state.check(call, self.unit.name, out, x)
+        return out

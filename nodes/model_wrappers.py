@@ -88,17 +88,20 @@ def apply_model_wrapper(executor, *args, **kwargs):
     if state is None:
         return executor(*args, **kwargs)
     call = begin_call(state, args[0], transformer_options)
-    counts = state.computed, state.predicted
+    counts = state.computed, state.predicted, state.fallbacks
     with call_scope(transformer_options, call):
         out = executor(*args, **kwargs)
         faults = state.faults(call)
-        if faults:
+        while faults:
             # A prediction depends on the cached history only, not on the call's input: running the call
             # again with the faulty units computed gives what computing them in the first place would have.
-            # Faults are rare: paying a second (mostly predicted) call for them beats a sync per block.
-            state.computed, state.predicted = counts
-            call.fallback = faults
+            # Faults are rare: paying another (mostly predicted) call for them beats a sync per block. A unit
+            # after a faulty one got a non-finite input and reports nothing: the next run shows its own fault.
+            state.computed, state.predicted, state.fallbacks = counts
+            call.fallback |= faults
             out = executor(*args, **kwargs)
+            faults = state.faults(call)
+    state.log_faults(call)
     state.end_call(call)
     return out
 
@@ -121,18 +124,21 @@ def whole_model_wrapper(executor, *args, **kwargs):
     x = args[0]
     call = begin_call(state, x, transformer_options)
     if call.predict:
-        residual = state.predicted_residual(call, MODEL_KEY, _as_tokens(x))
-        state.check(call, MODEL_KEY, residual)
-        if not state.faults(call):  # the whole model is one unit: one sync per predicted call, as per block
+        tokens = _as_tokens(x)
+        out = state.predicted_output(call, MODEL_KEY, tokens)
+        state.check(call, MODEL_KEY, out, tokens)
+        call.fallback = state.faults(call)  # the whole model is one unit: one sync per predicted call
+        if not call.fallback:
             state.predicted += 1
-            return x + residual.transpose(1, 2).reshape(x.shape)
+            return out.transpose(1, 2).reshape(x.shape)
+        state.log_faults(call)
         state.fallbacks += 1
         state.computed += 1
         return executor(*args, **kwargs)  # not cached: the history stays what the plan fitted its weights to
     out = executor(*args, **kwargs)
     state.computed += 1
     if call.decision.keeps:
-        state.store(call, MODEL_KEY, _as_tokens(out - x))
+        state.store(call, MODEL_KEY, _as_tokens(out), _as_tokens(x))
     state.end_call(call)
     return out
 

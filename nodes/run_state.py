@@ -117,6 +117,7 @@ class RunState:
         self.computed = 0
         self.predicted = 0
         self.fallbacks = 0  # block calls computed because their prediction was not finite
+        self.faults_logged = False
         self.extra_calls = 0  # model calls with other nodes' patches (Skip Layer Guidance ...)
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
@@ -204,11 +205,12 @@ class RunState:
         call.decision = Decision.PREDICT if predict else Decision.CACHE
         call.branch.decided[int(call.step)] = predict
 
-    def store(self, call: Call, key: str, residual: torch.Tensor) -> None:
-        """Keep a computed residual of a call whose decision keeps them."""
-        residual = residual.detach()  # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
+    def store(self, call: Call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
+        """Keep a computed unit's residual, ``after - before``, where the call's decision keeps it: written
+        straight into the history's slot, one pass over the activations."""
         if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self.recorded:
-            self.recorder.record(key, call.sigma, residual)
+            # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
+            self.recorder.record(key, call.sigma, (after - before).detach())
         if self.plan is None:
             return  # the history holds the newest computation of each computed grid step, in step order
         history = call.branch.histories.get(key)
@@ -217,7 +219,7 @@ class RunState:
                 self.plan.history(key), self.history_dtype, self.offload_device)
         if call.decision is Decision.REPLACE and len(history):
             history.drop_newest()
-        history.push(residual)
+        history.push_difference(after, before)
 
     def end_call(self, call: Call) -> None:
         if not call.decision.keeps or self.plan is None:
@@ -231,12 +233,14 @@ class RunState:
             del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
         self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
-    def check(self, call: Call, unit: str, residual: torch.Tensor) -> None:
-        """Queue the check that a predicted residual is finite; `faults` reads a call's checks at its end."""
-        call.checks.append((unit, finite(residual)))
+    def check(self, call: Call, unit: str, out: torch.Tensor, x: torch.Tensor) -> None:
+        """Queue the check that a unit's prediction is finite: its output ``out`` (input plus predicted
+        residual, formed in one pass) is, or its input ``x`` already was not, a fault upstream in the call
+        that the upstream unit's own check reports. `faults` reads a call's checks at its end."""
+        call.checks.append((unit, finite(out) | ~finite(x)))
 
     def faults(self, call: Call) -> frozenset[str]:
-        """The units whose predicted residual in this call was not finite; the first in a run is logged.
+        """The units whose prediction in this call was not finite.
 
         Each predicted block only queues its check on the device; they are read here, once the call
         has run: one sync per predicted model call, whose output the sampler waits for next anyway,
@@ -247,14 +251,17 @@ class RunState:
         ok = torch.stack([finite_ for _, finite_ in call.checks]).tolist()
         faults = frozenset(unit for (unit, _), fine in zip(call.checks, ok) if not fine)
         call.checks.clear()
-        if faults and not self.fallbacks:  # every fault leads to counted fallbacks: none yet, none logged yet
-            logging.warning("HyCa: the predicted residual of %s at step %d is not finite (NaN or inf); "
-                            "computing instead. Reported once per run, counted in the summary.",
-                            ", ".join(sorted(faults)[:4]), int(call.step))
         return faults
 
-    def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
-        history = call.branch.histories[key]
+    def log_faults(self, call: Call) -> None:
+        """The first call of a run whose predictions were not finite is logged; the summary counts them all."""
+        if call.fallback and not self.faults_logged:
+            self.faults_logged = True
+            logging.warning("HyCa: the predicted residual of %s at step %d is not finite (NaN or inf); "
+                            "computing instead. Reported once per run, counted in the summary.",
+                            ", ".join(sorted(call.fallback)[:4]), int(call.step))
+
+    def _weights(self, call: Call, key: str, history: ResidualHistory):
         branch = call.branch
         cache_key = (key, int(call.step), tuple(branch.steps), history.device)
         weights = self.weights.get(cache_key)
@@ -262,7 +269,17 @@ class RunState:
             table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
                                            call.sigma)
             weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
-        return history.predict(weights).to(like.device, like.dtype)
+        return weights
+
+    def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The unit's predicted residual, in ``like``'s dtype and device."""
+        history = call.branch.histories[key]
+        return history.predict(self._weights(call, key, history)).to(like.device, like.dtype)
+
+    def predicted_output(self, call: Call, key: str, x: torch.Tensor) -> torch.Tensor:
+        """The unit's input plus its predicted residual, formed in the same passes (a new tensor)."""
+        history = call.branch.histories[key]
+        return history.predict(self._weights(call, key, history), base=x)
 
     def summary(self) -> str | None:
         """The run's counts for the log, None if nothing was predicted or kept apart."""

@@ -55,6 +55,10 @@ class Tracker:
                 super().push(residual)
                 tracker.peak_held = max(tracker.peak_held, sum(h.nbytes for h in tracker.histories))
 
+            def push_difference(self, after, before):
+                super().push_difference(after, before)
+                tracker.peak_held = max(tracker.peak_held, sum(h.nbytes for h in tracker.histories))
+
         finish = apply_run.ApplyRunState.finish
 
         def finishing(state, completed):
