@@ -14,7 +14,9 @@ One process, the same (class, seed) pairs for every method, per model:
   interleaved rounds, median; the Amdahl bound and a check beside it), image PSNR and SSIM against
   full compute, the classifier's agreement, HyCa's residual-history peak.
 
-Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under --quick).
+Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under --quick), then
+``summary.txt`` and ``.png`` (``summary-quick``): HyCa's margins per model and N, from every model's
+latest results file there (benchmarks/quality/summary.py).
 
     .venv/bin/python benchmarks/bench_quality.py                  # every model, the whole benchmark
     .venv/bin/python benchmarks/bench_quality.py --quick          # fewer methods, 16 pairs (a few min a model)
@@ -35,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import report, run  # noqa: E402
+from benchmarks.quality import report, run, summary  # noqa: E402
 from benchmarks.quality.methods import Methods  # noqa: E402
 from benchmarks.quality.models import MODELS  # noqa: E402
 from harness import node_pack  # noqa: E402
@@ -71,6 +73,11 @@ def parse(argv):
     return args
 
 
+def stem(args, kind: str, name: str | None = None) -> Path:
+    """A results file's path without its suffix."""
+    return args.out / "-".join([kind, *([name] if name else []), *(["quick"] if args.quick else [])])
+
+
 def benchmark(name: str, args, pack) -> bool:
     """One model's benchmark, written to its results files; whether its timing check holds."""
     spec = MODELS[name]
@@ -90,12 +97,11 @@ def benchmark(name: str, args, pack) -> bool:
     methods = Methods(pack, bench.model, solver_map)
     labels = tuple(i % spec.classes for i in range(plan.pairs))
     seeds = tuple(run.EVAL_SEED0 + i for i in range(plan.pairs))
-    stem = f"{args.out}/{{}}-{name}{'-quick' if plan.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.overhead:
         run.overhead(bench, methods, [run.Setting(labels, seeds, size) for size in plan.sizes], plan.intervals,
                      args.overhead)
-        Path(stem.format("overhead") + ".txt").write_text("\n".join(lines) + "\n")
+        stem(args, "overhead", name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
         return True
 
     say(f"evaluation: {plan.pairs} (class, seed) pairs in one batch: classes i % {spec.classes}, seeds "
@@ -127,9 +133,10 @@ def benchmark(name: str, args, pack) -> bool:
     say("TARGETS")
     for line in verdicts:
         say(line)
-    Path(stem.format("quality") + ".txt").write_text("\n".join(lines) + "\n")
-    report.plot(f"{name}: {spec.title}", sections, Path(stem.format("quality") + ".png"))
-    print(f"wrote {stem.format('quality')}.txt and .png")
+    results = stem(args, "quality", name)
+    results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    report.plot(f"{name}: {spec.title}", sections, results.with_suffix(".png"))
+    print(f"wrote {results}.txt and .png")
     return timing_ok
 
 
@@ -141,6 +148,10 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     pack = node_pack.load()
     holds = [benchmark(name, args, pack) for name in args.model]  # every model runs before the verdict
+    if not args.overhead:
+        summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)},
+                      stem(args, "summary"))
+        print(f"wrote {stem(args, 'summary')}.txt and .png")
     if args.check_timing and not all(holds):
         print("timing check FAILS: a wall-clock speed-up exceeds its Amdahl bound by more than the noise")
         sys.exit(1)
