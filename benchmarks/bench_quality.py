@@ -21,6 +21,7 @@ latest results file there (benchmarks/quality/summary.py).
     .venv/bin/python benchmarks/bench_quality.py                  # every model, the whole benchmark
     .venv/bin/python benchmarks/bench_quality.py --quick          # fewer methods, 16 pairs (a few min a model)
     .venv/bin/python benchmarks/bench_quality.py --model wan --check-timing   # exit 1 if a speed-up beats its bound
+    .venv/bin/python benchmarks/bench_quality.py --quick --summary-only       # the summary of the files there
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def parse(argv):
                         help="exit with status 1 if a wall-clock speed-up exceeds its Amdahl bound by more than "
                              "the measured noise")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rewrite the summary from the results files already in --out")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
                         help="only the overhead target: HyCa (defaults) and FORA at each N, ROUNDS back-to-back "
                              "pairs (median ratio), written to overhead-<model>.txt")
@@ -140,8 +143,17 @@ def benchmark(name: str, args, pack) -> bool:
     return timing_ok
 
 
+def write_summary(args) -> None:
+    path = stem(args, "summary")
+    summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)}, path)
+    print(f"wrote {path}.txt and .png")
+
+
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.summary_only:
+        write_summary(args)
+        return
     logging.basicConfig(level=logging.WARNING, force=True)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the console shows warnings only
     torch.set_num_threads(args.threads)
@@ -149,9 +161,7 @@ def main(argv=None) -> None:
     pack = node_pack.load()
     holds = [benchmark(name, args, pack) for name in args.model]  # every model runs before the verdict
     if not args.overhead:
-        summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)},
-                      stem(args, "summary"))
-        print(f"wrote {stem(args, 'summary')}.txt and .png")
+        write_summary(args)
     if args.check_timing and not all(holds):
         print("timing check FAILS: a wall-clock speed-up exceeds its Amdahl bound by more than the noise")
         sys.exit(1)

@@ -81,7 +81,8 @@ def cell(m: Margin | None, label) -> str:
 def table(rows: list[Line], sources: dict[str, str]) -> list[str]:
     out = [(f"HyCa's margin (dB of image PSNR against full compute; positive: HyCa closer to full compute) "
             f"over its rivals, per model and N. HyCa = Apply's defaults (fixed solvers, warm-up {WARMUP}), "
-            f"{STEPS} steps euler/simple, cfg 1, at each model's trained size. Stock samplers: "
+            f"{STEPS} steps euler/simple, cfg 1, at each model's trained size; compute: its speed-up in block "
+            "executions, wall: measured (median of interleaved runs) with its Amdahl bound. Stock samplers: "
             f"{', '.join(FEWER_STEP_SAMPLERS)} with fewer steps (the best of them; name and steps in "
             "brackets); "
             "equal measured time: euler and dpmpp_2m at the step count whose time matches HyCa's, timed in "
@@ -89,10 +90,11 @@ def table(rows: list[Line], sources: dict[str, str]) -> list[str]:
             "that N."), ""]
     cells = [[cell(get(r), label) for _, get, label in COLUMNS] for r in rows]
     widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (title, _, _) in enumerate(COLUMNS)]
-    out.append(f"{'model':<6}{'px':>4}{'N':>3}{'compute':>9}{'HyCa dB':>9}"
+    out.append(f"{'model':<6}{'px':>4}{'N':>3}{'compute':>9}{'wall (bound)':>15}{'HyCa dB':>9}"
                + "".join(f"  {title:<{w}}" for (title, _, _), w in zip(COLUMNS, widths)))
     for r, row_cells in zip(rows, cells):
-        out.append((f"{r.model:<6}{r.size:>4}{r.n:>3}{r.hyca.compute_x:>8.2f}x{r.hyca.psnr:>9.2f}"
+        wall = f"{r.hyca.wall_x:.2f}x ({r.hyca.bound:.2f}x)"
+        out.append((f"{r.model:<6}{r.size:>4}{r.n:>3}{r.hyca.compute_x:>8.2f}x{wall:>15}{r.hyca.psnr:>9.2f}"
                     + "".join(f"  {c:<{w}}" for c, w in zip(row_cells, widths))).rstrip())
     losses = [f"{r.model} N={r.n} vs {title} ({m.db:+.2f} dB)" for r in rows for title, get, _ in COLUMNS
               if (m := get(r)) is not None and m.db <= 0]
