@@ -27,6 +27,8 @@ class Margin:
 
 @dataclass(frozen=True)
 class Line:
+    """One model and N: HyCa's result and its margins (None where the run did not measure that rival)."""
+
     model: str
     size: int
     n: int
@@ -35,7 +37,6 @@ class Line:
     single: Margin | None  # the best single solver on the same schedule
     fora: Margin | None
     equal_time: Margin | None  # the best stock sampler at HyCa's measured time
-    # (None: the run did not measure that rival)
 
 
 def best(section: report.Section, families, n: int) -> Result | None:
