@@ -14,11 +14,14 @@ One process, the same (class, seed) pairs for every method, per model:
   interleaved rounds, median; the Amdahl bound and a check beside it), image PSNR and SSIM against
   full compute, the classifier's agreement, HyCa's residual-history peak.
 
-Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under --quick).
+Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under --quick), then
+``summary.txt`` and ``.png`` (``summary-quick``): HyCa's margins per model and N, from every model's
+latest results file there (benchmarks/quality/summary.py).
 
     .venv/bin/python benchmarks/bench_quality.py                  # every model, the whole benchmark
     .venv/bin/python benchmarks/bench_quality.py --quick          # fewer methods, 16 pairs (a few min a model)
     .venv/bin/python benchmarks/bench_quality.py --model wan --check-timing   # exit 1 if a speed-up beats its bound
+    .venv/bin/python benchmarks/bench_quality.py --quick --summary-only       # the summary of the files there
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import report, run  # noqa: E402
+from benchmarks.quality import report, run, summary  # noqa: E402
 from benchmarks.quality.methods import Methods  # noqa: E402
 from benchmarks.quality.models import MODELS  # noqa: E402
 from harness import node_pack  # noqa: E402
@@ -61,6 +64,8 @@ def parse(argv):
                         help="exit with status 1 if a wall-clock speed-up exceeds its Amdahl bound by more than "
                              "the measured noise")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rewrite the summary from the results files already in --out")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
                         help="only the overhead target: HyCa (defaults) and FORA at each N, ROUNDS back-to-back "
                              "pairs (median ratio), written to overhead-<model>.txt")
@@ -69,6 +74,11 @@ def parse(argv):
     if (args.weights or args.classifier) and len(args.model) != 1:
         parser.error("--weights and --classifier need a single --model")
     return args
+
+
+def stem(args, kind: str, name: str | None = None) -> Path:
+    """A results file's path without its suffix."""
+    return args.out / "-".join([kind, *([name] if name else []), *(["quick"] if args.quick else [])])
 
 
 def benchmark(name: str, args, pack) -> bool:
@@ -90,12 +100,11 @@ def benchmark(name: str, args, pack) -> bool:
     methods = Methods(pack, bench.model, solver_map)
     labels = tuple(i % spec.classes for i in range(plan.pairs))
     seeds = tuple(run.EVAL_SEED0 + i for i in range(plan.pairs))
-    stem = f"{args.out}/{{}}-{name}{'-quick' if plan.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.overhead:
         run.overhead(bench, methods, [run.Setting(labels, seeds, size) for size in plan.sizes], plan.intervals,
                      args.overhead)
-        Path(stem.format("overhead") + ".txt").write_text("\n".join(lines) + "\n")
+        stem(args, "overhead", name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
         return True
 
     say(f"evaluation: {plan.pairs} (class, seed) pairs in one batch: classes i % {spec.classes}, seeds "
@@ -127,20 +136,32 @@ def benchmark(name: str, args, pack) -> bool:
     say("TARGETS")
     for line in verdicts:
         say(line)
-    Path(stem.format("quality") + ".txt").write_text("\n".join(lines) + "\n")
-    report.plot(f"{name}: {spec.title}", sections, Path(stem.format("quality") + ".png"))
-    print(f"wrote {stem.format('quality')}.txt and .png")
+    results = stem(args, "quality", name)
+    results.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+    report.plot(f"{name}: {spec.title}", sections, results.with_suffix(".png"))
+    print(f"wrote {results}.txt and .png")
     return timing_ok
+
+
+def write_summary(args) -> None:
+    path = stem(args, "summary")
+    summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)}, path)
+    print(f"wrote {path}.txt and .png")
 
 
 def main(argv=None) -> None:
     args = parse(argv)
+    if args.summary_only:
+        write_summary(args)
+        return
     logging.basicConfig(level=logging.WARNING, force=True)
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the console shows warnings only
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     pack = node_pack.load()
     holds = [benchmark(name, args, pack) for name in args.model]  # every model runs before the verdict
+    if not args.overhead:
+        write_summary(args)
     if args.check_timing and not all(holds):
         print("timing check FAILS: a wall-clock speed-up exceeds its Amdahl bound by more than the noise")
         sys.exit(1)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import reference_data, reference_model
+from harness import reference_flux, reference_model
 
 
 @dataclass(frozen=True)
@@ -44,22 +44,42 @@ def classify(spec: ModelSpec, classifier, images: torch.Tensor) -> torch.Tensor:
     return classifier.predict(images)
 
 
-WAN = ModelSpec(
-    title="reference Wan-2.1-layout DiT (harness/reference_model.py)",
-    weights=reference_model.WEIGHTS,
-    classifier_weights=reference_model.CLASSIFIER_WEIGHTS,
-    load=reference_model.load,
-    load_classifier=reference_model.load_classifier,
-    conditioning=reference_model.conditioning,
-    negative=reference_model.unconditional,
-    latent=lambda batch, size: torch.zeros(batch, reference_model.LATENT_CHANNELS, 1, size // 2, size // 2),
-    decode=reference_model.decode,
-    blocks=lambda model: list(model.model.diffusion_model.blocks),
-    entry=lambda model: model.model.diffusion_model.patch_embedding,
-    classes=reference_data.NUM_CLASSES,
-    cfg=reference_model.CFG,
-    sizes=(32, 40),
-    classifier_size=32,
-)
+def reference(module, title: str, blocks: Callable[[Any], list], entry: Callable[[Any], Any],
+              frames: bool) -> ModelSpec:
+    """A trained reference model of the harness: every such module names its weights, classifier,
+    loader, conditioning and latent the same way; what differs is its layout (`blocks`, `entry`, and
+    whether its latent has a frame axis, as video models' do)."""
+    frame_axis = (1,) if frames else ()
+    trained = module.LATENT_SIZE * 2  # the latent is the image pixel-unshuffled by 2
+    return ModelSpec(
+        title=title,
+        weights=module.WEIGHTS,
+        classifier_weights=module.CLASSIFIER_WEIGHTS,
+        load=module.load,
+        load_classifier=module.load_classifier,
+        conditioning=module.conditioning,
+        negative=module.unconditional,
+        latent=lambda batch, size: torch.zeros(batch, module.LATENT_CHANNELS, *frame_axis, size // 2,
+                                               size // 2),
+        decode=module.decode,
+        blocks=blocks,
+        entry=entry,
+        classes=module.NUM_CLASSES,
+        cfg=module.CFG,
+        sizes=(trained, trained * 5 // 4),  # a larger size whose latent still splits into 2x2 patches
+        classifier_size=trained,
+    )
 
-MODELS: dict[str, ModelSpec] = {"wan": WAN}
+
+WAN = reference(reference_model, "reference Wan-2.1-layout DiT (harness/reference_model.py)",
+                blocks=lambda model: list(model.model.diffusion_model.blocks),
+                entry=lambda model: model.model.diffusion_model.patch_embedding, frames=True)
+
+# FLUX's double-stream blocks (image and text streams) run first, then its single-stream blocks over
+# the joined sequence: HyCa caches both kinds; every pass starts with the image patch embedding.
+FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/reference_flux.py)",
+                 blocks=lambda model: [*model.model.diffusion_model.double_blocks,
+                                       *model.model.diffusion_model.single_blocks],
+                 entry=lambda model: model.model.diffusion_model.img_in, frames=False)
+
+MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX}

@@ -4,6 +4,7 @@ the equal-time comparison, the sampler matrix and the plots."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,26 @@ def row(r: Result) -> str:
     return (f"{r.name:<40}{r.steps:>4}{r.blocks:>7}{r.compute_x:>7.2f}x{r.seconds:>7.2f}s{r.spread:>6.0%}"
             f"{r.wall_x:>7.2f}x{flag}{r.bound:>5.2f}x{r.psnr:>8.2f}{r.ssim:>8.4f}{r.agree:>6.0%}{r.memory:>8}"
             f"  {r.note}").rstrip()
+
+
+# row() read back: the name may overflow its 40 columns, every other column is right-aligned after it
+ROW = re.compile(
+    r"^(?P<name>.+?)\s+(?P<steps>\d+)\s+(?P<blocks>\d+)\s+(?P<compute_x>\S+)x\s*(?P<seconds>\S+)s\s*"
+    r"(?P<spread>\S+)%\s*(?P<wall_x>\S+)x(?P<flag>[ !])\s*(?P<bound>\S+)x\s+(?P<psnr>\S+)\s+(?P<ssim>\S+)\s+"
+    r"(?P<agree>\S+)%\s+(?P<memory>\S+)(?:  (?P<note>.*))?$")
+
+
+def parse_row(line: str, family: str) -> Result:
+    """A :func:`row` line back as a Result (model passes are not in the table: 0)."""
+    match = ROW.match(line)
+    if match is None:
+        raise ValueError(f"not a benchmark table row: {line!r}")
+    f = match.groupdict()
+    number = re.search(r"N=(\d+)", f["name"])
+    return Result(f["name"], family, int(f["steps"]), int(f["blocks"]), 0, float(f["psnr"]), float(f["ssim"]),
+                  float(f["agree"]) / 100, f["memory"], compute_x=float(f["compute_x"]),
+                  seconds=float(f["seconds"]), spread=float(f["spread"]) / 100, wall_x=float(f["wall_x"]),
+                  bound=float(f["bound"]), note=f["note"] or "", n=int(number.group(1)) if number else None)
 
 
 @dataclass
@@ -82,8 +103,31 @@ class Section:
         lines += [row(r) for r in self.eight]
         return lines
 
+    @classmethod
+    def read(cls, lines: list[str]) -> Section:
+        """A section back from its :meth:`table` lines: the results with their families, full compute
+        and the 8-step schedule (HyCa's keys are not in the table: :attr:`hyca` is empty)."""
+        size, batch = map(int, re.match(r"=== (\d+) px, batch (\d+),", lines[0]).groups())
+        share = float(re.search(r"spends ([0-9.]+)% of its time inside", lines[3]).group(1)) / 100
+        section = cls(size, batch, share, full=parse_row(lines[2], "full"))
+        family = None
+        for line in lines[4:]:
+            if line.startswith("-- "):
+                family = "8-step" if line.startswith("-- 8-step schedule") else line[3:]
+            elif family == "8-step":
+                section.eight.append(parse_row(line, family))
+            else:
+                section.add([parse_row(line, family)])
+        return section
+
     def timed(self) -> list[Result]:
         return [r for r in self.results + self.eight if math.isfinite(r.bound) and r.family != "full"]
+
+
+def read_sections(text: str) -> list[Section]:
+    """Every image size's section of a results file (the tables :meth:`Section.table` wrote)."""
+    blocks = re.findall(r"^(=== \d+ px, batch .*?)(?:\n\n|\n?\Z)", text, flags=re.MULTILINE | re.DOTALL)
+    return [Section.read(block.splitlines()) for block in blocks]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The quality benchmark's measuring path on the trained reference model, through ComfyUI's sampler:
+"""The quality benchmark's measuring path on each trained reference model, through ComfyUI's sampler:
 counting happens in an untimed run, timed runs carry no hook, speed-ups come with their bound."""
 
 import math
@@ -7,14 +7,14 @@ import pytest
 
 from benchmarks.quality import run, timing
 from benchmarks.quality.methods import Method, Methods
-from benchmarks.quality.models import WAN
+from benchmarks.quality.models import MODELS
 
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def bench(pack):
-    return run.Bench(WAN, pack, rounds=2, say=lambda line="": None)
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def bench(pack, request):
+    return run.Bench(MODELS[request.param], pack, rounds=2, say=lambda line="": None)
 
 
 def test_full_compute_is_counted_and_its_block_share_measured_without_leaving_hooks(bench):
