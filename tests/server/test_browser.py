@@ -375,13 +375,14 @@ def test_node_documentation_opens_from_the_node_library(page):
     page.wait_for("!!document.querySelector('input.search-box-input')", what="the node library")
     page.eval("document.querySelector('input.search-box-input').focus(); true")
     page.type("HyCa Apply")
+    title = NODES["HyCaApply"]
     page.wait_for(
-        "!!document.querySelector(\"li[aria-label='HyCa Apply'] button.help-button\")",
-        what="HyCa Apply in the node library",
+        f"!!document.querySelector(\"li[aria-label='{title}'] button.help-button\")",
+        what=f"{title} in the node library",
     )
-    page.eval("document.querySelector(\"li[aria-label='HyCa Apply'] button.help-button\").click(); true")
+    page.eval(f"document.querySelector(\"li[aria-label='{title}'] button.help-button\").click(); true")
     doc = (REPO / "web" / "docs" / "HyCaApply.md").read_text()
-    sentence = next(line for line in doc.splitlines() if line.startswith("Put it right before the sampler"))
+    sentence = next(line for line in doc.splitlines() if line.startswith("Every setting of"))
     page.wait_for(
         f"document.body.innerText.includes({json.dumps(sentence.split(':')[0])})",
         what="web/docs/HyCaApply.md rendered in the documentation panel",
