@@ -56,6 +56,21 @@ class LogCapture(logging.Handler):
         if message.startswith(("HyCa", "EasyCache", "LazyCache")):
             self.lines.append(message)
 
+    @contextlib.contextmanager
+    def listening(self):
+        """Capture the lines logged inside the block (from a cleared list), the root logger's handlers and
+        level restored after it: the benchmark shares its process with others (the tests)."""
+        root = logging.getLogger()
+        level = root.level
+        self.lines.clear()
+        root.addHandler(self)
+        root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+        try:
+            yield self.lines
+        finally:
+            root.removeHandler(self)
+            root.setLevel(level)
+
 
 def history_mb(lines: list[str]) -> float | None:
     """HyCa's residual-history peak in MB, as its own log line states it (None: no such line)."""

@@ -5,7 +5,6 @@ guidance scales and two sizes."""
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import statistics
@@ -91,9 +90,6 @@ class Bench:
         self.blocks = spec.blocks(self.model)
         self.entry = spec.entry(self.model)
         self.capture = measures.LogCapture()
-        root = logging.getLogger()
-        root.addHandler(self.capture)
-        root.setLevel(logging.INFO)
 
     # -- running -------------------------------------------------------------------------------
 
@@ -112,10 +108,9 @@ class Bench:
 
     def counted(self, model, setting: Setting, steps: int, sampler: str):
         """One untimed run with counting hooks: (images, block executions, model passes, log lines)."""
-        self.capture.lines.clear()
-        with measures.counting(self.entry, self.blocks) as counter:
+        with measures.counting(self.entry, self.blocks) as counter, self.capture.listening() as lines:
             latent = self.sample(model, setting, steps, sampler)
-        return self.spec.decode(latent), counter.blocks, counter.passes, list(self.capture.lines)
+        return self.spec.decode(latent), counter.blocks, counter.passes, list(lines)
 
     def classify(self, images):
         return classify(self.spec, self.classifier, images)
