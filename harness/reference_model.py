@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_runtime
-from . import reference_data as DATA
+from . import reference_data
 from .reference_data import IMAGE_SIZE, NUM_CLASSES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS = ASSETS / "reference_wan.safetensors"
 CLASSIFIER_WEIGHTS = ASSETS / "reference_classifier.safetensors"
+# The data recipe, public under the name harness/train_reference.py reads from every model module.
+DATA = reference_data
 
 # The unet_config comfy.model_detection.detect_unet_config infers from WEIGHTS (checked by the tests).
 UNET_CONFIG = dict(
