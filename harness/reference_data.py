@@ -22,8 +22,9 @@ independently of the class, so a classifier must read the digit. The ink is alwa
 the background and the digit roughly centred, so each class also has its own mean image: with
 random ink polarity and free placement the class changed the pixel mean hardly at all, and a
 first trained model ignored its class conditioning entirely; with sizes 34-46, strokes 2-3,
-rotations of 12 degrees and 6 px offsets a CPU hour of training gave shapeless blobs. The images are identical for a
-given seed and Pillow version (font rasterization may change across Pillow/FreeType releases).
+rotations of 12 degrees and 6 px offsets a CPU hour of training gave shapeless blobs. The images are
+identical for a given seed and Pillow version (font rasterization may change across Pillow/FreeType
+releases).
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ _MAX_BACKGROUND = 140.0
 def _font(size: int) -> ImageFont.FreeTypeFont:
     font = ImageFont.load_default(size=size)
     if not isinstance(font, ImageFont.FreeTypeFont):
-        raise RuntimeError("Pillow was built without FreeType; the reference data needs its scalable default font")
+        raise RuntimeError("Pillow was built without FreeType; "
+                           "the reference data needs its scalable default font")
     return font
 
 
@@ -76,8 +78,10 @@ def _glyph_mask(class_id: int, rng: np.random.Generator) -> Image.Image:
         scale = (_RENDER - 2 * _MARGIN) / max(width, height)
         glyph = glyph.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.BICUBIC)
         width, height = glyph.size
-    x_low, x_high = max(_MARGIN, (_RENDER - width) // 2 - _MAX_OFFSET), min(_RENDER - _MARGIN - width, (_RENDER - width) // 2 + _MAX_OFFSET)
-    y_low, y_high = max(_MARGIN, (_RENDER - height) // 2 - _MAX_OFFSET), min(_RENDER - _MARGIN - height, (_RENDER - height) // 2 + _MAX_OFFSET)
+    x_low = max(_MARGIN, (_RENDER - width) // 2 - _MAX_OFFSET)
+    x_high = min(_RENDER - _MARGIN - width, (_RENDER - width) // 2 + _MAX_OFFSET)
+    y_low = max(_MARGIN, (_RENDER - height) // 2 - _MAX_OFFSET)
+    y_high = min(_RENDER - _MARGIN - height, (_RENDER - height) // 2 + _MAX_OFFSET)
     x = int(rng.integers(x_low, max(x_low, x_high) + 1))
     y = int(rng.integers(y_low, max(y_low, y_high) + 1))
     mask = Image.new("L", (_RENDER, _RENDER), 0)

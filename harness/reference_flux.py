@@ -35,12 +35,14 @@ import torch
 
 from . import comfy_runtime, flux_training
 from . import reference_model as wan_reference
-from . import shapes_data as DATA
+from . import shapes_data
 from .reference_model import ASSETS, Classifier  # the judging classifier is the Wan model's CNN
 from .shapes_data import NUM_CLASSES
 
 WEIGHTS = ASSETS / "reference_flux.safetensors"
 CLASSIFIER_WEIGHTS = ASSETS / "reference_flux_classifier.safetensors"
+# The data recipe, public under the name harness/train_reference.py reads from every model module.
+DATA = shapes_data
 
 # What detection cannot read from a FLUX file (see the module docstring).
 HEADS = dict(num_heads=2, axes_dim=[8, 28, 28])

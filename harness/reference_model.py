@@ -42,12 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from . import comfy_runtime
-from . import reference_data as DATA
+from . import reference_data
 from .reference_data import IMAGE_SIZE, NUM_CLASSES
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 WEIGHTS = ASSETS / "reference_wan.safetensors"
 CLASSIFIER_WEIGHTS = ASSETS / "reference_classifier.safetensors"
+# The data recipe, public under the name harness/train_reference.py reads from every model module.
+DATA = reference_data
 
 # The unet_config comfy.model_detection.detect_unet_config infers from WEIGHTS (checked by the tests).
 UNET_CONFIG = dict(
@@ -88,7 +90,8 @@ def _latent_stats(device, dtype):
 def image_to_model_space(images: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> model-space latent z (B, 16, 1, 16, 16)."""
     if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {tuple(images.shape)}")
+        raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), "
+                         f"got {tuple(images.shape)}")
     x = images.movedim(-1, 1).float() * 2 - 1
     z = F.pixel_unshuffle(x, 2)
     pad = z.new_zeros(z.shape[0], LATENT_CHANNELS - IMAGE_CHANNELS, *z.shape[2:])

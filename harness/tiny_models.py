@@ -108,7 +108,8 @@ def initialize(module: torch.nn.Module, seed: int) -> None:
     try:
         touched = set()
         for sub in module.modules():
-            for cls in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding):
+            for cls in (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                        torch.nn.Embedding):
                 if isinstance(sub, cls):
                     cls.reset_parameters(sub)
                     touched.update(id(p) for p in sub.parameters(recurse=False))

@@ -115,8 +115,8 @@ def train_classifier(train_x, train_y, test_x, test_y, epochs: int, seed: int) -
             scheduler.step()
             step += 1
         accuracy = (classifier.predict(as_images(test_x)).numpy() == test_y).mean()
-        log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, held-out accuracy {accuracy:.4f}, "
-            f"{time.time() - start:.0f} s")
+        log(f"classifier epoch {epoch + 1}/{epochs}: loss {loss.item():.4f}, "
+            f"held-out accuracy {accuracy:.4f}, {time.time() - start:.0f} s")
     return classifier.eval()
 
 
@@ -146,7 +146,8 @@ def train_diffusion(ref, train_x, train_y, args):
     # a fixed probe batch: the loss with the right class vs. a wrong one shows the class is used
     probe_idx = np.random.default_rng(args.seed + 1).integers(0, len(train_x), size=64)
     probe_z = ref.image_to_model_space(as_images(train_x[probe_idx])).to(device)
-    probe_noise = torch.randn(probe_z.shape, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    probe_generator = torch.Generator().manual_seed(args.seed + 1)
+    probe_noise = torch.randn(probe_z.shape, generator=probe_generator).to(device)
     probe_labels = torch.from_numpy(train_y[probe_idx])
     num_classes = ref.DATA.NUM_CLASSES
 
@@ -203,8 +204,8 @@ def train_diffusion(ref, train_x, train_y, args):
                 last_checkpoint = now
     minutes = (time.time() - start) / 60
     stopped_by = "time budget" if step < args.steps else "step count"
-    log(f"diffusion trained: {step} steps of batch {args.batch} in {minutes:.1f} min (ended by {stopped_by}), "
-        f"final loss {np.mean(losses[-200:]):.4f} (mean of last 200 steps)")
+    log(f"diffusion trained: {step} steps of batch {args.batch} in {minutes:.1f} min "
+        f"(ended by {stopped_by}), final loss {np.mean(losses[-200:]):.4f} (mean of last 200 steps)")
     net.eval()
     raw = ref.state_dict_for_file(net)
     with torch.no_grad():
@@ -266,12 +267,15 @@ def ship_map(ref, weights: Path) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="wan", help="which reference model")
-    parser.add_argument("--smoke", action="store_true", help="3-minute end-to-end check, writes under artifacts/")
-    parser.add_argument("--map-only", action="store_true", help="only calibrate --out's weights and ship their map")
+    parser.add_argument("--smoke", action="store_true",
+                        help="3-minute end-to-end check, writes under artifacts/")
+    parser.add_argument("--map-only", action="store_true",
+                        help="only calibrate --out's weights and ship their map")
     parser.add_argument("--steps", type=int, help="diffusion optimizer steps (upper bound; model's default)")
     parser.add_argument("--minutes", type=float, help="diffusion training time budget (upper bound)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="training device (e.g. cuda); sampling uses ComfyUI's choice")
+    parser.add_argument("--device", default="cpu",
+                        help="training device (e.g. cuda); sampling uses ComfyUI's choice")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--warmup", type=int)
@@ -325,7 +329,8 @@ def main(argv=None) -> None:
         classifier = ref.load_classifier(args.reuse_classifier)
     else:
         n = min(args.classifier_images, len(train_x))
-        classifier = train_classifier(train_x[:n], train_y[:n], test_x, test_y, args.classifier_epochs, args.seed)
+        classifier = train_classifier(train_x[:n], train_y[:n], test_x, test_y, args.classifier_epochs,
+                                      args.seed)
         args.classifier_out.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in classifier.state_dict().items()}, str(args.classifier_out))
         classifier = ref.load_classifier(args.classifier_out)

@@ -83,7 +83,8 @@ def calibrate(
                     progress(done, len(keys))
         finally:  # after an error, or a cancellation raised by `progress`, start no further block
             executor.shutdown(cancel_futures=True)
-    return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks, info=info or {})
+    return SolverMap(architecture, fingerprint, np.asarray(sigmas, np.float64), schedule, blocks,
+                     info=info or {})
 
 
 def _within_statistics_range(values: np.ndarray) -> np.ndarray:

@@ -122,9 +122,11 @@ def _calibrated_mask(solver_map: SolverMap, step_sigmas, budget, warmup, forced,
     `forced` step."""
     values, labels, offset = [], [], 0
     for block in solver_map.blocks.values():
-        v, l = resample(CompactSample(solver_map.probe_sigmas, block.series), step_sigmas)
-        values.append(v / np.sqrt(np.mean(v**2) + 1e-30))  # relative errors: blocks weigh alike
-        labels.append(l + offset)
+        probes = CompactSample(solver_map.probe_sigmas, block.series)
+        block_values, block_labels = resample(probes, step_sigmas)
+        # relative errors: blocks weigh alike
+        values.append(block_values / np.sqrt(np.mean(block_values**2) + 1e-30))
+        labels.append(block_labels + offset)
         offset += block.clusters
     max_gap = min(len(step_sigmas) - 1, 2 * len(step_sigmas) // max(budget, 1) + 2)
     costs = gap_costs(np.concatenate(values, axis=2), np.concatenate(labels), step_sigmas, warmup,

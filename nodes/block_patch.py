@@ -70,7 +70,8 @@ class BlockPatch:
         state.computed += 1
         if not self.last:
             return out
-        befores = {s: before for s, before in call.unit_inputs.items() if isinstance(out.get(s), torch.Tensor)}
+        befores = {s: before for s, before in call.unit_inputs.items()
+                   if isinstance(out.get(s), torch.Tensor)}
         if call.decision is Decision.MEASURE:  # adaptive: the first unit's true residual decides the call
             state.decide(call, self.unit.key("img"), out["img"] - befores["img"])
             if call.predict:

@@ -182,8 +182,8 @@ def save_for(solver_map: SolverMap, checkpoint: Path | None = None) -> list[Path
             saved.insert(0, solver_map.save(side))
         except OSError as error:  # a read-only models folder (shared, mounted) is a normal setup
             errors.append(f"{side.parent}: {error}")
-            logging.info("HyCa: cannot write %s beside the checkpoint (%s); the hyca models folder keeps the map",
-                         side.name, error)
+            logging.info("HyCa: cannot write %s beside the checkpoint (%s); "
+                         "the hyca models folder keeps the map", side.name, error)
     if not saved:
         raise MapError("no writable folder for the map: " + "; ".join(errors))
     return saved

@@ -254,7 +254,8 @@ class RunState:
         return faults
 
     def log_faults(self, call: Call) -> None:
-        """The first call of a run whose predictions were not finite is logged; the summary counts them all."""
+        """The first call of a run whose predictions were not finite is logged; the summary counts them
+        all."""
         if call.fallback and not self.faults_logged:
             self.faults_logged = True
             logging.warning("HyCa: the predicted residual of %s at step %d is not finite (NaN or inf); "

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness import sampling, tiny_models
+from harness import sampling
 from harness.metrics import latent_psnr
 
 LATENT = (1, 16, 16, 16)

@@ -207,11 +207,13 @@ def test_one_set_of_defaults_everywhere(pack, flux, finished, conditioning, tmp_
     defaults, schedule = pack.hyca_core.defaults, pack.hyca_core.schedule.Schedule()
     assert (schedule.interval, schedule.warmup, schedule.final) == (defaults.INTERVAL, defaults.WARMUP,
                                                                     defaults.FINAL_STEPS)
-    compile_fitted = inspect.signature(pack.hyca_core.solver_map.SolverMap.compile).parameters["fitted"].default
+    compile_parameters = inspect.signature(pack.hyca_core.solver_map.SolverMap.compile).parameters
+    compile_fitted = compile_parameters["fitted"].default
     assert compile_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
     widgets = {i.id: i.default for i in pack.nodes.apply_node.HyCaApply.define_schema().inputs
                if i.id in ("interval", "fitted", "final_steps")}
-    assert widgets == {"interval": defaults.INTERVAL, "fitted": defaults.FITTED, "final_steps": defaults.FINAL_STEPS}
+    assert widgets == {"interval": defaults.INTERVAL, "fitted": defaults.FITTED,
+                       "final_steps": defaults.FINAL_STEPS}
     calibrate = {i.id: getattr(i, "default", None)
                  for i in pack.nodes.calibrate_node.HyCaCalibrate.define_schema().inputs}
     assert (calibrate["interval"], calibrate["warmup"]) == (defaults.INTERVAL, defaults.WARMUP) == (4, 2)

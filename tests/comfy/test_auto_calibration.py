@@ -70,7 +70,8 @@ def test_a_history_that_does_not_fit_falls_back_before_it_is_allocated(pack, flu
     Schedule = pack.hyca_core.schedule.Schedule
 
     def run(**options):
-        patched = pack.nodes.apply_hyca.apply_hyca(flux, solver_map, Schedule(interval=2, warmup=2), **options)
+        patched = pack.nodes.apply_hyca.apply_hyca(flux, solver_map, Schedule(interval=2, warmup=2),
+                                                   **options)
         return sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
 
     run()

@@ -46,7 +46,8 @@ def folders(pack, tmp_path, monkeypatch):
 
 @pytest.fixture
 def model_file(folders):
-    """The tiny Wan's weights as a diffusion model file; its LoRA (every attention query) in the loras folder."""
+    """The tiny Wan's weights as a diffusion model file; its LoRA (every attention query) in the loras
+    folder."""
     weights = tiny_models.build(WAN_FILE, seed=3).model.diffusion_model.state_dict()
     save_file({k: v.contiguous() for k, v in weights.items()}, folders["diffusion_models"] / MODEL_NAME)
     generator = torch.Generator().manual_seed(4)
@@ -60,8 +61,8 @@ def model_file(folders):
 
 
 def _prompt(node, **settings):
-    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3 -> ``node`` (id "4"), and a second ``node`` (id "5")
-    right after the loader."""
+    """UNETLoader -> LoraLoaderModelOnly -> ModelSamplingSD3 -> ``node`` (id "4"), and a second ``node``
+    (id "5") right after the loader."""
     return {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}},
         "2": {"class_type": "LoraLoaderModelOnly",
@@ -92,7 +93,8 @@ def _execute(prompt, node_id, **inputs):
     from comfy_execution.graph import DynamicPrompt
 
     node = nodes.NODE_CLASS_MAPPINGS[prompt[node_id]["class_type"]]
-    _, _, hidden = execution.get_input_data(prompt[node_id]["inputs"], node, node_id, None, DynamicPrompt(prompt), {})
+    _, _, hidden = execution.get_input_data(prompt[node_id]["inputs"], node, node_id, None,
+                                            DynamicPrompt(prompt), {})
     return node.PREPARE_CLASS_CLONE(hidden).execute(**inputs).args[0]
 
 
@@ -102,7 +104,8 @@ def _sample(model):
 
 
 def _content(path):
-    """A map file's header and tensors (its bytes differ between saves: safetensors orders the header at random)."""
+    """A map file's header and tensors (its bytes differ between saves: safetensors orders the header at
+    random)."""
     from safetensors import safe_open
 
     with safe_open(path, framework="numpy") as f:
@@ -125,9 +128,11 @@ def test_the_model_file_is_found_upstream_through_model_inputs(pack, folders, mo
         "10": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sdxl.safetensors"}},
         "11": {"class_type": "HyCaApply", "inputs": {"model": ["10", 0]}},
         # two models in, no "model" input: which one the output is built on is unknown
-        "12": {"class_type": "ModelMergeSimple", "inputs": {"model1": ["1", 0], "model2": ["10", 0], "ratio": 0.5}},
+        "12": {"class_type": "ModelMergeSimple",
+               "inputs": {"model1": ["1", 0], "model2": ["10", 0], "ratio": 0.5}},
         "13": {"class_type": "HyCaApply", "inputs": {"model": ["12", 0]}},
-        "14": {"class_type": "UNETLoader", "inputs": {"unet_name": "gone.safetensors", "weight_dtype": "default"}},
+        "14": {"class_type": "UNETLoader",
+               "inputs": {"unet_name": "gone.safetensors", "weight_dtype": "default"}},
         "15": {"class_type": "HyCaApply", "inputs": {"model": ["14", 0]}},
         "16": {"class_type": "UNETLoader", "inputs": {"unet_name": "../../escape.safetensors"}},
         "17": {"class_type": "HyCaApply", "inputs": {"model": ["16", 0]}},
@@ -145,7 +150,8 @@ def test_the_model_file_is_found_upstream_through_model_inputs(pack, folders, mo
     assert pack.nodes.checkpoint_path.for_node(pack.nodes.apply_node.HyCaApply) is None
 
 
-@pytest.mark.parametrize("granularity", ["../../../outside", "/etc/passwd", "..", "a\x00b", "x" * 5000, "", "é/.."])
+@pytest.mark.parametrize("granularity",
+                         ["../../../outside", "/etc/passwd", "..", "a\x00b", "x" * 5000, "", "é/.."])
 def test_side_file_names_stay_beside_the_model_file(pack, tmp_path, granularity):
     """The granularity a map holds names its side file: whatever it is, the file stays beside the checkpoint,
     with a name no model loader lists."""
@@ -181,8 +187,8 @@ def test_auto_calibration_saves_beside_the_model_file_and_finds_it_there(pack, f
 
 def test_calibrate_saves_beside_the_model_file_per_granularity(pack, folders, model_file, caplog):
     shifted, _ = _models()
-    settings = dict(seed=0, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="simple", interval=2, warmup=2,
-                    clusters=4, granularity="stack", save=True)
+    settings = dict(seed=0, steps=STEPS, cfg=1.0, sampler_name="euler", scheduler="simple", interval=2,
+                    warmup=2, clusters=4, granularity="stack", save=True)
     prompt = _prompt("HyCaCalibrate", **settings)
     positive, negative = sampling.text_conditioning(WAN_FILE["text_dim"])
     with caplog.at_level(logging.INFO):
@@ -208,8 +214,8 @@ def test_a_read_only_model_folder_keeps_the_map_in_the_hyca_folder(pack, folders
         folder.chmod(0o755)
     assert sorted(p.name for p in folder.iterdir()) == [MODEL_NAME]  # no map, no temporary file
     (in_folder,) = folders["hyca"].iterdir()
-    assert re.search(rf"cannot write {re.escape(MODEL_NAME)}\.hyca beside the checkpoint \(.*Permission denied",
-                     caplog.text)
+    assert re.search(rf"cannot write {re.escape(MODEL_NAME)}\.hyca beside the checkpoint "
+                     r"\(.*Permission denied", caplog.text)
     assert f"map saved to {in_folder}" in caplog.text
     assert pack.nodes.map_store.find(shifted, checkpoint=model_file) == in_folder
 

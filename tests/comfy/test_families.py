@@ -225,9 +225,9 @@ def test_family_without_block_patches_runs_at_whole_model_granularity(pack, name
     positive, negative = sampling.text_conditioning(32)
     channels = model.model.latent_format.latent_channels
     latent = torch.zeros(1, channels, 8, 8)
-    solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive, negative,
-                                                    {"samples": latent}, Schedule(interval=3, warmup=3),
-                                                    granularity="model")
+    solver_map, _ = pack.nodes.calibrate_node.probe(model, 0, STEPS, 1.0, "euler", "simple", positive,
+                                                    negative, {"samples": latent},
+                                                    Schedule(interval=3, warmup=3), granularity="model")
     apply = pack.nodes.apply_hyca.apply_hyca
     full = sampling.sample(model, positive, negative, latent, steps=STEPS, seed=2)
     same = sampling.sample(apply(model, solver_map, Schedule(interval=1, warmup=3), granularity="model"),

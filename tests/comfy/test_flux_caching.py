@@ -58,26 +58,31 @@ def test_patches_land_on_every_block_and_input_model_is_untouched(pack, flux, so
     patched = _apply(pack, flux, solver_map, interval=4)
     replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
     depth, single = tiny_models.FLUX["depth"], tiny_models.FLUX["depth_single_blocks"]
-    assert set(replaced) == {("double_block", i) for i in range(depth)} | {("single_block", i) for i in range(single)}
+    assert set(replaced) == ({("double_block", i) for i in range(depth)}
+                             | {("single_block", i) for i in range(single)})
     assert "patches_replace" not in flux.model_options["transformer_options"]
     assert "hyca" not in flux.model_options["transformer_options"]
 
 
-def test_caching_skips_the_scheduled_blocks_and_stays_close(pack, flux, solver_map, conditioning, latent, full, caplog):
+def test_caching_skips_the_scheduled_blocks_and_stays_close(pack, flux, solver_map, conditioning, latent,
+                                                             full, caplog):
     patched = _apply(pack, flux, solver_map, interval=4)
     with caplog.at_level(logging.INFO):
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
     # 20 steps, warm-up 3, then every 4th from step 2: computed steps 0,1,2,6,10,14,18
     computed_steps = 7
-    assert f"{computed_steps * blocks} block calls computed, {(STEPS - computed_steps) * blocks} predicted" in caplog.text
+    counts = f"{computed_steps * blocks} block calls computed, {(STEPS - computed_steps) * blocks} predicted"
+    assert counts in caplog.text
     assert not torch.equal(out, full)
     assert latent_psnr(out, full) > 30
 
 
 def test_fixed_pool_and_fitted_both_run(pack, flux, solver_map, conditioning, latent, full):
-    fixed = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=False), *conditioning, latent, steps=STEPS, seed=5)
-    fitted = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=True), *conditioning, latent, steps=STEPS, seed=5)
+    fixed = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=False), *conditioning, latent,
+                            steps=STEPS, seed=5)
+    fitted = sampling.sample(_apply(pack, flux, solver_map, 4, fitted=True), *conditioning, latent,
+                             steps=STEPS, seed=5)
     assert latent_psnr(fixed, full) > 30 and latent_psnr(fitted, full) > 30
     assert not torch.equal(fixed, fitted)
 
@@ -128,7 +133,8 @@ def test_auto_mode_calibrates_on_the_first_run_saves_and_reuses(pack, conditioni
     # a new Apply on the same base model finds the saved map without being given one
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        again = sampling.sample(_apply(pack, model, None, interval=4), *conditioning, latent, steps=STEPS, seed=5)
+        again = sampling.sample(_apply(pack, model, None, interval=4), *conditioning, latent,
+                                steps=STEPS, seed=5)
     assert "using solver map" in caplog.text and _counts(caplog) == (28, 52)
     assert torch.equal(again, second)
 
@@ -165,19 +171,19 @@ def test_lora_patches_do_not_change_the_fingerprint(pack, conditioning, latent):
     assert pack.nodes.map_store.find(lora) == saved
 
 
-def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solver_map, conditioning, latent, full,
-                                                               caplog):
+def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solver_map, conditioning, latent,
+                                                               full, caplog):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
     apply = pack.nodes.apply_hyca.apply_hyca
     blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
     with caplog.at_level(logging.INFO):
-        strict = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.0), *conditioning, latent,
-                                 steps=STEPS, seed=5)
+        strict = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.0), *conditioning,
+                                 latent, steps=STEPS, seed=5)
     assert torch.equal(strict, full) and _counts(caplog) is None  # zero tolerance: nothing predicted
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        loose = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.5), *conditioning, latent,
-                                steps=STEPS, seed=5)
+        loose = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.5), *conditioning,
+                                latent, steps=STEPS, seed=5)
     computed, predicted = _counts(caplog)
     assert computed + predicted == STEPS * blocks and predicted > 0
     assert predicted % (blocks - 1) == 0  # a predicted step still computes its first block
@@ -200,13 +206,14 @@ def test_inspector_plots_and_summarizes_and_compares(pack, flux, solver_map, con
     assert "mean 1.000, min 1.000" in same
 
 
-def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_map, conditioning, latent, full):
+def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_map, conditioning, latent,
+                                                             full):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
     apply = pack.nodes.apply_hyca.apply_hyca
     fora = sampling.sample(apply(flux, solver_map, schedule, only=("reuse", "step")), *conditioning, latent,
                            steps=STEPS, seed=5)
-    taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning, latent,
-                             steps=STEPS, seed=5)
+    taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning,
+                             latent, steps=STEPS, seed=5)
     assert not torch.equal(fora, taylor) and not torch.equal(fora, full)
     compiled = pack.hyca_core.solver_map.SolverMap.compile
     step_sigmas = solver_map.probe_sigmas
@@ -222,8 +229,9 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
                                                    {"samples": latent}, schedule, granularity="model")
     assert list(whole_map.blocks) == ["model.out"] and len(whole_map.blocks["model.out"].labels) == 16
     apply = pack.nodes.apply_hyca.apply_hyca
-    same = sampling.sample(apply(flux, whole_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="model"),
-                           *conditioning, latent, steps=STEPS, seed=5)
+    exact = pack.hyca_core.schedule.Schedule(1, 3)
+    same = sampling.sample(apply(flux, whole_map, exact, granularity="model"), *conditioning, latent,
+                           steps=STEPS, seed=5)
     assert torch.equal(same, full)
     patched = apply(flux, whole_map, schedule, granularity="model")
     assert "patches_replace" not in patched.model_options["transformer_options"]
@@ -231,7 +239,8 @@ def test_whole_model_granularity_caches_the_model_output(pack, flux, conditionin
         out = sampling.sample(patched, *conditioning, latent, steps=STEPS, seed=5)
     assert _counts(caplog) == (7, 13)  # model calls: computed steps 0,1,2,6,10,14,18
     assert not torch.equal(out, full) and latent_psnr(out, full) > 25
-    with pytest.raises(ValueError, match='calibrated with granularity "model", but HyCa Apply is set to "block"'):
+    mismatch = 'calibrated with granularity "model", but HyCa Apply is set to "block"'
+    with pytest.raises(ValueError, match=mismatch):
         apply(flux, whole_map, schedule, granularity="block")  # a whole-model map does not fit per block
 
 
@@ -241,13 +250,15 @@ def test_stack_granularity_caches_one_residual_per_stack(pack, flux, conditionin
                                                    {"samples": latent}, schedule, granularity="stack")
     assert set(stack_map.blocks) == {"double_blocks.img", "double_blocks.txt", "single_blocks.img"}
     apply = pack.nodes.apply_hyca.apply_hyca
-    same = sampling.sample(apply(flux, stack_map, pack.hyca_core.schedule.Schedule(1, 3), granularity="stack"),
-                           *conditioning, latent, steps=STEPS, seed=5)
+    exact = pack.hyca_core.schedule.Schedule(1, 3)
+    same = sampling.sample(apply(flux, stack_map, exact, granularity="stack"), *conditioning, latent,
+                           steps=STEPS, seed=5)
     assert torch.equal(same, full)
     with caplog.at_level(logging.INFO):
         out = sampling.sample(apply(flux, stack_map, schedule, granularity="stack"), *conditioning, latent,
                               steps=STEPS, seed=5)
     assert _counts(caplog) == (28, 52)  # every block of a predicted step is skipped, as per block
     assert not torch.equal(out, full) and latent_psnr(out, full) > 25
-    with pytest.raises(ValueError, match='calibrated with granularity "stack", but HyCa Apply is set to "block"'):
+    mismatch = 'calibrated with granularity "stack", but HyCa Apply is set to "block"'
+    with pytest.raises(ValueError, match=mismatch):
         apply(flux, stack_map, schedule, granularity="block")  # a stack map does not fit per block

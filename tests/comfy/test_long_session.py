@@ -1,12 +1,14 @@
-"""A long session: 200 queued runs on the same HyCa-patched models, as a ComfyUI server keeps them between prompts.
+"""A long session: 200 queued runs on the same HyCa-patched models, as a ComfyUI server keeps them
+between prompts.
 
-Two models (a tiny FLUX given a map, a tiny Wan 2.1 in auto mode that calibrates from its first run long enough),
-each with and without a LoRA, each at N=1 and N=2, sampled in a seeded random order at three resolutions, batch
-1 and 2, CFG 1 and 3, with euler and heun, at several step counts and denoise values, some runs cancelled at a
-random step. Every completed output must be what a fresh clone gives for the same inputs: at N=1, and while auto
-mode has no map, the unpatched model's, bit for bit; otherwise a fresh HyCa Apply's with the same map. After
-every run, completed or not, HyCa holds nothing of it: its run state and every residual history are freed, the
-MODELs' templates are pristine, and each map's compiled schedules stay within their bound.
+Two models (a tiny FLUX given a map, a tiny Wan 2.1 in auto mode that calibrates from its first run long
+enough), each with and without a LoRA, each at N=1 and N=2, sampled in a seeded random order at three
+resolutions, batch 1 and 2, CFG 1 and 3, with euler and heun, at several step counts and denoise values, some
+runs cancelled at a random step. Every completed output must be what a fresh clone gives for the same inputs:
+at N=1, and while auto mode has no map, the unpatched model's, bit for bit; otherwise a fresh HyCa Apply's
+with the same map. After every run, completed or not, HyCa holds nothing of it: its run state and every
+residual history are freed, the MODELs' templates are pristine, and each map's compiled schedules stay within
+their bound.
 
 A shorter session does the same among other nodes: Skip Layer Guidance before and after HyCa, Apply chained
 twice, and schedules that repeat a sigma.
@@ -70,7 +72,8 @@ class Tracker:
         monkeypatch.setattr(apply_run.ApplyRunState, "finish", finishing)
 
     def check_released(self, templates):
-        """Every run state and residual history since the last check is freed; the templates hold no run data."""
+        """Every run state and residual history since the last check is freed; the templates hold no run
+        data."""
         assert self.states and all(ref() is None for ref in self.states)
         assert len(self.histories) == 0
         self.states.clear()
@@ -79,7 +82,8 @@ class Tracker:
 
 
 def _lora(model, seed):
-    """A clone with a LoRA-like weight patch on every attention input projection (ModelPatcher.add_patches)."""
+    """A clone with a LoRA-like weight patch on every attention input projection
+    (ModelPatcher.add_patches)."""
     generator = torch.Generator().manual_seed(seed)
     weights = model.model.state_dict()
     patches = {k: (torch.randn(weights[k].shape, generator=generator) * 0.02,)
@@ -99,8 +103,8 @@ def _sample(model, conditioning, latent, steps, cfg, sampler, seed, denoise, can
             raise comfy.model_management.InterruptProcessingException()
 
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", *conditioning, latent, denoise=denoise,
-                               disable_pbar=True, seed=seed, callback=callback)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, "simple", *conditioning, latent,
+                               denoise=denoise, disable_pbar=True, seed=seed, callback=callback)
 
 
 def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
@@ -127,7 +131,8 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
             variants[name, lora] = _lora(model, seed=len(variants)) if lora else model
             for interval in (1, N):
                 given = flux_map if name == "flux" else None  # Wan: auto mode
-                session[name, lora, interval] = apply_hyca(variants[name, lora], given, Schedule(interval, WARMUP))
+                session[name, lora, interval] = apply_hyca(variants[name, lora], given,
+                                                           Schedule(interval, WARMUP))
     templates = [patched.model_options["transformer_options"]["hyca"] for patched in session.values()]
     sources = {template.source for template in templates}
 
@@ -174,13 +179,14 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
 
     assert counts["calibrated"] == 2  # the two Wan Applies at N=2, each from its own first run long enough
     assert counts["cancelled"] > 10 and counts["predicting"] > 50, counts
-    assert any(len(s._compiled) == pack.nodes.map_source.COMPILED_KEPT for s in sources)  # the bound was reached
+    # the bound was reached
+    assert any(len(s._compiled) == pack.nodes.map_source.COMPILED_KEPT for s in sources)
     compiled = sum(t.nbytes for s in sources for c in s._compiled.values() for table in c.tables.values()
                    for t in table.values())
     logging.getLogger(__name__).warning(
-        "measured: %d runs (%s), %d references; residual histories at most %.1f KB in one run, %.1f KB live at "
-        "once, 0 after every run; compiled maps held at the end %.1f KB", RUNS, counts, len(references),
-        tracker.peak_run / 1024, tracker.peak_held / 1024, compiled / 1024)
+        "measured: %d runs (%s), %d references; residual histories at most %.1f KB in one run, "
+        "%.1f KB live at once, 0 after every run; compiled maps held at the end %.1f KB",
+        RUNS, counts, len(references), tracker.peak_run / 1024, tracker.peak_held / 1024, compiled / 1024)
 
 
 def test_a_long_session_among_other_nodes(pack, monkeypatch):

@@ -160,8 +160,9 @@ def test_skip_layer_guidance_simple_keeps_its_window_apart(pack, flux, solver_ma
 
 
 def _weakened_text_guidance(model):
-    """A guidance trick as a node would build it with ComfyUI's own mechanisms: after CFG, a second conditional
-    pass at the step's sigma whose text stream a "post_input" patch weakens, pushed away from."""
+    """A guidance trick as a node would build it with ComfyUI's own mechanisms: after CFG, a second
+    conditional pass at the step's sigma whose text stream a "post_input" patch weakens, pushed away
+    from."""
     import comfy.samplers
 
     def weaken(inputs):
@@ -182,10 +183,12 @@ def _weakened_text_guidance(model):
 
 
 def test_a_guidance_pass_with_list_patches_caches_apart(pack, flux, solver_map, conditioning):
-    """Not only replacement patches: a pass that adds a patch to a list (here "post_input") is another's too."""
+    """Not only replacement patches: a pass that adds a patch to a list (here "post_input") is another's
+    too."""
     full = _sample(_weakened_text_guidance(flux), conditioning)
     assert not torch.equal(full, _sample(flux, conditioning))
-    assert torch.equal(_sample(_weakened_text_guidance(_apply(pack, flux, solver_map, 1)), conditioning), full)
+    exact = _weakened_text_guidance(_apply(pack, flux, solver_map, 1))
+    assert torch.equal(_sample(exact, conditioning), full)
     patched = _weakened_text_guidance(_apply(pack, flux, solver_map))
     audit = HistoryAudit(pack, patched, extra=lambda options, _: "post_input" in options.get("patches", {}))
     out = _sample(patched, conditioning)

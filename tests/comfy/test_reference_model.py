@@ -108,7 +108,8 @@ def test_its_solver_map_ships_in_calibrations_and_is_found(pack, model):
     found = pack.nodes.map_store.find(model)
     assert found is not None and found.parent == pack.nodes.map_store.SHIPPED
     solver_map = pack.hyca_core.solver_map.SolverMap.load(found)
-    solver_map.check_fits(pack.nodes.patching.model_architecture(model), pack.nodes.patching.block_widths(model))
+    patching = pack.nodes.patching
+    solver_map.check_fits(patching.model_architecture(model), patching.block_widths(model))
 
 
 def test_default_hyca_beats_fewer_steps_and_uniform_taylor(pack, model):
@@ -119,17 +120,20 @@ def test_default_hyca_beats_fewer_steps_and_uniform_taylor(pack, model):
     interval, steps = 6, 50
     labels = list(range(reference_data.NUM_CLASSES))
     node = pack.nodes.apply_node.HyCaApply
-    defaults = {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
+    defaults = {i.id: i.default for i in node.define_schema().inputs
+                if getattr(i, "default", None) is not None}
 
     def output(patched, sampler="euler", count=steps):
-        return reference_model.decode(reference_model.sample(patched, labels, seed=100, steps=count, sampler=sampler))
+        sampled = reference_model.sample(patched, labels, seed=100, steps=count, sampler=sampler)
+        return reference_model.decode(sampled)
 
     full = output(model)
     (hyca,) = node.execute(model, **{**defaults, "interval": interval}).result
-    schedule = pack.hyca_core.schedule.Schedule(interval=interval)  # the warm-up HyCa Apply runs (no map given)
+    # the warm-up HyCa Apply runs (no map given)
+    schedule = pack.hyca_core.schedule.Schedule(interval=interval)
     taylor = pack.nodes.apply_hyca.apply_hyca(model, None, schedule, fitted=False, only=("taylor1", "step"))
     computed = int(schedule.mask(steps).sum())
-    quality = {name: latent_psnr(out, full) for name, out in
-               (("hyca", output(hyca)), ("taylor", output(taylor)), ("fewer", output(model, "dpmpp_2m", computed)))}
+    outputs = {"hyca": output(hyca), "taylor": output(taylor), "fewer": output(model, "dpmpp_2m", computed)}
+    quality = {name: latent_psnr(out, full) for name, out in outputs.items()}
     assert quality["hyca"] >= quality["fewer"] + 1.0, quality
     assert quality["hyca"] >= quality["taylor"] + 1.5, quality

@@ -80,8 +80,8 @@ def test_a_bad_saved_map_warns_and_calibrates_a_new_one(pack, store, conditionin
     model = tiny_models.build(FLUX, seed=51)  # its own base weights: its own saved map
     if damage == "other width":  # a map with this model's fingerprint, of a model twice as wide
         wide = tiny_models.build(dict(FLUX, hidden_size=128, num_heads=8), seed=51)
-        (saved,) = store.save_for(dataclasses.replace(sampling.probe_map(pack, wide, conditioning, LATENT, N, WARMUP),
-                                                      fingerprint=store.fingerprint(model)))
+        wide_map = sampling.probe_map(pack, wide, conditioning, LATENT, N, WARMUP)
+        (saved,) = store.save_for(dataclasses.replace(wide_map, fingerprint=store.fingerprint(model)))
         reason = r"blocks \['double_block.0', 'single_block.0'\] have width 64, map has 128"
     else:
         solver_map = sampling.probe_map(pack, model, conditioning, LATENT, N, WARMUP)
@@ -133,8 +133,8 @@ def test_a_map_that_does_not_fit_passed_explicitly_stops_apply_with_the_reason(p
                                                  {"samples": torch.zeros(1, 16, 1, 8, 8)},
                                                  pack.hyca_core.schedule.Schedule(N, WARMUP))
     node = pack.nodes.apply_node.HyCaApply
-    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=True,
-                  granularity="block", history_dtype="auto", offload_history=False)
+    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
+                  fitted=True, granularity="block", history_dtype="auto", offload_history=False)
     MapError = pack.hyca_core.solver_map.MapError
     message = "map is for comfy.ldm.wan.model.WanModel, model is comfy.ldm.flux.model.Flux: calibrate one"
     with pytest.raises(MapError, match=message):
@@ -216,8 +216,8 @@ def _computing(pack, patched, unit, steps=None):
     return patched
 
 
-def test_inf_weights_everywhere_give_full_compute_counted_and_logged_once(pack, flux, solver_map, conditioning,
-                                                                           caplog):
+def test_inf_weights_everywhere_give_full_compute_counted_and_logged_once(pack, flux, solver_map,
+                                                                           conditioning, caplog):
     patched = _poison(pack, _apply(pack, flux, solver_map), lambda unit, step: True)
     with caplog.at_level(logging.INFO):
         out = _sample(patched, conditioning)
@@ -229,7 +229,8 @@ def test_inf_weights_everywhere_give_full_compute_counted_and_logged_once(pack, 
 
 
 @pytest.mark.parametrize("unit, step", [("double_block.0", 4), ("single_block.0", 8)])
-def test_inf_weights_for_one_unit_compute_that_unit_only(pack, flux, solver_map, conditioning, caplog, unit, step):
+def test_inf_weights_for_one_unit_compute_that_unit_only(pack, flux, solver_map, conditioning, caplog, unit,
+                                                         step):
     patched = _poison(pack, _apply(pack, flux, solver_map), lambda u, s: (u, s) == (unit, step))
     with caplog.at_level(logging.INFO):
         out = _sample(patched, conditioning)
@@ -274,11 +275,13 @@ def test_whole_model_granularity_falls_back_too(pack, flux, conditioning, caplog
 # 4. Isolation, faults included
 
 
-def test_a_faulty_clone_leaves_its_siblings_and_the_model_untouched(pack, flux, solver_map, conditioning, caplog):
+def test_a_faulty_clone_leaves_its_siblings_and_the_model_untouched(pack, flux, solver_map, conditioning,
+                                                                    caplog):
     other_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, steps=16, sampler="dpmpp_2m")
     fresh = {"a": _sample(_apply(pack, flux, solver_map), conditioning),
              "b": _sample(_apply(pack, flux, other_map, interval=3), conditioning),
-             "unpatched": _sample(tiny_models.build(FLUX, seed=1), conditioning)}  # same weights, never patched
+             # same weights, never patched
+             "unpatched": _sample(tiny_models.build(FLUX, seed=1), conditioning)}
     clones = {"faulty": _poison(pack, _apply(pack, flux, solver_map), lambda unit, step: True),
               "a": _apply(pack, flux, solver_map), "b": _apply(pack, flux, other_map, interval=3),
               "unpatched": flux}
@@ -324,7 +327,8 @@ def test_auto_mode_at_interval_1_never_calibrates(pack, store, conditioning, cap
         caplog.clear()
         with caplog.at_level(logging.INFO):
             assert torch.equal(_sample(patched, conditioning), _sample(model, conditioning))
-        assert f"{SHORT} {STEPS}-step run (at N=1 with a warm-up of {WARMUP} it predicts no step)" in caplog.text
+        assert (f"{SHORT} {STEPS}-step run (at N=1 with a warm-up of {WARMUP} it predicts no step)"
+                in caplog.text)
         assert store.find(model) is None
 
 
@@ -350,7 +354,8 @@ MISMATCHES = {
 @pytest.mark.parametrize("name", list(MISMATCHES))
 def test_maps_serve_other_step_counts_and_samplers(pack, flux, conditioning, caplog, name):
     probe_steps, probe_sampler, steps, sampler, bound = MISMATCHES[name]
-    solver_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, steps=probe_steps, sampler=probe_sampler)
+    solver_map = sampling.probe_map(pack, flux, conditioning, LATENT, N, WARMUP, steps=probe_steps,
+                                    sampler=probe_sampler)
     full = _sample(flux, conditioning, steps=steps, sampler=sampler)
     with caplog.at_level(logging.INFO):
         out = _sample(_apply(pack, flux, solver_map), conditioning, steps=steps, sampler=sampler)

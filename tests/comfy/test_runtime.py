@@ -14,8 +14,10 @@ def test_tiny_flux_samples_20_steps_through_comfy_sampler():
     assert isinstance(patcher.model.diffusion_model, comfy.ldm.flux.model.Flux)
 
     calls = []
-    patcher.set_model_unet_function_wrapper(lambda apply, args: calls.append(args["timestep"]) or apply(args["input"], args["timestep"], **args["c"]))
-    positive, negative = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"], tiny_models.FLUX["vec_in_dim"])
+    patcher.set_model_unet_function_wrapper(lambda apply, args: calls.append(args["timestep"])
+                                            or apply(args["input"], args["timestep"], **args["c"]))
+    positive, negative = sampling.flux_conditioning(tiny_models.FLUX["context_in_dim"],
+                                                    tiny_models.FLUX["vec_in_dim"])
     latent = torch.zeros(1, 16, 16, 16)
     out = sampling.sample(patcher, positive, negative, latent, steps=20, seed=3)
 

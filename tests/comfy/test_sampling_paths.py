@@ -39,8 +39,8 @@ def _report(text, *args):
     logging.getLogger(__name__).warning("measured: " + text, *args)
 
 
-def _sample(model, positive, negative, latent, steps=STEPS, cfg=1.0, sampler="euler", scheduler="simple", seed=5,
-            denoise=1.0, callback=None):
+def _sample(model, positive, negative, latent, steps=STEPS, cfg=1.0, sampler="euler", scheduler="simple",
+            seed=5, denoise=1.0, callback=None):
     """comfy.sample.sample as KSampler calls it (noise from the seed), with an optional sampler callback."""
     import comfy.sample
 
@@ -73,7 +73,8 @@ class Watch:
     """
 
     def __init__(self, pack, patched):
-        self.current_call, self.state_key = pack.nodes.run_state.current_call, pack.nodes.run_state.OPTIONS_KEY
+        run_state = pack.nodes.run_state
+        self.current_call, self.state_key = run_state.current_call, run_state.OPTIONS_KEY
         self.history_key = f"{FIRST[0]}.{FIRST[1]}.img"
         replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         self.counts = {key: [0, 0] for key in replaced}
@@ -159,7 +160,8 @@ def _positions(sampler, steps):
 
 # name: PSNR bound at N=2; measured heun 70.4, dpmpp_2s_ancestral 73.7, dpmpp_2m 68.9, dpmpp_2m_sde 60.8,
 # uni_pc 69.3, euler img2img 67.8 dB
-SAMPLERS = {"heun": 65, "dpmpp_2s_ancestral": 68, "dpmpp_2m": 63, "dpmpp_2m_sde": 55, "uni_pc": 64, "img2img": 62}
+SAMPLERS = {"heun": 65, "dpmpp_2s_ancestral": 68, "dpmpp_2m": 63, "dpmpp_2m_sde": 55, "uni_pc": 64,
+            "img2img": 62}
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))
@@ -182,7 +184,8 @@ def test_decisions_follow_the_sigma_schedule(pack, flux, solver_map, conditionin
         out = run(patched)
     (sigmas,) = watch.sample_sigmas
     assert len(sigmas) == STEPS + 1
-    assert float(sigmas[-1]) == pytest.approx(0.001 if sampler == "uni_pc" else 0.0)  # uni_pc writes 0.001 over it
+    # uni_pc writes 0.001 over it
+    assert float(sigmas[-1]) == pytest.approx(0.001 if sampler == "uni_pc" else 0.0)
     if denoise < 1:  # img2img: the run's schedule is the tail of a longer one, and HyCa's steps count on it
         assert float(sigmas[0]) < 0.9
     expected = _check_calls(watch, _mask(pack, STEPS), _positions(sampler, STEPS), blocks)
@@ -246,10 +249,13 @@ def test_every_comfyui_sampler_predicts_on_its_steps(pack, flux, solver_map, con
 def _split_negative():
     """A negative prompt of 41 tokens: with the positive's 8 they cannot share a batch (ComfyUI pads
     cross-attention only up to 4x), so calc_cond_batch runs cond and uncond as two model calls."""
-    return sampling.text_conditioning(FLUX["context_in_dim"], tokens=41, seed=9, pooled_dim=FLUX["vec_in_dim"])[1]
+    _, negative = sampling.text_conditioning(FLUX["context_in_dim"], tokens=41, seed=9,
+                                             pooled_dim=FLUX["vec_in_dim"])
+    return negative
 
 
-# name: (cfg, latent batch, split negative, model_options, calls per step, branches, batch per call, PSNR bound)
+# name: (cfg, latent batch, split negative, model_options, calls per step, branches, batch per call,
+#        PSNR bound)
 # PSNR at N=2 measured: cfg-batched 63.6, cfg-split 64.5, cfg-1-unoptimized 70.5, batch-2 70.5 dB
 BRANCHES = {
     "cfg-batched": (3.0, 1, False, {}, 1, 1, 2, 58),
@@ -292,7 +298,8 @@ def test_conditioning_branches_and_batches(pack, flux, solver_map, conditioning,
     assert not torch.equal(out, full) and psnr > bound
 
 
-def test_shape_batch_and_prompt_changes_between_runs_never_reuse_residuals(pack, flux, solver_map, conditioning):
+def test_shape_batch_and_prompt_changes_between_runs_never_reuse_residuals(pack, flux, solver_map,
+                                                                            conditioning):
     other_prompt = sampling.flux_conditioning(FLUX["context_in_dim"], FLUX["vec_in_dim"], tokens=12, seed=3)
     runs = {
         "base": (conditioning, torch.zeros(LATENT)),
@@ -355,7 +362,8 @@ def test_cancelled_run_leaves_nothing_behind(pack, flux, solver_map, conditionin
 def test_cancelled_calibrating_run_calibrates_nothing(pack, conditioning):
     import comfy.model_management
 
-    model = tiny_models.build(FLUX, seed=31)  # a base model no map exists for: Apply calibrates on its first run
+    # a base model no map exists for: Apply calibrates on its first run
+    model = tiny_models.build(FLUX, seed=31)
     map_store = pack.nodes.map_store
     patched = _apply(pack, model, None)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
@@ -371,7 +379,8 @@ def test_cancelled_calibrating_run_calibrates_nothing(pack, conditioning):
 def test_patched_clones_and_the_unpatched_model_never_share_state(pack, flux, solver_map, conditioning):
     Schedule = pack.hyca_core.schedule.Schedule
     other_map, _ = pack.nodes.calibrate_node.probe(flux, 1, 16, 1.0, "dpmpp_2m", "simple", *conditioning,
-                                                   {"samples": torch.zeros(LATENT)}, Schedule(3, 3), clusters=4)
+                                                   {"samples": torch.zeros(LATENT)}, Schedule(3, 3),
+                                                   clusters=4)
     settings = {"a": (solver_map, 2, 2), "b": (other_map, 3, 3)}
     latent = torch.zeros(LATENT)
 
@@ -465,7 +474,8 @@ def test_short_schedules(pack, flux, solver_map, conditioning, name):
     watch = Watch(pack, patched)
     out = run(patched)
     mask = _mask(pack, steps, interval, warmup)
-    assert float(watch.sample_sigmas[0][-1]) == 0.0  # the sampler's last step goes to sigma 0, never evaluated
+    # the sampler's last step goes to sigma 0, never evaluated
+    assert float(watch.sample_sigmas[0][-1]) == 0.0
     _check_calls(watch, mask, list(range(steps)), blocks)
     assert mask.sum() < steps
     psnr = latent_psnr(out, full)
@@ -496,12 +506,14 @@ def test_step_count_changes_between_runs(pack, flux, solver_map, conditioning, c
         watch.reset()
         out = _sample(patched, *conditioning, latent, steps=steps)
         _check_calls(watch, _mask(pack, steps), list(range(steps)), blocks)
-        assert torch.equal(out, _sample(_apply(pack, flux, solver_map), *conditioning, latent, steps=steps)), steps
+        fresh = _sample(_apply(pack, flux, solver_map), *conditioning, latent, steps=steps)
+        assert torch.equal(out, fresh), steps
     caplog.clear()
     with caplog.at_level(logging.INFO):
         for steps in (20, 12):
             _sample(patched, *conditioning, latent, steps=steps)
-    assert not re.search(r"HyCa: \d+ steps, \d+ computed", caplog.text)  # both schedules were compiled already
+    # both schedules were compiled already
+    assert not re.search(r"HyCa: \d+ steps, \d+ computed", caplog.text)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -529,13 +541,15 @@ def test_wan22_two_stages_each_with_its_own_map(pack, caplog):
     high, low = (tiny_models.build(tiny_models.WAN21_T2V, seed=seed) for seed in (41, 42))
     positive, negative = sampling.text_conditioning(tiny_models.WAN21_T2V["text_dim"])
     latent = torch.zeros(WAN_LATENT)
-    maps = [pack.nodes.calibrate_node.probe(model, 5, WAN_STEPS, WAN_CFG, "euler", "simple", positive, negative,
-                                            {"samples": latent}, Schedule(N, WARMUP))[0] for model in (high, low)]
+    maps = [pack.nodes.calibrate_node.probe(model, 5, WAN_STEPS, WAN_CFG, "euler", "simple", positive,
+                                            negative, {"samples": latent}, Schedule(N, WARMUP))[0]
+            for model in (high, low)]
     assert maps[0].fingerprint != maps[1].fingerprint
     leftover, full = _two_stage(high, low, positive, negative, latent)
 
     exact = [_apply(pack, model, m, interval=1) for model, m in zip((high, low), maps)]
-    assert all(torch.equal(a, b) for a, b in zip(_two_stage(*exact, positive, negative, latent), (leftover, full)))
+    exact_stages = _two_stage(*exact, positive, negative, latent)
+    assert all(torch.equal(a, b) for a, b in zip(exact_stages, (leftover, full)))
 
     patched = [_apply(pack, model, m) for model, m in zip((high, low), maps)]
     watches = [Watch(pack, p) for p in patched]
@@ -544,7 +558,8 @@ def test_wan22_two_stages_each_with_its_own_map(pack, caplog):
         _, out = _two_stage(*patched, positive, negative, latent)
     blocks = tiny_models.WAN21_T2V["num_layers"]
     stage_steps = (WAN_SWITCH, WAN_STEPS - WAN_SWITCH)
-    logged = [tuple(int(x) for x in c) for c in re.findall(r"(\d+) block calls computed, (\d+) predicted", caplog.text)]
+    logged = [tuple(int(x) for x in c)
+              for c in re.findall(r"(\d+) block calls computed, (\d+) predicted", caplog.text)]
     for watch, steps, counts in zip(watches, stage_steps, logged, strict=True):
         (sigmas,) = watch.sample_sigmas
         assert len(sigmas) == steps + 1
@@ -649,10 +664,12 @@ def test_workflow_through_comfyui_executor(pack, monkeypatch, caplog):
         "6": {"class_type": "HyCaApply", "inputs": _inputs(
             "HyCaApply", model=["1", 0], interval=N, warmup=WARMUP, solver_map=["5", 0])},
         "7": {"class_type": "KSampler", "inputs": _inputs(
-            "KSampler", model=["6", 0], positive=["2", 0], negative=["3", 0], latent_image=["4", 0], denoise=1.0,
-            **sampling_args)},
-        "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": "hyca_test/hyca"}},
-        "9": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 1], "filename_prefix": "hyca_test/probe"}},
+            "KSampler", model=["6", 0], positive=["2", 0], negative=["3", 0], latent_image=["4", 0],
+            denoise=1.0, **sampling_args)},
+        "8": {"class_type": "SaveLatent",
+              "inputs": {"samples": ["7", 0], "filename_prefix": "hyca_test/hyca"}},
+        "9": {"class_type": "SaveLatent",
+              "inputs": {"samples": ["5", 1], "filename_prefix": "hyca_test/probe"}},
         "10": {"class_type": "HyCaSolverInspector", "inputs": {"solver_map": ["5", 0]}},
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["10", 0]}},
         "12": {"class_type": "PreviewAny", "inputs": {"source": ["10", 1]}},
@@ -685,7 +702,8 @@ def test_workflow_through_comfyui_executor(pack, monkeypatch, caplog):
     # the probe is full compute: the same sampling of the loaded model without HyCa, bit for bit
     empty = nodes.EmptyLatentImage().generate(128, 128, 1)[0]
     positive, negative = _TestConditioning().encode(1)[0], _TestConditioning().encode(2)[0]
-    (reference,) = nodes.common_ksampler(loaded, seed, steps, cfg, "euler", "simple", positive, negative, empty)
+    (reference,) = nodes.common_ksampler(loaded, seed, steps, cfg, "euler", "simple", positive, negative,
+                                         empty)
     assert torch.equal(probe, reference["samples"])
     counts = _logged_counts(caplog.text)
     mask = _mask(pack, steps)

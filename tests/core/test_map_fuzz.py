@@ -35,10 +35,11 @@ from hyca_core.trajectories import Trajectory
 from harness.synthetic import flow_sigmas, mixture
 
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL", "F8_E4M3"]
+DTYPES = ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL",
+          "F8_E4M3"]
 TEXT = st.sampled_from(["", "1", "null", "[]", "{}", "1e999", "NaN", '"x"', '["double_block.0.img"]',
-                        '{"interval": 2, "warmup": 2}', '{"interval": -1}', '{"interval": true}', "[" * 10_000,
-                        "../../x", "\x00", "é"]) | st.text(max_size=40)
+                        '{"interval": 2, "warmup": 2}', '{"interval": -1}', '{"interval": true}',
+                        "[" * 10_000, "../../x", "\x00", "é"]) | st.text(max_size=40)
 NUMPY_DTYPES = [np.float64, np.float32, np.float16, np.int64, np.int32, np.int16, np.uint8, np.bool_]
 SPECIAL_FLOATS = [np.nan, np.inf, -np.inf, 3e38, -1.0, 0.0]
 SPECIAL_INTS = [-1, 2**31 - 1, 99, 0]
@@ -105,7 +106,8 @@ def header_edits(draw) -> bytes:
         elif edit == "shape":  # any shape, huge ones included
             entry["shape"] = draw(st.lists(st.integers(0, 2**40), max_size=4))
         elif edit == "offsets":
-            entry["data_offsets"] = sorted(draw(st.lists(st.integers(0, len(body) + 64), min_size=2, max_size=2)))
+            offsets = st.lists(st.integers(0, len(body) + 64), min_size=2, max_size=2)
+            entry["data_offsets"] = sorted(draw(offsets))
         elif edit == "swap":  # two entries trade their data: both consistent, each in the other's place
             other = header.get(draw(st.sampled_from(names)))
             if other is not None:
@@ -147,7 +149,8 @@ def content_edits(draw) -> bytes:
             tensors[name] = np.ones(shape, dtype=tensors[name].dtype)
         elif edit == "value" and tensors[name].size:
             flat = tensors[name].reshape(-1)
-            value = np.array(draw(st.sampled_from(SPECIAL_FLOATS if flat.dtype.kind == "f" else SPECIAL_INTS)))
+            specials = SPECIAL_FLOATS if flat.dtype.kind == "f" else SPECIAL_INTS
+            value = np.array(draw(st.sampled_from(specials)))
             with np.errstate(all="ignore"):  # an out-of-range id wraps in a narrower type: still hostile
                 flat[draw(st.integers(0, flat.size - 1))] = value.astype(flat.dtype)
         elif edit == "swap":
@@ -156,7 +159,8 @@ def content_edits(draw) -> bytes:
         elif edit == "drop" and len(tensors) > 1:
             del tensors[name]
         elif edit == "extra":
-            tensors[draw(st.sampled_from(["extra", "x/labels", name.replace("double", "triple")]))] = np.zeros(3)
+            extra_name = draw(st.sampled_from(["extra", "x/labels", name.replace("double", "triple")]))
+            tensors[extra_name] = np.zeros(3)
     return safetensors.numpy.save(tensors, metadata=meta)
 
 

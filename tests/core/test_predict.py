@@ -136,7 +136,8 @@ def test_predict_into_out_and_validation():
     out = torch.empty(4, 6)
     assert predict(history, coeffs, out) is out
     # arbitrary weights may cancel: the bound is relative to the terms, not the result
-    assert ((out.double() - naive(history, coeffs)).abs() <= 8 * torch.finfo().eps * scale(history, coeffs)).all()
+    bound = 8 * torch.finfo().eps * scale(history, coeffs)
+    assert ((out.double() - naive(history, coeffs)).abs() <= bound).all()
     with pytest.raises(ValueError, match="do not match"):
         predict(history, torch.randn(2, 6))
     with pytest.raises(ValueError, match="out must be"):
@@ -364,7 +365,8 @@ def test_fused_predict_falls_back_where_compiling_fails(tmp_path):
         "for _ in range(2):\n"
         "    assert torch.equal(predict(history, weights), eager)\n"
     )
-    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"),
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     run = subprocess.run([sys.executable, "-c", script], env=env, cwd=Path(__file__).parents[2],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr

@@ -127,7 +127,8 @@ def test_coefficients_of_a_single_cluster_map_are_the_solvers_weights():
     mask = uniform_mask(steps, 4)
     for s in (solver("taylor2"), solver("am2"), solver("reuse")):
         single = selection.single(s.id, "sigma", 1)
-        coeffs = selection.coefficients(single, np.zeros(channels, dtype=int), selection.plan_schedule(mask, sigmas))
+        coeffs = selection.coefficients(single, np.zeros(channels, dtype=int),
+                                        selection.plan_schedule(mask, sigmas))
         plan = selection.skip_plan(mask, sigmas, "sigma", s.history)
         assert sorted(coeffs) == [p.step for p in plan]
         for p in plan:
@@ -158,7 +159,8 @@ def test_compact_sample_keeps_the_cluster_grams():
     series = full.series.astype(np.float64)
     np.testing.assert_allclose(np.einsum("cnt,cnu->ctu", series, series), gram,
                                rtol=1e-4, atol=1e-4 * gram.max())
-    assert selection.compact_sample(selection.cluster_gram(values, labels), sigmas, per_cluster=6).series.shape == (4, 6, 20)
+    compact = selection.compact_sample(selection.cluster_gram(values, labels), sigmas, per_cluster=6)
+    assert compact.series.shape == (4, 6, 20)
 
 
 @pytest.mark.parametrize("steps,interval", [(20, 2), (30, 3)])

@@ -94,7 +94,8 @@ def test_a_new_map_gets_the_permissions_of_any_new_file(solver_map, tmp_path):
         (lambda t, m: t["single_block.0.img/solver"].__setitem__(0, 1234), "unknown solver ids"),
         (lambda t, m: t["single_block.0.img/variable"].__setitem__(0, 7), "time variable"),
         (lambda t, m: t.update({"probe_sigmas": np.array([1.0, np.inf, 0.5, 0.2])}), "probe_sigmas"),
-        (lambda t, m: t.update({"double_block.0.txt/errors": np.zeros((2, 2, 2), np.float32)}), "errors table"),
+        (lambda t, m: t.update({"double_block.0.txt/errors": np.zeros((2, 2, 2), np.float32)}),
+         "errors table"),
         (lambda t, m: m.update(blocks="not json"), "'blocks' is not valid JSON"),
         (lambda t, m: m.update(blocks="[" * 100_000 + "]" * 100_000), "'blocks' is not valid JSON"),
         (lambda t, m: m.update(blocks='["a/b.img"]'), "block list"),
@@ -106,11 +107,14 @@ def test_a_new_map_gets_the_permissions_of_any_new_file(solver_map, tmp_path):
         (lambda t, m: m.update(info="[]"), "not a JSON object"),
         (lambda t, m: m.update(architecture="../../evil"), "not a class path"),
         (lambda t, m: m.update(fingerprint="../x"), "not a hex digest"),
-        (lambda t, m: t.update({"double_block.0.img/labels": t["double_block.0.img/labels"].astype(np.int64)}),
+        (lambda t, m: t.update({"double_block.0.img/labels":
+                                t["double_block.0.img/labels"].astype(np.int64)}),
          "is I64, expected I32"),
-        (lambda t, m: t.update({"single_block.0.img/series": t["single_block.0.img/series"].astype(np.float16)}),
+        (lambda t, m: t.update({"single_block.0.img/series":
+                                t["single_block.0.img/series"].astype(np.float16)}),
          "is F16, expected F32"),
-        (lambda t, m: t.update({"single_block.0.img/solver": t["single_block.0.img/solver"].view(np.float32)}),
+        (lambda t, m: t.update({"single_block.0.img/solver":
+                                t["single_block.0.img/solver"].view(np.float32)}),
          "is F32, expected I32"),
         (lambda t, m: t.update({"double_block.0.img/labels": t["double_block.0.img/labels"].reshape(8, 8)}),
          "expected 1 dimensions"),

@@ -87,7 +87,8 @@ def test_archive_holds_the_package_and_drops_development_files(published_files):
     for folder in ("nodes", "hyca_core"):
         sources = {p.relative_to(REPO).as_posix() for p in (REPO / folder).glob("*.py")}
         assert sources <= files, sources - files
-    assert {f"web/docs/{node}.md" for node in ("HyCaCalibrate", "HyCaCacheSpeedUp", "HyCaApply", "HyCaSolverInspector")} <= files
+    documented = ("HyCaCalibrate", "HyCaCacheSpeedUp", "HyCaApply", "HyCaSolverInspector")
+    assert {f"web/docs/{node}.md" for node in documented} <= files
     assert any(path.startswith("example_workflows/") and path.endswith(".json") for path in files)
     dropped = (
         "tests/",

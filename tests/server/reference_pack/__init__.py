@@ -19,8 +19,9 @@ _repo = os.environ["HYCA_TEST_REPO"]
 if _repo not in sys.path:
     sys.path.append(_repo)
 
-from harness import reference_model
-from harness.reference_data import NUM_CLASSES
+# After the sys.path line above: harness is importable only from the repository root it appends.
+from harness import reference_model  # noqa: E402
+from harness.reference_data import NUM_CLASSES  # noqa: E402
 
 
 class ReferenceClassConditioning:
