@@ -382,7 +382,7 @@ def test_node_documentation_opens_from_the_node_library(page):
     )
     page.eval(f"document.querySelector(\"li[aria-label='{title}'] button.help-button\").click(); true")
     doc = (REPO / "web" / "docs" / "HyCaApply.md").read_text()
-    sentence = next(line for line in doc.splitlines() if line.startswith("Every setting of"))
+    sentence = next(line for line in doc.splitlines() if line.startswith("Like HyCa Apply it computes"))
     page.wait_for(
         f"document.body.innerText.includes({json.dumps(sentence.split(':')[0])})",
         what="web/docs/HyCaApply.md rendered in the documentation panel",
