@@ -18,10 +18,14 @@ Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under
 ``summary.txt`` and ``.png`` (``summary-quick``): HyCa's margins per model and N, from every model's
 latest results file there (benchmarks/quality/summary.py).
 
-    .venv/bin/python benchmarks/bench_quality.py                  # every model, the whole benchmark
-    .venv/bin/python benchmarks/bench_quality.py --quick          # fewer methods, 16 pairs (a few min a model)
-    .venv/bin/python benchmarks/bench_quality.py --model wan --check-timing   # exit 1 if a speed-up beats its bound
-    .venv/bin/python benchmarks/bench_quality.py --quick --summary-only       # the summary of the files there
+    # every model, the whole benchmark
+    .venv/bin/python benchmarks/bench_quality.py
+    # fewer methods, 16 pairs (a few min a model)
+    .venv/bin/python benchmarks/bench_quality.py --quick
+    # exit 1 if a speed-up beats its bound
+    .venv/bin/python benchmarks/bench_quality.py --model wan --check-timing
+    # the summary of the files there
+    .venv/bin/python benchmarks/bench_quality.py --quick --summary-only
 """
 
 from __future__ import annotations
@@ -53,22 +57,24 @@ def parse(argv):
     parser.add_argument("--quick", action="store_true", help="fewer methods and thresholds, 16 pairs, the "
                         "main table at the trained size only")
     parser.add_argument("--weights", type=Path, help="the model's weights file (with a single --model)")
-    parser.add_argument("--classifier", type=Path, help="its classifier's weights file (with a single --model)")
+    parser.add_argument("--classifier", type=Path,
+                        help="its classifier's weights file (with a single --model)")
     parser.add_argument("--pairs", type=int, help="evaluation (class, seed) pairs (32; quick 16)")
     parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px, the trained one first "
                         "(default: the model's)")
     parser.add_argument("--rounds", type=int, help="timed runs per method, interleaved (median; default 3)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (1: on a shared 2-core machine one thread is faster and steadier)")
+                        help="torch threads (1: on a shared 2-core machine one thread is faster and "
+                             "steadier)")
     parser.add_argument("--check-timing", action="store_true",
-                        help="exit with status 1 if a wall-clock speed-up exceeds its Amdahl bound by more than "
-                             "the measured noise")
+                        help="exit with status 1 if a wall-clock speed-up exceeds its Amdahl bound by more "
+                             "than the measured noise")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: rewrite the summary from the results files already in --out")
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
-                        help="only the overhead target: HyCa (defaults) and FORA at each N, ROUNDS back-to-back "
-                             "pairs (median ratio), written to overhead-<model>.txt")
+                        help="only the overhead target: HyCa (defaults) and FORA at each N, ROUNDS "
+                             "back-to-back pairs (median ratio), written to overhead-<model>.txt")
     args = parser.parse_args(argv)
     args.model = args.model or sorted(MODELS)
     if (args.weights or args.classifier) and len(args.model) != 1:
@@ -102,13 +108,14 @@ def benchmark(name: str, args, pack) -> bool:
     seeds = tuple(run.EVAL_SEED0 + i for i in range(plan.pairs))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.overhead:
-        run.overhead(bench, methods, [run.Setting(labels, seeds, size) for size in plan.sizes], plan.intervals,
-                     args.overhead)
+        run.overhead(bench, methods, [run.Setting(labels, seeds, size) for size in plan.sizes],
+                     plan.intervals, args.overhead)
         stem(args, "overhead", name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
         return True
 
     say(f"evaluation: {plan.pairs} (class, seed) pairs in one batch: classes i % {spec.classes}, seeds "
-        f"{seeds[0]}..{seeds[-1]}; sizes {', '.join(f'{s} px' for s in plan.sizes)}; {plan.rounds} timed rounds")
+        f"{seeds[0]}..{seeds[-1]}; sizes {', '.join(f'{s} px' for s in plan.sizes)}; "
+        f"{plan.rounds} timed rounds")
     say(report.COLUMNS)
     sections, verdicts, timing_ok = [], [], True
     for index, size in enumerate(plan.sizes):
@@ -122,16 +129,21 @@ def benchmark(name: str, args, pack) -> bool:
         verdicts += [line, report.amdahl_lines(section, plan.intervals)]
         verdicts += report.targets(section, plan.intervals, [s.name for s in pack.hyca_core.solvers.POOL])
     say()
-    say(f"=== HyCa under each sampler (Apply's defaults: fixed solvers, warm-up {run.WARMUP}; map from the euler probe at cfg 1): image PSNR against "
-        f"that sampler's {run.STEPS}-step full compute at the same cfg and size; fewer steps at HyCa's compute ===")
+    say(f"=== HyCa under each sampler (Apply's defaults: fixed solvers, warm-up {run.WARMUP}; "
+        "map from the euler probe at cfg 1): image PSNR against "
+        f"that sampler's {run.STEPS}-step full compute at the same cfg and size; "
+        "fewer steps at HyCa's compute ===")
     matrix = run.sampler_matrix(bench, methods, labels, seeds, plan)
     for line in matrix[:-1]:
         say(line)
     verdicts.append(matrix[-1])
     say()
-    say(f"total benchmark time for {name}: {time.perf_counter() - started:.0f} s, {time.process_time() - cpu:.0f} s "
-        f"of this process's CPU time (load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
+    say(f"total benchmark time for {name}: {time.perf_counter() - started:.0f} s, "
+        f"{time.process_time() - cpu:.0f} s of this process's CPU time "
+        f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
         "other processes share these CPUs)")
+
+
     say()
     say("TARGETS")
     for line in verdicts:

@@ -94,7 +94,8 @@ class Methods:
         methods = [Method(f"HyCa calibrated {kind} N={n} budget", "HyCa calibrated",
                           self.hyca(n, kind == "fitted", placement="calibrated"), n=n,
                           key=(f"calibrated {kind}", n)) for kind in ("fixed", "fitted")]
-        methods.append(Method(f"TaylorSeer on HyCa's calibrated schedule, N={n} budget", "TaylorSeer calibrated",
+        methods.append(Method(f"TaylorSeer on HyCa's calibrated schedule, N={n} budget",
+                              "TaylorSeer calibrated",
                               self.hyca(n, only=("taylorseer2", "step"), placement="calibrated",
                                         warmup=self.pack.hyca_core.solvers.solver("taylorseer2").history),
                               n=n, key=("taylorseer2", "calibrated", n)))
@@ -104,8 +105,9 @@ class Methods:
         return methods
 
     def adaptive(self, n: int, tolerances) -> list[Method]:
-        return [Method(f"HyCa adaptive tol={tol} (N<={2 * n - 1})", "HyCa adaptive", self.hyca(n, tolerance=tol),
-                       key=("adaptive", tol)) for tol in tolerances]
+        return [Method(f"HyCa adaptive tol={tol} (N<={2 * n - 1})", "HyCa adaptive",
+                       self.hyca(n, tolerance=tol), key=("adaptive", tol)) for tol in tolerances]
+
 
     def single_solvers(self, n: int, variables, skip) -> list[Method]:
         """Every pool member alone (the paper's ablation); members that need 4 residuals get a

@@ -16,20 +16,22 @@ from .methods import ABLATION_N, FEWER_STEP_SAMPLERS, STEPS
 CACHE_FAMILIES = ("EasyCache", "EasyCache (input copied)", "LazyCache")
 SINGLE_FAMILIES = ("FORA", "Taylor", "TaylorSeer", "TaylorSeer calibrated", "single solver")
 ORDER = ["HyCa fixed", "HyCa fitted", "HyCa calibrated", "HyCa warm-up 3", "HyCa adaptive", "FORA", "Taylor",
-         "TaylorSeer", "TaylorSeer calibrated", "single solver", *(f"fewer steps {s}" for s in FEWER_STEP_SAMPLERS),
-         "equal time HyCa", "equal time euler", "equal time dpmpp_2m", *CACHE_FAMILIES]
+         "TaylorSeer", "TaylorSeer calibrated", "single solver",
+         *(f"fewer steps {s}" for s in FEWER_STEP_SAMPLERS), "equal time HyCa", "equal time euler",
+         "equal time dpmpp_2m", *CACHE_FAMILIES]
 
 COLUMNS = (
-    "columns: stp = sampler steps; blocks = transformer-block executions, counted by forward hooks in an untimed "
-    "run of its own; compute = full compute's block executions / this; time = median of the timed runs (no hook "
-    "attached; interleaved with full compute and the other methods of its group, order rotated and reversed "
-    "round by round); +- = (slowest - fastest) / median of those runs; wall = full compute's median / this, "
-    "from the same rounds; bound = Amdahl's bound with free prediction, 1 / (outside x model passes kept + inside x "
-    "blocks kept), inside = share of a full run's time inside the blocks (pre/post hooks, its own run); '!' "
-    "marks a wall speed-up above its bound by more than the noise (full compute's +- plus this method's); "
-    "PSNR = image PSNR (dB, per decoded RGB image, peak 1, mean over the batch) and SSIM (Gaussian 11x11, sigma "
-    "1.5) against full compute; cls= = the classifier's argmax agreeing with full compute's; mem MB = HyCa's "
-    "residual-history peak from its own log line (0: no cache, '-': not known)")
+    "columns: stp = sampler steps; blocks = transformer-block executions, counted by forward hooks in an "
+    "untimed run of its own; compute = full compute's block executions / this; time = median of the timed "
+    "runs (no hook attached; interleaved with full compute and the other methods of its group, order rotated "
+    "and reversed round by round); +- = (slowest - fastest) / median of those runs; wall = full compute's "
+    "median / this, from the same rounds; bound = Amdahl's bound with free prediction, 1 / (outside x model "
+    "passes kept + inside x blocks kept), inside = share of a full run's time inside the blocks (pre/post "
+    "hooks, its own run); '!' marks a wall speed-up above its bound by more than the noise (full compute's "
+    "+- plus this method's); PSNR = image PSNR (dB, per decoded RGB image, peak 1, mean over the batch) and "
+    "SSIM (Gaussian 11x11, sigma 1.5) against full compute; cls= = the classifier's argmax agreeing with "
+    "full compute's; mem MB = HyCa's residual-history peak from its own log line (0: no cache, '-': not "
+    "known)")
 HEADER = (f"{'method':<40}{'stp':>4}{'blocks':>7}{'compute':>8}{'time':>8}{'+-':>6}{'wall':>8}{'bound':>7}"
           f"{'PSNR':>8}{'SSIM':>8}{'cls=':>6}{'mem MB':>8}")
 
@@ -92,8 +94,8 @@ class Section:
     def table(self) -> list[str]:
         lines = [f"=== {self.size} px, batch {self.batch}, {STEPS} steps euler/simple, cfg 1 ===", HEADER,
                  row(self.full),
-                 (f"  (a full run spends {self.share:.1%} of its time inside the transformer blocks, timed by "
-                  f"pre/post forward hooks in a run of its own; {1 - self.share:.1%} outside them)")]
+                 (f"  (a full run spends {self.share:.1%} of its time inside the transformer blocks, "
+                  f"timed by pre/post forward hooks in a run of its own; {1 - self.share:.1%} outside them)")]
         for family in ORDER:
             members = self.family(family)
             if members:
@@ -136,7 +138,8 @@ def read_sections(text: str) -> list[Section]:
 
 def hyca_frontier(points: list[Result]) -> list[tuple[float, float]]:
     """Upper-right envelope (compute speed-up, PSNR) of HyCa's points, sorted by speed-up."""
-    pts = sorted(((r.compute_x, r.psnr) for r in points if math.isfinite(r.psnr)), key=lambda p: (-p[0], -p[1]))
+    pts = sorted(((r.compute_x, r.psnr) for r in points if math.isfinite(r.psnr)),
+                 key=lambda p: (-p[0], -p[1]))
     frontier, best = [], -float("inf")
     for x, y in pts:  # from the fastest down: keep points better than every faster one
         if y > best:
@@ -177,9 +180,9 @@ def targets(section: Section, intervals, pool_names) -> list[str]:
     peers = [single[k] for k in (("taylor1", "step", n), ("taylorseer2", "step", n)) if k in single]
     if peers:
         taylor = max(peers, key=lambda r: r.psnr)
-        out.append(f"{tag} N={n}: HyCa best ({best.name}, {best.psnr:.2f} dB) vs uniform Taylor best ({taylor.name}, "
-                   f"{taylor.psnr:.2f} dB): {best.psnr - taylor.psnr:+.2f} dB (target >= +1.5): "
-                   f"{verdict(best.psnr - taylor.psnr >= 1.5)}")
+        out.append(f"{tag} N={n}: HyCa best ({best.name}, {best.psnr:.2f} dB) vs uniform Taylor best "
+                   f"({taylor.name}, {taylor.psnr:.2f} dB): {best.psnr - taylor.psnr:+.2f} dB "
+                   f"(target >= +1.5): {verdict(best.psnr - taylor.psnr >= 1.5)}")
     calibrated = single.get(("taylorseer2", "calibrated", n))
     if calibrated is not None and ("taylorseer2", "step", n) in single:
         out.append(f"{tag} N={n}: (ablation, not a target) TaylorSeer on HyCa's calibrated schedule "
@@ -198,13 +201,13 @@ def targets(section: Section, intervals, pool_names) -> list[str]:
     if len(per_solver) == len(pool_names):
         best_single = max(per_solver.values(), key=lambda r: r.psnr if math.isfinite(r.psnr) else -1e9)
         beaten = [k for k, v in per_solver.items() if not best.psnr > v.psnr]
-        out.append(f"{tag} N={n}: HyCa best vs every single pool solver ({len(per_solver)} solvers, better time "
-                   f"variable each; best single {best_single.name} {best_single.psnr:.2f} dB): margin "
-                   f"{best.psnr - best_single.psnr:+.2f} dB: {verdict(not beaten)}"
+        out.append(f"{tag} N={n}: HyCa best vs every single pool solver ({len(per_solver)} solvers, "
+                   f"better time variable each; best single {best_single.name} {best_single.psnr:.2f} dB): "
+                   f"margin {best.psnr - best_single.psnr:+.2f} dB: {verdict(not beaten)}"
                    + ("" if not beaten else " (not beaten by HyCa: " + ", ".join(beaten) + ")"))
     else:
-        out.append(f"{tag} N={n}: HyCa vs every single pool solver: the ablation ran at the trained size of the "
-                   "whole benchmark only")
+        out.append(f"{tag} N={n}: HyCa vs every single pool solver: the ablation ran at the trained size of "
+                   "the whole benchmark only")
     out += cache_targets(section, tag)
     out += fewer_steps_targets(section, tag, intervals)
     return out
@@ -242,7 +245,8 @@ def cache_targets(section: Section, tag: str) -> list[str]:
 def fewer_steps_targets(section: Section, tag: str, intervals) -> list[str]:
     """HyCa against fewer steps at equal block compute (the target) and at equal measured time."""
     out = []
-    for samplers, what in ((("euler",), "euler"), (("dpmpp_2m", "res_multistep"), "best of dpmpp_2m/res_multistep")):
+    for samplers, what in ((("euler",), "euler"),
+                           (("dpmpp_2m", "res_multistep"), "best of dpmpp_2m/res_multistep")):
         parts, ok = [], True
         for n in intervals:
             h = best_at(section.hyca, n)
@@ -260,8 +264,8 @@ def fewer_steps_targets(section: Section, tag: str, intervals) -> list[str]:
             if h is None or f is None:
                 continue
             margin = section.hyca["fixed", n].psnr - f.psnr
-            parts.append(f"N={n}: HyCa fixed {h.seconds:.2f} s {section.hyca['fixed', n].psnr:.2f} dB vs {sampler} "
-                         f"{f.steps} steps {f.seconds:.2f} s {f.psnr:.2f} dB ({margin:+.2f} dB, "
+            parts.append(f"N={n}: HyCa fixed {h.seconds:.2f} s {section.hyca['fixed', n].psnr:.2f} dB "
+                         f"vs {sampler} {f.steps} steps {f.seconds:.2f} s {f.psnr:.2f} dB ({margin:+.2f} dB, "
                          f"{'HyCa wins' if margin > 0 else 'HyCa LOSES'})")
         out.append(f"{tag} at equal measured time (the {sampler} step count whose time matches HyCa fixed's, "
                    "timed in the same rounds): " + "; ".join(parts))
@@ -273,13 +277,14 @@ def timing_check(section: Section) -> tuple[bool, str]:
     timed = section.timed()
     over = [r for r in timed if r.timing_fails]
     worst = max(timed, key=lambda r: r.wall_x / r.bound)
-    line = (f"[{section.size} px] timing check: every wall-clock speed-up within its Amdahl bound plus the noise "
-            f"(full compute's (slowest - fastest) / median plus the method's, same rounds): {verdict(not over)}; "
-            f"{len(timed)} timed methods, closest to the bound: {worst.name} {worst.wall_x:.2f}x of "
-            f"{worst.bound:.2f}x (noise {worst.noise:.0%}); full compute's runs over the section "
-            f"{section.full.seconds:.2f} s median, spread {section.full.spread:.0%}")
+    line = (f"[{section.size} px] timing check: every wall-clock speed-up within its Amdahl bound plus the "
+            f"noise (full compute's (slowest - fastest) / median plus the method's, same rounds): "
+            f"{verdict(not over)}; {len(timed)} timed methods, closest to the bound: {worst.name} "
+            f"{worst.wall_x:.2f}x of {worst.bound:.2f}x (noise {worst.noise:.0%}); full compute's runs over "
+            f"the section {section.full.seconds:.2f} s median, spread {section.full.spread:.0%}")
     if over:
-        line += "; above it: " + "; ".join(f"{r.name} {r.wall_x:.2f}x > {r.bound:.2f}x (+{r.noise:.0%})" for r in over)
+        line += "; above it: " + "; ".join(f"{r.name} {r.wall_x:.2f}x > {r.bound:.2f}x (+{r.noise:.0%})"
+                                           for r in over)
     return not over, line
 
 
@@ -327,8 +332,9 @@ def matrix_row(r: MatrixRow) -> str:
 
 def matrix_verdict(rows: list[MatrixRow]) -> str:
     losing = [r for r in rows if r.margin <= 0]
-    return (f"HyCa under the user's sampler beats that sampler with fewer steps and the best stock sampler at "
-            f"equal compute in every cell: {verdict(not losing)} ({len(rows) - len(losing)} of {len(rows)} cells)"
+    return (f"HyCa under the user's sampler beats that sampler with fewer steps and the best stock sampler "
+            f"at equal compute in every cell: {verdict(not losing)} "
+            f"({len(rows) - len(losing)} of {len(rows)} cells)"
             + ("" if not losing else "; loses at " + ", ".join(
                 f"cfg {r.cfg:g} {r.size} px {r.sampler} N={r.n} ({r.margin:+.2f} dB)" for r in losing)))
 
@@ -369,8 +375,10 @@ def plot(title: str, sections: list[Section], path: Path) -> None:
         for ax, attr, xlabel in ((row_axes[0], "compute_x", "compute speed-up (counted block executions)"),
                                  (row_axes[1], "wall_x", "wall-clock speed-up (median of interleaved runs)")):
             for family, (color, marker, style) in FAMILY_STYLE.items():
-                pts = [(getattr(r, attr), r.psnr) for r in sorted(section.family(family), key=lambda r: r.compute_x)
-                       if math.isfinite(r.psnr) and math.isfinite(getattr(r, attr))]  # joined in order of compute
+                pts = [(getattr(r, attr), r.psnr)  # joined in order of compute
+                       for r in sorted(section.family(family), key=lambda r: r.compute_x)
+                       if math.isfinite(r.psnr) and math.isfinite(getattr(r, attr))]
+
                 if pts:  # on the wall-clock panel, lines joined in order of compute show the timing noise
                     line = ax.plot(*zip(*pts), marker=marker, linestyle=style, color=color, label=family,
                                    markersize=8 if family.startswith("HyCa") else 6)[0]

@@ -49,9 +49,9 @@ def plan(quick: bool, sizes: tuple[int, ...], pairs: int | None, rounds: int | N
     if quick:
         return Plan(True, pairs or 16, sizes[:1], (3, 6, 8), (), rounds or 3, (0.5,), (0.2,), (), (),
                     False, (ABLATION_N,), sizes[:2])
-    return Plan(False, pairs or 32, sizes, (3, 4, 5, 6, 8), (2, 10), rounds or 3, (0.05, 0.1, 0.25, 0.5, 1.0, 4.0),
-                (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), (0.05, 0.2, 1.0), ("step", "sigma"), True,
-                (3, 6), sizes[:2])
+    return Plan(False, pairs or 32, sizes, (3, 4, 5, 6, 8), (2, 10), rounds or 3,
+                (0.05, 0.1, 0.25, 0.5, 1.0, 4.0), (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), (0.05, 0.2, 1.0),
+                ("step", "sigma"), True, (3, 6), sizes[:2])
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,13 @@ class Bench:
 
         latent = self.spec.latent(len(setting.labels), setting.size)
         # every latent gets the noise a batch-1 KSampler run with its own seed gets
-        noise = torch.cat([comfy.sample.prepare_noise(latent[i:i + 1], s) for i, s in enumerate(setting.seeds)])
+        noise = torch.cat([comfy.sample.prepare_noise(latent[i:i + 1], s)
+                           for i, s in enumerate(setting.seeds)])
         with torch.inference_mode():
             return comfy.sample.sample(
-                model, noise, steps, setting.cfg, sampler, "simple", self.spec.conditioning(list(setting.labels)),
-                self.spec.negative(len(setting.labels)), latent, disable_pbar=True, seed=setting.seeds[0])
+                model, noise, steps, setting.cfg, sampler, "simple",
+                self.spec.conditioning(list(setting.labels)), self.spec.negative(len(setting.labels)), latent,
+                disable_pbar=True, seed=setting.seeds[0])
 
     def counted(self, model, setting: Setting, steps: int, sampler: str):
         """One untimed run with counting hooks: (images, block executions, model passes, log lines)."""
@@ -125,13 +127,14 @@ class Bench:
 
     def measure(self, methods: list[Method], reference: Reference, timed: bool = True) -> list[Result]:
         """Each method counted and scored in one untimed run, which also warms it up (HyCa compiles its
-        map for the schedule there, once); then, if `timed`, `rounds` interleaved rounds of full compute and every
-        method with no hook attached, medians compared within these rounds."""
+        map for the schedule there, once); then, if `timed`, `rounds` interleaved rounds of full compute and
+        every method with no hook attached, medians compared within these rounds."""
         setting = reference.setting
         measured: list[tuple[Result, Method]] = []
         for method in methods:
             try:
-                images, blocks, passes, lines = self.counted(method.model, setting, method.steps, method.sampler)
+                images, blocks, passes, lines = self.counted(method.model, setting, method.steps,
+                                                             method.sampler)
             except Exception as error:  # reported, never hidden
                 self.say(f"{method.name}: FAILED ({type(error).__name__}: {error})")
                 continue
@@ -139,7 +142,8 @@ class Bench:
             mb = measures.history_mb(lines)
             measured.append((Result(
                 name=method.name, family=method.family, steps=method.steps, blocks=blocks, passes=passes,
-                psnr=psnr, ssim=ssim, agree=float((self.classify(images) == reference.classes).float().mean()),
+                psnr=psnr, ssim=ssim,
+                agree=float((self.classify(images) == reference.classes).float().mean()),
                 memory=f"{mb:.1f}" if mb is not None else ("0" if method.memory_known else "-"),
                 compute_x=reference.blocks / max(blocks, 1), n=method.n, key=method.key, lines=lines,
                 note=(method.note + ("" if math.isfinite(psnr) else " non-finite output")).strip()), method))
@@ -162,7 +166,8 @@ class Bench:
             r.seconds = statistics.median(own)
             r.spread = timing.spread(own)
             r.wall_x = statistics.median(full) / r.seconds
-            r.bound = timing.amdahl_bound(reference.share, r.blocks / reference.blocks, r.passes / reference.passes)
+            r.bound = timing.amdahl_bound(reference.share, r.blocks / reference.blocks,
+                                          r.passes / reference.passes)
             r.noise = timing.spread(full) + r.spread
         reference.runs.extend(full)
 
@@ -183,14 +188,17 @@ def calibrate(bench: Bench):
     pack, spec = bench.pack, bench.spec
     start = time.perf_counter()
     solver_map, _ = pack.nodes.calibrate_node.probe(
-        bench.model, CALIBRATION["seed"], STEPS, 1.0, "euler", "simple", spec.conditioning([CALIBRATION["label"]]),
-        spec.negative(1), {"samples": spec.latent(1, spec.sizes[0])},
+        bench.model, CALIBRATION["seed"], STEPS, 1.0, "euler", "simple",
+        spec.conditioning([CALIBRATION["label"]]), spec.negative(1),
+        {"samples": spec.latent(1, spec.sizes[0])},
         pack.hyca_core.schedule.Schedule(interval=ABLATION_N, warmup=WARMUP))
     seconds = time.perf_counter() - start
-    mix = [line.strip() for line in pack.nodes.inspector_node.summary(solver_map).splitlines() if line.startswith("  ")]
+    mix = [line.strip() for line in pack.nodes.inspector_node.summary(solver_map).splitlines()
+           if line.startswith("  ")]
     clusters = [int(b.clusters) for b in solver_map.blocks.values()]
     bench.say(f"calibration: probe class {CALIBRATION['label']} seed {CALIBRATION['seed']}, {STEPS} steps "
-              f"euler/simple, cfg 1, {seconds:.1f} s; {len(clusters)} block streams, {sum(clusters)} clusters")
+              f"euler/simple, cfg 1, {seconds:.1f} s; {len(clusters)} block streams, "
+              f"{sum(clusters)} clusters")
     bench.say("solver mix (share of channels): " + ", ".join(re.sub(r"\s+", " ", m) for m in mix))
     return solver_map
 
@@ -199,7 +207,8 @@ def calibrate(bench: Bench):
 # one image size: every method against full compute
 
 
-def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan, trained: bool) -> report.Section:
+def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan,
+                 trained: bool) -> report.Section:
     reference = bench.reference(setting)
     accuracy = float((reference.classes == torch.tensor(setting.labels)).float().mean())
     section = report.Section(setting.size, len(setting.labels), reference.share)
@@ -214,11 +223,13 @@ def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan, t
     add(bench.measure(methods.adaptive(ADAPTIVE_N, plan.adaptive_tolerances if trained
                                        else plan.adaptive_tolerances[1::2]), reference))
     if trained and plan.ablation_variables:
-        add(bench.measure(methods.single_solvers(ABLATION_N, plan.ablation_variables, section.single), reference))
+        add(bench.measure(methods.single_solvers(ABLATION_N, plan.ablation_variables, section.single),
+                          reference))
 
     # fewer steps at HyCa's compute, then at HyCa's measured time
     fewer = [methods.fewer_steps(sampler, methods.computed_steps(n), f"fewer steps {sampler}",
-                                 f"= HyCa N={n}", n) for n in plan.intervals for sampler in FEWER_STEP_SAMPLERS]
+                                 f"= HyCa N={n}", n)
+             for n in plan.intervals for sampler in FEWER_STEP_SAMPLERS]
     add(bench.measure(fewer, reference))
     add(equal_time(bench, methods, section, reference, plan))
 
@@ -243,8 +254,8 @@ def equal_time(bench: Bench, methods: Methods, section: report.Section, referenc
     loads compare."""
     group = []
     for n in plan.intervals:
-        group.append(Method(f"HyCa fixed N={n} (re-timed beside them)", "equal time HyCa", methods.hyca(n, False),
-                            n=n, key=("equal time", n)))
+        group.append(Method(f"HyCa fixed N={n} (re-timed beside them)", "equal time HyCa",
+                            methods.hyca(n, False), n=n, key=("equal time", n)))
         for sampler in EQUAL_TIME_SAMPLERS:
             points = [(r.steps, 1 / r.wall_x) for r in section.family(f"fewer steps {sampler}")]
             if sampler == reference.sampler:
@@ -252,7 +263,8 @@ def equal_time(bench: Bench, methods: Methods, section: report.Section, referenc
             slope, intercept = np.polyfit(*zip(*points), 1)
             share = 1 / section.hyca["fixed", n].wall_x
             steps = int(np.clip(round((share - intercept) / slope), 1, STEPS))
-            group.append(methods.fewer_steps(sampler, steps, f"equal time {sampler}", f"HyCa N={n}'s time", n))
+            group.append(methods.fewer_steps(sampler, steps, f"equal time {sampler}",
+                                             f"HyCa N={n}'s time", n))
     return bench.measure(group, reference)
 
 
@@ -316,13 +328,15 @@ def overhead(bench: Bench, methods: Methods, settings: list[Setting], intervals,
             pair = [methods.hyca(n, fitted=False), methods.hyca(n, only=("reuse", "step"))]
             for m in pair:
                 bench.sample(m, setting, STEPS)  # warm: compiles the map for this schedule
-            runs = timing.interleaved([lambda m=m, s=setting: bench.sample(m, s, STEPS) for m in pair], rounds)
+            runs = timing.interleaved([lambda m=m, s=setting: bench.sample(m, s, STEPS) for m in pair],
+                                      rounds)
             ratios = [h / f for h, f in zip(*runs)]
             ratio = float(np.median(ratios))
             ok &= ratio <= 1.05
             parts.append(f"N={n}: {ratio:.3f} (pairs {min(ratios):.2f}-{max(ratios):.2f})")
-            print(f"  [{time.strftime('%H:%M:%S')}] {setting.size} px {parts[-1]}", file=sys.stderr, flush=True)
-        bench.say(f"[{setting.size} px] HyCa (Apply's defaults) wall-clock within 5% of FORA at the same N (same "
-                  f"schedule; median of {rounds} back-to-back pairs, ABBA order): {'HOLDS' if ok else 'FAILS'}; "
-                  + "; ".join(parts))
+            print(f"  [{time.strftime('%H:%M:%S')}] {setting.size} px {parts[-1]}", file=sys.stderr,
+                  flush=True)
+        bench.say(f"[{setting.size} px] HyCa (Apply's defaults) wall-clock within 5% of FORA at the same N "
+                  f"(same schedule; median of {rounds} back-to-back pairs, ABBA order): "
+                  f"{'HOLDS' if ok else 'FAILS'}; " + "; ".join(parts))
 

@@ -69,10 +69,10 @@ def single_name(r: Result) -> str:
     return r.family if r.family != "single solver" else r.name.split()[1]
 
 
-COLUMNS = [("best stock sampler, equal compute", lambda l: l.stock, sampler_steps),
-           ("best single solver", lambda l: l.single, single_name),
-           ("FORA", lambda l: l.fora, None),
-           ("best stock sampler, equal measured time", lambda l: l.equal_time, sampler_steps)]
+COLUMNS = [("best stock sampler, equal compute", lambda row: row.stock, sampler_steps),
+           ("best single solver", lambda row: row.single, single_name),
+           ("FORA", lambda row: row.fora, None),
+           ("best stock sampler, equal measured time", lambda row: row.equal_time, sampler_steps)]
 
 
 def cell(m: Margin | None, label) -> str:
@@ -82,10 +82,10 @@ def cell(m: Margin | None, label) -> str:
 def table(rows: list[Line], sources: dict[str, str]) -> list[str]:
     out = [(f"HyCa's margin (dB of image PSNR against full compute; positive: HyCa closer to full compute) "
             f"over its rivals, per model and N. HyCa = Apply's defaults (fixed solvers, warm-up {WARMUP}), "
-            f"{STEPS} steps euler/simple, cfg 1, at each model's trained size; compute: its speed-up in block "
-            "executions, wall: measured (median of interleaved runs) with its Amdahl bound. Stock samplers: "
-            f"{', '.join(FEWER_STEP_SAMPLERS)} with fewer steps (the best of them; name and steps in "
-            "brackets); "
+            f"{STEPS} steps euler/simple, cfg 1, at each model's trained size; compute: its speed-up in "
+            "block executions, wall: measured (median of interleaved runs) with its Amdahl bound. Stock "
+            f"samplers: {', '.join(FEWER_STEP_SAMPLERS)} with fewer steps (the best of them; name and steps "
+            "in brackets); "
             "equal measured time: euler and dpmpp_2m at the step count whose time matches HyCa's, timed in "
             "the same rounds ('-' where the run did not time it); single solvers: those the run measured at "
             "that N."), ""]

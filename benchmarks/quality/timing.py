@@ -72,7 +72,8 @@ def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],
     def post(*_):
         inside[0] += clock() - started[0]
 
-    handles = [b.register_forward_pre_hook(pre) for b in blocks] + [b.register_forward_hook(post) for b in blocks]
+    handles = ([b.register_forward_pre_hook(pre) for b in blocks]
+               + [b.register_forward_hook(post) for b in blocks])
     try:
         start = clock()
         run()

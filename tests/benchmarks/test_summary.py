@@ -45,7 +45,8 @@ def test_a_table_reads_back_as_the_results_it_printed():
         fields = ("name", "family", "n", "steps", "blocks", "note", "memory")
         assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
         for field in ("psnr", "compute_x", "seconds", "wall_x", "bound", "ssim", "agree", "spread"):
-            printed = pytest.approx(getattr(before, field), abs=0.006, nan_ok=True)  # to the table's precision
+            # to the table's precision
+            printed = pytest.approx(getattr(before, field), abs=0.006, nan_ok=True)
             assert getattr(after, field) == printed, field
 
 

@@ -49,8 +49,8 @@ def test_two_jobs_alternate_abba_and_every_round_runs_each_once():
 
 def test_the_check_before_each_run_is_outside_its_time():
     machine = Machine(lambda t: 1.0)
-    runs = timing.interleaved([machine.job("A", 2)], rounds=2, before=lambda: setattr(machine, "now", machine.now + 5),
-                              clock=machine.clock)
+    runs = timing.interleaved([machine.job("A", 2)], rounds=2,
+                              before=lambda: setattr(machine, "now", machine.now + 5), clock=machine.clock)
     assert runs == [[2, 2]]
 
 

@@ -27,7 +27,8 @@ def test_full_compute_is_counted_and_its_block_share_measured_without_leaving_ho
 def test_hyca_is_counted_apart_and_timed_interleaved_with_full_compute(bench, pack):
     reference = bench.reference(run.Setting((0, 1), (100, 101), 32), steps=STEPS)
     methods = Methods(pack, bench.model, run.calibrate(bench))
-    [hyca] = bench.measure([Method("HyCa N=2", "HyCa fixed", methods.hyca(2, False), steps=STEPS, n=2)], reference)
+    [hyca] = bench.measure([Method("HyCa N=2", "HyCa fixed", methods.hyca(2, False), steps=STEPS, n=2)],
+                           reference)
     computed = methods.computed_steps(2, steps=STEPS)
     assert computed < STEPS
     # predicted steps skip the blocks, not the model's pass
