@@ -10,4 +10,6 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
     && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
     || echo "[test] could not install chromium; the browser tests will skip" >&2
 fi
+# The house rules of pyproject.toml's [tool.ruff]: a violation fails the run before any test.
+"${HYCA_VENV:-.venv}/bin/python" -m ruff check --quiet .
 exec "${HYCA_VENV:-.venv}/bin/python" -m pytest "$@"

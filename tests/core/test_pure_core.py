@@ -15,5 +15,6 @@ def test_importing_hyca_core_loads_no_comfy_module():
         "    importlib.import_module('hyca_core.' + name)\n"
         "print(sorted(m for m in sys.modules if m == 'comfy' or m.startswith(('comfy.', 'comfy_'))))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                            check=True)
     assert len(modules) > 10 and result.stdout.strip() == "[]", result.stdout + result.stderr
