@@ -123,8 +123,8 @@ def _advanced_widgets() -> list[io.Input]:
         *_window_inputs(),
         io.Combo.Input(
             "placement", options=[AUTO, *PLACEMENTS], default=AUTO, optional=True,
-            tooltip="fixed: every N-th step computed. calibrated: as many full steps, placed where the map "
-                    "says prediction errs most. auto: what the map was tuned to, else fixed."),
+            tooltip="auto: what HyCa Calibrate found best for this N, else fixed. fixed computes every N-th "
+                    "step; calibrated places as many full steps where the map says prediction errs most."),
         # "fused" in the UI, the code and the docs; the id stays what saved API prompts use
         io.Boolean.Input(
             "compile_predict", display_name="fused", default=False, optional=True,

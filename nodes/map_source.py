@@ -114,12 +114,12 @@ class MapSource:
             return
         n, result = tuned
         nearest = "" if n == interval else f" (the nearest tuned N to N={interval})"
-        logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest, result.candidate.label(),
-                     result.psnr)
+        logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
+                     result.candidate.label(), result.psnr)
         if result.plain_wins:
             probe_steps = len(self.solver_map.probe_sigmas)
-            text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain steps "
-                    f"of {result.plain_sampler} gave a closer image than HyCa in calibration "
+            text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain "
+                    f"steps of {result.plain_sampler} gave a closer image than HyCa in calibration "
                     f"({result.plain_psnr:.1f} dB vs {result.psnr:.1f} dB)")
             logging.warning("%s", text)
             ui_text.show(self.options.node_id, text + ".")

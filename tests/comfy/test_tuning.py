@@ -75,7 +75,7 @@ def test_a_tuned_map_round_trips_and_a_malformed_tuning_is_refused(pack, tuned, 
     assert not (tmp_path / "bad.hyca.safetensors").exists()
 
 
-def _tuned_as(pack, solver_map, **entries):
+def _tuned_as(solver_map, **entries):
     """The map with a tuning of N -> (warm-up, placement, HyCa dB, plain dB)."""
     tuning = {str(n): {"warmup": w, "placement": p, "psnr": x, "computed": 4,
                        "plain": {"sampler": "dpmpp_2m", "psnr": y}} for n, (w, p, x, y) in entries.items()}
@@ -84,7 +84,7 @@ def _tuned_as(pack, solver_map, **entries):
 
 def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_win(
         pack, flux, solver_map, conditioning, finished, caplog):
-    tuned_map = _tuned_as(pack, solver_map, **{"4": (1, "calibrated", 30.0, 32.5)})
+    tuned_map = _tuned_as(solver_map, **{"4": (1, "calibrated", 30.0, 32.5)})
     plain = pack.nodes.apply_node.HyCaCacheSpeedUp
     (patched,) = plain.execute(flux, speed_up=2.0, solver_map=tuned_map).args  # 12 steps: N=3
     with caplog.at_level(logging.INFO):
@@ -103,10 +103,16 @@ def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_wi
 
 
 def test_explicit_advanced_settings_override_the_tuning(pack, flux, solver_map, conditioning, finished):
-    tuned_map = _tuned_as(pack, solver_map, **{"3": (1, "calibrated", 40.0, 30.0)})
+    tuned_map = _tuned_as(solver_map, **{"3": (1, "calibrated", 40.0, 30.0)})
     advanced = pack.nodes.apply_node.HyCaApply
-    settings = dict(interval=3, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=False,
-                    granularity="auto", history_dtype="auto", offload_history=False, placement="fixed")
-    (patched,) = advanced.execute(flux, **settings, solver_map=tuned_map).args
-    sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
-    assert np.array_equal(finished[-1].plan.mask, pack.hyca_core.schedule.Schedule(3, 2).mask(12))
+    settings = dict(interval=3, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=False,
+                    granularity="auto", history_dtype="auto", offload_history=False)
+    masks = []
+    for warmup, placement in ((0, "auto"), (2, "fixed")):
+        (patched,) = advanced.execute(flux, **settings, warmup=warmup, placement=placement,
+                                      solver_map=tuned_map).args
+        sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
+        masks.append(finished[-1].plan.mask)
+    tuned, explicit = masks
+    assert np.array_equal(explicit, pack.hyca_core.schedule.Schedule(3, 2).mask(12))
+    assert tuned[0] and not tuned[1] and not np.array_equal(tuned, explicit)  # warm-up 1, the tuned one
