@@ -67,7 +67,8 @@ def main(argv=None) -> None:
     labels = [i % NUM_CLASSES for i in range(args.pairs)]
 
     def held_out(patched, sampler="euler", count=steps):
-        return reference_model.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg, sampler=sampler)
+        return reference_model.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg,
+                                      sampler=sampler)
 
     def one(patched, seed):
         return reference_model.sample(patched, [PROBE_CLASS], seed=seed, steps=steps, cfg=cfg)
@@ -75,14 +76,16 @@ def main(argv=None) -> None:
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
     candidates = [tuning.Candidate(w, p) for w in tuning.WARMUPS for p in tuning.PLACEMENTS]
-    lines = [f"reference Wan model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class {PROBE_CLASS}, "
-             f"seed {PROBE_SEED}); {args.pairs} held-out pairs (classes 0-9, batch seed {HELD_OUT_SEED})",
+    lines = [f"reference Wan model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class "
+             f"{PROBE_CLASS}, seed {PROBE_SEED}); {args.pairs} held-out pairs (classes 0-9, batch seed "
+             f"{HELD_OUT_SEED})",
              f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "
              f"(budget {result.budget}); tuned N: "
              + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items())),
              f"CPU time: probe and calibration {probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
-             f"{'N':>2} {'full':>5} {'tuned':>7} {'fixed default':>14} {'fewer steps':>20} "
-             f"{'tuned - fewer':>14} {'best candidate':>30} {'rho probe':>10} {'rho 1 seed':>11}"]
+             f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
+             f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'rho probe':>10} "
+             f"{'rho 1 seed':>11}"]
     for n in INTERVALS:
         computed = tuning.computed_steps(steps, n)
         held, probe_scores, seed_scores = {}, {}, {}
@@ -94,6 +97,8 @@ def main(argv=None) -> None:
             seed_scores[candidate] = latent_psnr(one(patched, PROBE_SEED + 1), tuning_ref)
         follows = apply_hyca(model, tuned_map, Schedule(interval=n), tuned_warmup=True)
         tuned_score = mean_psnr(held_out(follows), full)
+        source_n, chosen = tuning.nearest(result.tuned, n) or (n, None)
+        used = f"N={source_n} w{chosen.candidate.warmup} {chosen.candidate.placement[:3]}" if chosen else "-"
         fixed = held[tuning.Candidate(2, "fixed")]
         plain = {s: mean_psnr(held_out(model, s, computed), full) for s in tuning.PLAIN_SAMPLERS}
         sampler = max(plain, key=plain.get)
@@ -101,12 +106,15 @@ def main(argv=None) -> None:
         order = list(held)
         rho_probe = spearmanr([held[c] for c in order], [probe_scores[c] for c in order])[0]
         rho_seed = spearmanr([held[c] for c in order], [seed_scores[c] for c in order])[0]
-        lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {fixed:>14.2f} "
+        best_label = f"{best.label()} ({tuning.computed_steps(steps, n, best.warmup)}) {held[best]:.2f}"
+        lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
                      f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
-                     f"{best.label() + f' {held[best]:.2f}':>30} {rho_probe:>10.2f} {rho_seed:>11.2f}")
+                     f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f}")
     lines.append("")
-    lines.append("full: model computations of the every-N schedule (warm-up 2) of the run's steps; fewer steps "
-                 "samples that many steps")
+    lines.append("full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
+                 "many steps. as: the tuning the run followed (nearest tuned N, warm-up, placement). rho: Spearman "
+                 "correlation over the 6 candidates of held-out scores with the probe's replay / with the "
+                 "tuning's one held-out seed")
     report = "\n".join(lines)
     print(report)
     if args.out:

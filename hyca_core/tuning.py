@@ -7,8 +7,9 @@ its final output against a full-compute reference. The reference is a run the ma
 sampling with fewer steps at the same compute is scored too: where it comes closer, the map says so.
 
 Cost is counted in model computations (sampler steps computed fully) against `BUDGET` full runs of the
-probe, the reference run included; an interval whose candidates no longer fit is left untuned (runs at
-it follow the nearest tuned one), and warm-up variants are tried only with what is left.
+probe, the reference run included. That does not cover every interval at a typical step count: the
+default N is tuned first (what Apply runs unless asked otherwise), then the others cheapest first while
+their runs fit; an untuned interval follows the nearest tuned one. Warm-up variants take what is left.
 """
 
 from __future__ import annotations
@@ -90,10 +91,10 @@ def computed_steps(steps: int, interval: int, warmup: int = defaults.WARMUP) -> 
 
 
 def intervals_for(steps: int, intervals=INTERVALS) -> list[int]:
-    """The intervals worth tuning for a run of `steps` steps: those that predict some step, cheapest
-    first (tuning spends its budget in that order)."""
+    """The intervals worth tuning for a run of `steps` steps, those that predict some step, in the order
+    tuning spends its budget on them: the default N, then the others cheapest first."""
     useful = [n for n in intervals if computed_steps(steps, n) < steps]
-    return sorted(useful, key=lambda n: computed_steps(steps, n))
+    return sorted(useful, key=lambda n: (n != defaults.INTERVAL, computed_steps(steps, n)))
 
 
 def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int], object], reference,
@@ -103,9 +104,9 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
     was not calibrated on) and keep the best; `replay(candidate, n)` and `plain(sampler, steps)` return
     the final output of that run from the reference's noise and conditioning.
 
-    First, per interval (cheapest first, while the budget holds): both placements at the default warm-up
-    and the plain samplers at the same compute; then, with what is left, the other warm-ups at the better
-    placement, each only if it computes no more than that compute."""
+    First, per interval (in `intervals_for`'s order, while the budget holds): both placements at the
+    default warm-up and the plain samplers at the same compute; then, with what is left, the other
+    warm-ups at the better placement, each only if it computes no more than that compute."""
     limit = int(budget * steps)
     spent = steps  # the reference run
     scores: dict[int, dict[Candidate | str, float]] = {}

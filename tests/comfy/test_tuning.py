@@ -13,7 +13,7 @@ from harness.metrics import latent_psnr
 
 from .conftest import LATENT
 
-STEPS, SEED, CFG = 12, 3, 1.0  # 12 steps: the 3x budget tunes N=8 and N=6 (cheapest first)
+STEPS, SEED, CFG = 12, 3, 1.0  # 12 steps: the 3x budget tunes the default N=4 and warm-up 1 there
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,10 @@ def tuned(pack, wan):
 def test_tuning_keeps_the_candidate_closest_to_a_held_out_run_within_budget(pack, wan, tuned):
     tuned_map, result, calls, conditioning = tuned
     assert calls == result.computed <= 3 * STEPS  # the count is what the model ran, within 3 probes
-    assert sorted(result.tuned) == [6, 8] and tuned_map.info["tuned_seed"] == SEED + 1
+    assert sorted(result.tuned) == [4] and tuned_map.info["tuned_seed"] == SEED + 1
     Candidate = pack.hyca_core.tuning.Candidate
+    assert {Candidate(2, "fixed"), Candidate(2, "calibrated"), "euler", "dpmpp_2m"} < result.scores[4].keys()
+    assert any(isinstance(c, Candidate) and c.warmup == 1 for c in result.scores[4])
     reference = reference_model.sample(wan, [4], seed=SEED + 1, steps=STEPS, cfg=CFG)
     for n, chosen in result.tuned.items():
         candidates = {k: v for k, v in result.scores[n].items() if isinstance(k, Candidate)}
