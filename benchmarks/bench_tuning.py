@@ -70,8 +70,9 @@ def main(argv=None) -> None:
         return reference_model.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg,
                                       sampler=sampler)
 
-    def one(patched, seed):
-        return reference_model.sample(patched, [PROBE_CLASS], seed=seed, steps=steps, cfg=cfg)
+    def one(patched, seed, sampler="euler", count=steps):
+        return reference_model.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg,
+                                      sampler=sampler)
 
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
@@ -85,7 +86,8 @@ def main(argv=None) -> None:
              f"CPU time: probe and calibration {probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
              f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
              f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'rho probe':>10} "
-             f"{'rho 1 seed':>11}"]
+             f"{'rho 1 seed':>11} {'miss probe':>11} {'miss 1 seed':>12} "
+             f"{'lead probe/1 seed/held':>23}"]
     for n in INTERVALS:
         computed = tuning.computed_steps(steps, n)
         held, probe_scores, seed_scores = {}, {}, {}
@@ -106,15 +108,35 @@ def main(argv=None) -> None:
         order = list(held)
         rho_probe = spearmanr([held[c] for c in order], [probe_scores[c] for c in order])[0]
         rho_seed = spearmanr([held[c] for c in order], [seed_scores[c] for c in order])[0]
+        # at equal compute: how far below the held-out best the probe's / one seed's favourite lands
+        equal = [c for c in candidates if tuning.computed_steps(steps, n, c.warmup) <= computed]
+        top = max(held[c] for c in equal)
+        miss_probe = top - held[max(equal, key=probe_scores.get)]
+        miss_seed = top - held[max(equal, key=seed_scores.get)]
+        # the default's lead over the best plain sampler as the probe's replay, the one seed and the
+        # held-out pairs see it
+        default = tuning.Candidate(2, "fixed")
+
+        def best_plain(seed, reference):
+            return max(latent_psnr(one(model, seed, s, computed), reference) for s in tuning.PLAIN_SAMPLERS)
+
+        leads = [probe_scores[default] - best_plain(PROBE_SEED, probe_out["samples"]),
+                 seed_scores[default] - best_plain(PROBE_SEED + 1, tuning_ref), fixed - plain[sampler]]
         best_label = f"{best.label()} ({tuning.computed_steps(steps, n, best.warmup)}) {held[best]:.2f}"
         lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
                      f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
-                     f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f}")
+                     f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f} {miss_probe:>11.2f} "
+                     f"{miss_seed:>12.2f} {'/'.join(f'{x:+.2f}' for x in leads):>23}")
     lines.append("")
-    lines.append("full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
-                 "many steps. as: the tuning the run followed (nearest tuned N, warm-up, placement). rho: Spearman "
-                 "correlation over the 6 candidates of held-out scores with the probe's replay / with the "
-                 "tuning's one held-out seed")
+    lines += ["full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
+              "many steps.",
+              "as: the tuning the run followed (nearest tuned N, warm-up, placement).",
+              "rho: Spearman correlation over the 6 candidates of held-out scores with the probe's replay / "
+              "the tuning's one held-out seed.",
+              "miss: held-out dB lost by the candidate the probe's replay / the one seed ranks first, among "
+              "those at no more full steps than the every-N schedule.",
+              "lead: the fixed default's dB over the best plain sampler on the probe's replay / the one "
+              "seed / the held-out pairs."]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -150,8 +150,11 @@ class HyCaCalibrate(io.ComfyNode):
                                    latent_image, Schedule(interval=interval, warmup=warmup), clusters,
                                    granularity=granularity)
         if tune:
-            solver_map, _ = tuning_runs.tune(model, solver_map, seed, steps, cfg, sampler_name, scheduler,
-                                             positive, negative, latent_image)
+            try:
+                solver_map, _ = tuning_runs.tune(model, solver_map, seed, steps, cfg, sampler_name, scheduler,
+                                                 positive, negative, latent_image)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the probe is paid for, keep it
+                logging.warning("HyCa Calibrate: tuning failed (%s); the map is kept untuned", error)
         where = "not saved"
         if save:
             try:

@@ -175,5 +175,7 @@ class MapSource:
             where = "kept in memory only"
             logging.warning("HyCa: calibrated map kept in memory only: %s", error)
         logging.info("HyCa: calibrated from this run; map %s", where)
+        logging.info("HyCa: a map calibrated from a run is not tuned (its run cannot be replayed from inside "
+                     "it); HyCa Calibrate tunes one")
         ui_text.show(self.options.node_id, f"HyCa: calibrated a solver map from this run ({where}). The next "
                                            "runs compute only some steps and predict the rest.")

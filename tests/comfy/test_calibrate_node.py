@@ -78,6 +78,17 @@ def test_a_tuned_map_is_saved_with_its_tuning(pack, flux, conditioning, hyca_fol
     assert calls > SETTINGS["steps"]
 
 
+def test_a_failed_tuning_keeps_the_probed_map(pack, flux, conditioning, hyca_folder, monkeypatch, caplog):
+    """The probe is paid for: tuning running out of memory must not lose its map."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pack.hyca_core.tuning, "tune", out_of_memory)
+    solver_map, _, _ = _calibrate(flux, conditioning, tune=True)
+    assert "tuned" not in solver_map.info and len(list(hyca_folder.iterdir())) == 1
+    assert "tuning failed (CUDA out of memory); the map is kept untuned" in caplog.text
+
+
 def test_the_probe_seed_stays_fixed_between_queues(pack):
     """randomize would change the seed on every queue and so probe (and overwrite the map) every time."""
     schema = pack.nodes.calibrate_node.HyCaCalibrate.define_schema()
