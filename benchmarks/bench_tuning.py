@@ -117,8 +117,8 @@ def main(argv=None) -> None:
         # held-out pairs see it
         default = tuning.Candidate(2, "fixed")
 
-        def best_plain(seed, reference):
-            return max(latent_psnr(one(model, seed, s, computed), reference) for s in tuning.PLAIN_SAMPLERS)
+        def best_plain(seed, reference, count=computed):
+            return max(latent_psnr(one(model, seed, s, count), reference) for s in tuning.PLAIN_SAMPLERS)
 
         leads = [probe_scores[default] - best_plain(PROBE_SEED, probe_out["samples"]),
                  seed_scores[default] - best_plain(PROBE_SEED + 1, tuning_ref), fixed - plain[sampler]]

@@ -65,7 +65,7 @@ class Tuned:
                 "plain": {"sampler": self.plain_sampler, "psnr": round(self.plain_psnr, 3)}}
 
     @classmethod
-    def from_info(cls, entry: dict) -> "Tuned":
+    def from_info(cls, entry: dict) -> Tuned:
         plain = entry["plain"]
         return cls(Candidate(entry["warmup"], entry["placement"]), entry["psnr"], entry["computed"],
                    plain["sampler"], plain["psnr"])
