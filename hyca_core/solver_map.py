@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import defaults, map_file
+from . import defaults, map_file, tuning
 from .indicators import INDICATOR_NAMES
 from .map_file import MapError, read_metadata
 from .run_plans import CompiledMap, DynamicMap, compile_map
@@ -147,6 +147,11 @@ class SolverMap:
             raise MapError(f"fingerprint {short(self.fingerprint)} is not a hex digest")
         if not isinstance(self.info, dict):
             raise MapError(f"info {short(self.info)} is not a JSON object")
+        if "tuned" in self.info:
+            try:
+                tuning.check_info(self.info["tuned"])
+            except ValueError as error:
+                raise MapError(f"info tuned: {error}") from None
         schedule = self.probe_schedule
         if not all(0 <= getattr(schedule, f.name) <= MAX_STEPS for f in fields(schedule)):
             raise MapError(f"probe_schedule {short(self.probe_schedule)} is not a schedule")

@@ -36,7 +36,8 @@ def patch_model(model, solver_map: SolverMap | None, options: ApplyOptions):
 def apply_hyca(model, solver_map: SolverMap | None = None, schedule: Schedule | None = None, **options):
     """A clone of ``model`` that predicts block residuals between full steps. Without a map, the map stored
     for this base model is used (looked for first beside ``checkpoint``, the model's file if known), or the
-    first full run long enough calibrates one. ``schedule``: by default the map's warm-up and the shared
-    defaults; ``options``: the fields of `ApplyOptions`."""
+    first full run long enough calibrates one. ``schedule``: by default the map's warm-up (its tuned one
+    for the run's N) and the shared defaults; ``options``: the fields of `ApplyOptions`."""
+    options.setdefault("tuned_warmup", schedule is None)
     schedule = schedule or Schedule(warmup=map_warmup(solver_map))
     return patch_model(model, solver_map, ApplyOptions(schedule=schedule, **options))

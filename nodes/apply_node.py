@@ -78,7 +78,7 @@ class HyCaCacheSpeedUp(io.ComfyNode):
     @classmethod
     def execute(cls, model, speed_up, start_percent=0.0, end_percent=1.0, solver_map=None) -> io.NodeOutput:
         options = ApplyOptions(schedule=Schedule(warmup=map_warmup(solver_map)), target_speedup=speed_up,
-                               window=(start_percent, end_percent))
+                               window=(start_percent, end_percent), tuned_warmup=True)
         return _patched(cls, model, solver_map, options)
 
 
@@ -91,8 +91,8 @@ def _advanced_widgets() -> list[io.Input]:
             tooltip="One full computation every N steps after the warm-up; 1 computes every step."),
         io.Int.Input(
             "warmup", default=0, min=0, max=100,
-            tooltip="First steps always computed; more allows higher-order predictors. 0: the connected "
-                    f"map's warm-up, {defaults.WARMUP} without a map."),
+            tooltip="First steps always computed; more allows higher-order predictors. 0: the warm-up the "
+                    f"map was tuned to for this N (else its own), {defaults.WARMUP} without a map."),
         io.Int.Input(
             "final_steps", default=defaults.FINAL_STEPS, min=0, max=100,
             tooltip="Last steps always computed, for crisper fine detail."),
@@ -122,9 +122,9 @@ def _advanced_widgets() -> list[io.Input]:
                     "0 uses interval."),
         *_window_inputs(),
         io.Combo.Input(
-            "placement", options=list(PLACEMENTS), default="fixed", optional=True,
-            tooltip="fixed: every N-th step computed. calibrated: as many full steps, placed where the map "
-                    "says prediction errs most."),
+            "placement", options=[AUTO, *PLACEMENTS], default=AUTO, optional=True,
+            tooltip="auto: what HyCa Calibrate found best for this N, else fixed. fixed computes every N-th "
+                    "step; calibrated places as many full steps where the map says prediction errs most."),
         # "fused" in the UI, the code and the docs; the id stays what saved API prompts use
         io.Boolean.Input(
             "compile_predict", display_name="fused", default=False, optional=True,
@@ -145,12 +145,13 @@ class HyCaApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
                 history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
-                placement="fixed", compile_predict=False, solver_map=None) -> io.NodeOutput:
+                placement=AUTO, compile_predict=False, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup or map_warmup(solver_map), final=final_steps)
         options = ApplyOptions(
             schedule=schedule, fitted=fitted, history_dtype=HISTORY_DTYPES[history_dtype],
             offload=offload_history, adaptive_tolerance=adaptive_tolerance if adaptive else None,
             granularity=None if granularity == AUTO else granularity, target_speedup=target_speedup,
-            window=(start_percent, end_percent), placement=placement, fused=compile_predict,
+            window=(start_percent, end_percent), placement=placement, tuned_warmup=warmup == 0,
+            fused=compile_predict,
         )
         return _patched(cls, model, solver_map, options)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from ..hyca_core import defaults
+from ..hyca_core import defaults, tuning
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.solver_map import SolverMap
 
+AUTO = "auto"  # granularity: the connected map's, per block without one; placement: the map's tuning
 # fixed: warm-up, then every N-th step (the paper); calibrated: the same number of full steps,
 # placed where the map's probe says prediction errs most (early steps change fastest)
-PLACEMENTS = ("fixed", "calibrated")
-AUTO = "auto"  # granularity: the connected map's, per block without one
+PLACEMENTS = tuning.PLACEMENTS
 HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -24,7 +24,9 @@ class ApplyOptions:
     decide each step from the map's measured error instead of the every-N pattern. ``target_speedup`` > 0
     replaces N by the interval whose speed-up on each run's step count reaches it. Steps outside
     ``window`` (fractions of the denoising) always compute. ``only`` = (solver, time variable): one pool
-    solver for every channel (the benchmark's single-solver baselines). ``fused``: CPU-held histories
+    solver for every channel (the benchmark's single-solver baselines). ``placement`` AUTO and
+    ``tuned_warmup``: the placement and warm-up the map's tuning chose for the run's N (or the nearest
+    tuned N); fixed placement and the schedule's warm-up without tuning. ``fused``: CPU-held histories
     predict large residuals with torch.compile's single-pass kernels. ``memory_budget``: bytes the
     history may hold on a device (None: what ComfyUI reports free). ``node_id``: the node whose UI shows
     what a run did."""
@@ -39,14 +41,15 @@ class ApplyOptions:
     target_speedup: float = 0.0
     window: tuple[float, float] = (0.0, 1.0)
     checkpoint: Path | None = None
-    placement: str = "fixed"
+    placement: str = AUTO
+    tuned_warmup: bool = False
     fused: bool = False
     memory_budget: int | None = None
     node_id: str | None = None
 
     def __post_init__(self):
-        if self.placement not in PLACEMENTS:
-            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement not in (AUTO, *PLACEMENTS):
+            raise ValueError(f"placement must be one of {(AUTO, *PLACEMENTS)}, got {self.placement!r}")
         if self.adaptive and self.target_speedup:
             raise ValueError("adaptive mode decides each step by the measured error: it takes no target "
                              "speed-up")

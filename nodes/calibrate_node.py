@@ -15,7 +15,7 @@ from ..hyca_core.clustering import DEFAULT_CLUSTERS
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
-from . import checkpoint_path, map_store, prompt_links, ui_text
+from . import checkpoint_path, map_store, prompt_links, tuning_runs, ui_text
 from .apply_options import AUTO, ApplyOptions, map_warmup, mismatch_message
 from .apply_hyca import patch_model
 from .run_state import RunState
@@ -113,6 +113,10 @@ class HyCaCalibrate(io.ComfyNode):
                                          "Apply finds it."),
                 io.Boolean.Input("recalibrate", default=False, optional=True,
                                  tooltip="Probe again although a map for this model is saved."),
+                io.Boolean.Input("tune", default=True, optional=True,
+                                 tooltip="After the probe, try HyCa's settings on one more sampling (another "
+                                         "seed) and keep what comes closest, per speed-up; takes about two "
+                                         "more full runs."),
             ],
             outputs=[
                 SolverMapType.Output(display_name="solver_map",
@@ -126,7 +130,7 @@ class HyCaCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                interval, warmup, clusters, granularity, save, recalibrate=False) -> io.NodeOutput:
+                interval, warmup, clusters, granularity, save, recalibrate=False, tune=True) -> io.NodeOutput:
         check_consumers(cls, granularity)
         checkpoint = checkpoint_path.for_node(cls)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
@@ -145,6 +149,12 @@ class HyCaCalibrate(io.ComfyNode):
         solver_map, latent = probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative,
                                    latent_image, Schedule(interval=interval, warmup=warmup), clusters,
                                    granularity=granularity)
+        if tune:
+            try:
+                solver_map, _ = tuning_runs.tune(model, solver_map, seed, steps, cfg, sampler_name, scheduler,
+                                                 positive, negative, latent_image)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the probe is paid for, keep it
+                logging.warning("HyCa Calibrate: tuning failed (%s); the map is kept untuned", error)
         where = "not saved"
         if save:
             try:

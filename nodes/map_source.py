@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 
+from ..hyca_core import tuning
 from ..hyca_core.schedule import RunSchedule, speedup
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, CompiledMap, DynamicMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
+from ..hyca_core.tuning import Tuned
 from . import map_store, ui_text
-from .apply_options import ApplyOptions
+from .apply_options import AUTO, ApplyOptions
 from .patching import block_widths, model_architecture
 
 # Compiled schedules a MapSource keeps: enough for the few a session alternates between (step counts, a
@@ -65,7 +68,21 @@ class MapSource:
         schedule = self.options.schedule.within(step_sigmas, start, end)
         if self.options.target_speedup:
             schedule = schedule.for_speedup(len(step_sigmas), self.options.target_speedup)
+        tuned = self.tuned(schedule.interval)
+        if tuned is not None and self.options.tuned_warmup and not self.options.adaptive:
+            schedule = replace(schedule, warmup=tuned[1].candidate.warmup)
         return schedule
+
+    def tuned(self, interval: int) -> tuple[int, Tuned] | None:
+        """The map's tuning for this interval or the nearest tuned one, None without tuning."""
+        return tuning.nearest(tuning.from_info(self.solver_map.info), interval) if self.solver_map else None
+
+    def placement(self, interval: int) -> str:
+        """The placement a run at this interval uses: the one asked for, else the tuned one, else fixed."""
+        if self.options.placement != AUTO:
+            return self.options.placement
+        tuned = self.tuned(interval)
+        return tuned[1].candidate.placement if tuned is not None else "fixed"
 
     def compile(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> CompiledMap:
         """The map for one sampling schedule; compiling refits every block, so the COMPILED_KEPT most
@@ -74,19 +91,38 @@ class MapSource:
         compiled = self._compiled.pop(key, None)
         if compiled is None:
             # calibrated placement: as many full steps as the every-N pattern, where the probe errs most
-            calibrated = self.options.placement == "calibrated"
+            placement = self.placement(schedule.interval)
+            calibrated = placement == "calibrated"
             budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
             compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.options.fitted,
                                                only=self.options.only, budget=budget)
             mask = compiled.mask
             logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),
-                         (~mask).sum(), speedup(mask), schedule.interval, self.options.placement,
+                         (~mask).sum(), speedup(mask), schedule.interval, placement,
                          schedule.widened().warmup, schedule.final)
+            self.report_tuning(schedule.interval)
         self._compiled[key] = compiled  # now the most recent
         while len(self._compiled) > COMPILED_KEPT:
             del self._compiled[next(iter(self._compiled))]
         return compiled
+
+    def report_tuning(self, interval: int) -> None:
+        """Log which tuning a run follows, and where plain sampling with fewer steps came closer in it."""
+        tuned = self.tuned(interval)
+        if tuned is None:
+            return
+        n, result = tuned
+        nearest = "" if n == interval else f" (the nearest tuned N to N={interval})"
+        logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
+                     result.candidate.label(), result.psnr)
+        if result.plain_wins:
+            probe_steps = len(self.solver_map.probe_sigmas)
+            text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain "
+                    f"steps of {result.plain_sampler} gave a closer image than HyCa in calibration "
+                    f"({result.plain_psnr:.1f} dB vs {result.psnr:.1f} dB)")
+            logging.warning("%s", text)
+            ui_text.show(self.options.node_id, text + ".")
 
     def covers(self, run_sigmas: np.ndarray) -> bool:
         """Whether a run denoises fully (from the model's largest sigma to 0), as the runs a map serves do;
@@ -139,5 +175,7 @@ class MapSource:
             where = "kept in memory only"
             logging.warning("HyCa: calibrated map kept in memory only: %s", error)
         logging.info("HyCa: calibrated from this run; map %s", where)
+        logging.info("HyCa: a map calibrated from a run is not tuned (its run cannot be replayed from inside "
+                     "it); HyCa Calibrate tunes one")
         ui_text.show(self.options.node_id, f"HyCa: calibrated a solver map from this run ({where}). The next "
                                            "runs compute only some steps and predict the rest.")

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 LATENT = (1, 16, 16, 16)
+# tune off: these tests count the probe's model calls (test_a_tuned_map_is_saved tunes)
 SETTINGS = dict(seed=0, steps=8, cfg=1.0, sampler_name="euler", scheduler="simple", interval=2, warmup=2,
-                clusters=4, granularity="block", save=True)
+                clusters=4, granularity="block", save=True, tune=False)
 
 
 def _counted(model):
@@ -63,6 +64,29 @@ def test_any_seed_the_widget_allows_calibrates(pack, flux, conditioning, hyca_fo
     for value in (2**64 - 1, 920065994407979):
         solver_map, latent, calls = _calibrate(flux, conditioning, seed=value, save=False)
         assert calls > 0 and solver_map.info["seed"] == value and torch.isfinite(latent["samples"]).all()
+
+
+def test_a_tuned_map_is_saved_with_its_tuning(pack, flux, conditioning, hyca_folder):
+    """tune (on by default) replays the probe's settings with the next seed: the saved map holds what won."""
+    tuning = pack.hyca_core.tuning
+    solver_map, _, calls = _calibrate(flux, conditioning, tune=True)
+    assert solver_map.info["tuned_seed"] == SETTINGS["seed"] + 1 and solver_map.info["tuned"]
+    (saved,) = hyca_folder.iterdir()
+    loaded = pack.hyca_core.solver_map.SolverMap.load(saved)
+    assert tuning.from_info(loaded.info) == tuning.from_info(solver_map.info)
+    # every run of the tuning samples all its steps (predicted ones too): more calls than the probe's
+    assert calls > SETTINGS["steps"]
+
+
+def test_a_failed_tuning_keeps_the_probed_map(pack, flux, conditioning, hyca_folder, monkeypatch, caplog):
+    """The probe is paid for: tuning running out of memory must not lose its map."""
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(pack.hyca_core.tuning, "tune", out_of_memory)
+    solver_map, _, _ = _calibrate(flux, conditioning, tune=True)
+    assert "tuned" not in solver_map.info and len(list(hyca_folder.iterdir())) == 1
+    assert "tuning failed (CUDA out of memory); the map is kept untuned" in caplog.text
 
 
 def test_the_probe_seed_stays_fixed_between_queues(pack):

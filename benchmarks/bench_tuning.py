@@ -1,0 +1,147 @@
+"""Closed-loop tuning on the trained reference model (issue 13).
+
+Calibrates on one (class, seed) pair through HyCa Calibrate's `probe`, tunes as Calibrate does (within 3x
+the probe's model compute, scored against one more full run with the next seed), then evaluates on
+held-out (class, seed) pairs at N = 3, 4, 5, 6, 8: HyCa following the tuning (Apply's defaults now),
+Apply's fixed defaults without tuning (warm-up 2, fixed placement), every tuning candidate, and plain
+fewer steps (the better of euler and dpmpp_2m) at the compute of the every-N schedule. Scores are
+`latent_psnr` against 30-step full compute, the mean over the held-out pairs. Also prints, per N, the
+Spearman rank correlation of the candidates' scores between the held-out pairs and (a) a replay of the
+probe's own pair, (b) the tuning's single held-out seed.
+
+    python benchmarks/bench_tuning.py [--pairs 12] [--cfg 2] [--out benchmarks/results/tuning-wan.txt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from harness import node_pack, reference_model  # noqa: E402
+from harness.metrics import latent_psnr  # noqa: E402
+from harness.reference_data import NUM_CLASSES  # noqa: E402
+
+PROBE_CLASS, PROBE_SEED, HELD_OUT_SEED = 4, 3, 1000
+INTERVALS = (3, 4, 5, 6, 8)
+
+
+def mean_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over the batch of each pair's latent PSNR."""
+    return sum(latent_psnr(o, r) for o, r in zip(output, reference)) / len(reference)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, default=12, help="held-out (class, seed) pairs")
+    parser.add_argument("--steps", type=int, default=reference_model.STEPS)
+    parser.add_argument("--cfg", type=float, default=reference_model.CFG)
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # the model is too small to gain from intra-op threads (harness/demo.py)
+
+    pack = node_pack.load()
+    Schedule = pack.hyca_core.schedule.Schedule
+    tuning = pack.hyca_core.tuning
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
+    model = reference_model.load()
+    steps, cfg = args.steps, args.cfg
+    positive, negative = reference_model.conditioning(PROBE_CLASS), reference_model.unconditional()
+    latent = {"samples": reference_model.empty_latent(1)}
+
+    start = time.process_time()
+    solver_map, probe_out = pack.nodes.calibrate_node.probe(model, PROBE_SEED, steps, cfg, "euler", "simple",
+                                                            positive, negative, latent, Schedule())
+    probe_cpu = time.process_time() - start
+    start = time.process_time()
+    tuned_map, result = pack.nodes.tuning_runs.tune(model, solver_map, PROBE_SEED, steps, cfg, "euler",
+                                                    "simple", positive, negative, latent)
+    tune_cpu = time.process_time() - start
+
+    labels = [i % NUM_CLASSES for i in range(args.pairs)]
+
+    def held_out(patched, sampler="euler", count=steps):
+        return reference_model.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg,
+                                      sampler=sampler)
+
+    def one(patched, seed, sampler="euler", count=steps):
+        return reference_model.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg,
+                                      sampler=sampler)
+
+    full = held_out(model)
+    tuning_ref = one(model, PROBE_SEED + 1)
+    candidates = [tuning.Candidate(w, p) for w in tuning.WARMUPS for p in tuning.PLACEMENTS]
+    lines = [f"reference Wan model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class "
+             f"{PROBE_CLASS}, seed {PROBE_SEED}); {args.pairs} held-out pairs (classes 0-9, batch seed "
+             f"{HELD_OUT_SEED})",
+             f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "
+             f"(budget {result.budget}); tuned N: "
+             + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items())),
+             f"CPU time: probe and calibration {probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
+             f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
+             f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'rho probe':>10} "
+             f"{'rho 1 seed':>11} {'miss probe':>11} {'miss 1 seed':>12} "
+             f"{'lead probe/1 seed/held':>23}"]
+    for n in INTERVALS:
+        computed = tuning.computed_steps(steps, n)
+        held, probe_scores, seed_scores = {}, {}, {}
+        for candidate in candidates:
+            patched = apply_hyca(model, solver_map, Schedule(interval=n, warmup=candidate.warmup),
+                                 placement=candidate.placement)
+            held[candidate] = mean_psnr(held_out(patched), full)
+            probe_scores[candidate] = latent_psnr(one(patched, PROBE_SEED), probe_out["samples"])
+            seed_scores[candidate] = latent_psnr(one(patched, PROBE_SEED + 1), tuning_ref)
+        follows = apply_hyca(model, tuned_map, Schedule(interval=n), tuned_warmup=True)
+        tuned_score = mean_psnr(held_out(follows), full)
+        source_n, chosen = tuning.nearest(result.tuned, n) or (n, None)
+        used = f"N={source_n} w{chosen.candidate.warmup} {chosen.candidate.placement[:3]}" if chosen else "-"
+        fixed = held[tuning.Candidate(2, "fixed")]
+        plain = {s: mean_psnr(held_out(model, s, computed), full) for s in tuning.PLAIN_SAMPLERS}
+        sampler = max(plain, key=plain.get)
+        best = max(held, key=held.get)
+        order = list(held)
+        rho_probe = spearmanr([held[c] for c in order], [probe_scores[c] for c in order])[0]
+        rho_seed = spearmanr([held[c] for c in order], [seed_scores[c] for c in order])[0]
+        # at equal compute: how far below the held-out best the probe's / one seed's favourite lands
+        equal = [c for c in candidates if tuning.computed_steps(steps, n, c.warmup) <= computed]
+        top = max(held[c] for c in equal)
+        miss_probe = top - held[max(equal, key=probe_scores.get)]
+        miss_seed = top - held[max(equal, key=seed_scores.get)]
+        # the default's lead over the best plain sampler as the probe's replay, the one seed and the
+        # held-out pairs see it
+        default = tuning.Candidate(2, "fixed")
+
+        def best_plain(seed, reference, count=computed):
+            return max(latent_psnr(one(model, seed, s, count), reference) for s in tuning.PLAIN_SAMPLERS)
+
+        leads = [probe_scores[default] - best_plain(PROBE_SEED, probe_out["samples"]),
+                 seed_scores[default] - best_plain(PROBE_SEED + 1, tuning_ref), fixed - plain[sampler]]
+        best_label = f"{best.label()} ({tuning.computed_steps(steps, n, best.warmup)}) {held[best]:.2f}"
+        lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
+                     f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
+                     f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f} {miss_probe:>11.2f} "
+                     f"{miss_seed:>12.2f} {'/'.join(f'{x:+.2f}' for x in leads):>23}")
+    lines.append("")
+    lines += ["full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
+              "many steps.",
+              "as: the tuning the run followed (nearest tuned N, warm-up, placement).",
+              "rho: Spearman correlation over the 6 candidates of held-out scores with the probe's replay / "
+              "the tuning's one held-out seed.",
+              "miss: held-out dB lost by the candidate the probe's replay / the one seed ranks first, among "
+              "those at no more full steps than the every-N schedule.",
+              "lead: the fixed default's dB over the best plain sampler on the probe's replay / the one "
+              "seed / the held-out pairs."]
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Closed-loop tuning: per interval N, the schedule a map's runs predict best with, chosen by the image.
+
+The probe's open-loop next-step error does not tell which warm-up or placement gives the closer image, so
+each candidate is replayed (the whole sampling, the cache in the loop) and scored by the `latent_psnr` of
+its final output against a full-compute reference. The reference is a run the map was not calibrated on
+(another noise seed): replaying the probe itself overstates HyCa, since the map was fitted on it. Plain
+sampling with fewer steps at the same compute is scored too: where it comes closer, the map says so.
+
+Cost is counted in model computations (sampler steps computed fully) against `BUDGET` full runs of the
+probe, the reference run included. That does not cover every interval at a typical step count: the
+default N is tuned first (what Apply runs unless asked otherwise), then the others cheapest first while
+their runs fit; an untuned interval follows the nearest tuned one. Warm-up variants take what is left.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import defaults
+from .closeness import latent_psnr
+from .schedule import Schedule
+
+PLACEMENTS = ("fixed", "calibrated")
+WARMUPS = (1, 2, 3)  # longer warm-ups let longer-history pool members in, at the cost of full steps
+INTERVALS = (3, 4, 6, 8)
+PLAIN_SAMPLERS = ("euler", "dpmpp_2m")  # first order, and the stock second-order multistep sampler
+BUDGET = 3.0  # the whole tuning, reference run included, in full-compute runs of the probe
+MAX_TUNED = 32  # intervals a map may hold tuning for: bounds the map's info
+MAX_INTERVAL = 10_000
+MAX_PSNR = 1000.0  # a bound for validation only; finite scores stay far below
+
+
+@dataclass(frozen=True)
+class Candidate:
+    warmup: int
+    placement: str
+
+    def label(self) -> str:
+        return f"warm-up {self.warmup}, {self.placement} placement"
+
+
+BASELINES = tuple(Candidate(defaults.WARMUP, p) for p in PLACEMENTS)  # always scored first
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """What tuning found at one interval: the best candidate and its score, and the best plain run at the
+    same compute (`computed` model computations of the every-N schedule with the default warm-up)."""
+
+    candidate: Candidate
+    psnr: float
+    computed: int
+    plain_sampler: str
+    plain_psnr: float
+
+    @property
+    def plain_wins(self) -> bool:
+        return self.plain_psnr > self.psnr
+
+    def to_info(self) -> dict:
+        return {"warmup": self.candidate.warmup, "placement": self.candidate.placement,
+                "psnr": round(self.psnr, 3), "computed": self.computed,
+                "plain": {"sampler": self.plain_sampler, "psnr": round(self.plain_psnr, 3)}}
+
+    @classmethod
+    def from_info(cls, entry: dict) -> Tuned:
+        plain = entry["plain"]
+        return cls(Candidate(entry["warmup"], entry["placement"]), entry["psnr"], entry["computed"],
+                   plain["sampler"], plain["psnr"])
+
+
+@dataclass
+class Tuning:
+    """A tuning's outcome: per tuned interval what won, every score (for ranking studies), the cost."""
+
+    tuned: dict[int, Tuned]
+    scores: dict[int, dict[Candidate | str, float]]  # per N: candidate or plain sampler -> dB
+    computed: int  # model computations spent, the reference run included
+    budget: int
+
+    def to_info(self) -> dict:
+        return {str(n): t.to_info() for n, t in sorted(self.tuned.items())}
+
+
+def computed_steps(steps: int, interval: int, warmup: int = defaults.WARMUP) -> int:
+    """Full computations of a `steps`-step run at this interval and warm-up (calibrated placement keeps
+    the same number)."""
+    return int(Schedule(interval=interval, warmup=warmup).mask(steps).sum())
+
+
+def intervals_for(steps: int, intervals=INTERVALS) -> list[int]:
+    """The intervals worth tuning for a run of `steps` steps, those that predict some step, in the order
+    tuning spends its budget on them: the default N, then the others cheapest first."""
+    useful = [n for n in intervals if computed_steps(steps, n) < steps]
+    return sorted(useful, key=lambda n: (n != defaults.INTERVAL, computed_steps(steps, n)))
+
+
+def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int], object], reference,
+         steps: int, intervals=INTERVALS, budget: float = BUDGET,
+         progress: Callable[[int, int], None] | None = None) -> Tuning:
+    """Score candidates per interval against `reference` (a full-compute output of `steps` steps the map
+    was not calibrated on) and keep the best; `replay(candidate, n)` and `plain(sampler, steps)` return
+    the final output of that run from the reference's noise and conditioning.
+
+    First, per interval (in `intervals_for`'s order, while the budget holds): both placements at the
+    default warm-up and the plain samplers at the same compute; then, with what is left, the other
+    warm-ups at the better placement, each only if it computes no more than that compute."""
+    limit = int(budget * steps)
+    spent = steps  # the reference run
+    scores: dict[int, dict[Candidate | str, float]] = {}
+
+    def score(n: int, key, output, cost: int) -> None:
+        nonlocal spent
+        spent += cost
+        value = latent_psnr(output, reference)
+        if math.isfinite(value):  # a diverged run (NaN) or an exact copy ranks nowhere
+            scores[n][key] = value
+        if progress is not None:
+            progress(min(spent, limit), limit)
+
+    todo = intervals_for(steps, intervals)
+    for n in todo:
+        cost = computed_steps(steps, n)
+        if spent + (len(BASELINES) + len(PLAIN_SAMPLERS)) * cost > limit:
+            continue
+        scores[n] = {}
+        for candidate in BASELINES:
+            score(n, candidate, replay(candidate, n), cost)
+        for sampler in PLAIN_SAMPLERS:
+            score(n, sampler, plain(sampler, cost), cost)
+    for n in scores:
+        best = _best(scores[n], BASELINES)
+        if best is None:
+            continue
+        for warmup in WARMUPS:
+            candidate = Candidate(warmup, best.placement)
+            cost = computed_steps(steps, n, warmup)
+            if candidate in scores[n] or cost > computed_steps(steps, n) or spent + cost > limit:
+                continue
+            score(n, candidate, replay(candidate, n), cost)
+    tuned = {}
+    for n, table in scores.items():
+        best = _best(table, [k for k in table if isinstance(k, Candidate)])
+        sampler = _best(table, PLAIN_SAMPLERS)
+        if best is not None and sampler is not None:
+            tuned[n] = Tuned(best, table[best], computed_steps(steps, n), sampler, table[sampler])
+    return Tuning(tuned, scores, spent, limit)
+
+
+def _best(table: dict, keys):
+    scored = [k for k in keys if k in table]
+    return max(scored, key=table.__getitem__) if scored else None
+
+
+def nearest(tuned: dict[int, Tuned], interval: int) -> tuple[int, Tuned] | None:
+    """The tuning for `interval`, or for the nearest tuned one (ties: the smaller, which computes more)."""
+    if not tuned:
+        return None
+    n = min(tuned, key=lambda k: (abs(k - interval), k))
+    return n, tuned[n]
+
+
+def from_info(info: dict) -> dict[int, Tuned]:
+    """A map info's tuning (checked by `check_info`), {} if it holds none."""
+    return {int(n): Tuned.from_info(entry) for n, entry in info.get("tuned", {}).items()}
+
+
+def check_info(value) -> None:
+    """Raise ValueError unless `value` is what `Tuning.to_info` makes: at most MAX_TUNED intervals, each
+    with a known warm-up, placement and plain sampler and finite scores."""
+    if not isinstance(value, dict) or len(value) > MAX_TUNED:
+        raise ValueError(f"must map at most {MAX_TUNED} intervals to their tuning")
+    for n, entry in value.items():
+        if not (isinstance(n, str) and n.isdecimal() and 1 <= int(n) <= MAX_INTERVAL):
+            raise ValueError(f"interval {n!r} is not a number of steps")
+        plain = entry.get("plain") if isinstance(entry, dict) else None
+        ok = (isinstance(entry, dict) and entry.keys() == {"warmup", "placement", "psnr", "computed", "plain"}
+              and entry["warmup"] in WARMUPS and type(entry["warmup"]) is int
+              and entry["placement"] in PLACEMENTS
+              and _is_int(entry["computed"], MAX_INTERVAL) and _is_score(entry["psnr"])
+              and isinstance(plain, dict) and plain.keys() == {"sampler", "psnr"}
+              and plain["sampler"] in PLAIN_SAMPLERS and _is_score(plain["psnr"]))
+        if not ok:
+            raise ValueError(f"the tuning for N={n} is malformed")
+
+
+def _is_int(value, most: int) -> bool:
+    return type(value) is int and 1 <= value <= most
+
+
+def _is_score(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and abs(value) <= MAX_PSNR

@@ -1,0 +1,120 @@
+"""Closed-loop tuning (HyCa Calibrate's `tune`) on the trained reference model, and HyCa Apply following
+a map's tuning."""
+
+import logging
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from harness import reference_model, sampling
+from harness.metrics import latent_psnr
+
+from .conftest import LATENT
+
+STEPS, SEED, CFG = 12, 3, 1.0  # 12 steps: the 3x budget tunes the default N=4 and warm-up 1 there
+
+
+@pytest.fixture(scope="module")
+def wan():
+    return reference_model.load()
+
+
+@pytest.fixture(scope="module")
+def tuned(pack, wan):
+    """The probe's map, tuned, with the number of model computations the tuning ran (block 0's calls)."""
+    latent = {"samples": reference_model.empty_latent(1)}
+    conditioning = reference_model.conditioning(4), reference_model.unconditional()
+    schedule = pack.hyca_core.schedule.Schedule(interval=4)
+    solver_map, _ = pack.nodes.calibrate_node.probe(wan, SEED, STEPS, CFG, "euler", "simple", *conditioning,
+                                                    latent, schedule)
+    calls = []
+    hook = wan.model.diffusion_model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        tuned_map, result = pack.nodes.tuning_runs.tune(wan, solver_map, SEED, STEPS, CFG, "euler", "simple",
+                                                        *conditioning, latent)
+    finally:
+        hook.remove()
+    return tuned_map, result, len(calls), conditioning
+
+
+def test_tuning_keeps_the_candidate_closest_to_a_held_out_run_within_budget(pack, wan, tuned):
+    tuned_map, result, calls, conditioning = tuned
+    assert calls == result.computed <= 3 * STEPS  # the count is what the model ran, within 3 probes
+    assert sorted(result.tuned) == [4] and tuned_map.info["tuned_seed"] == SEED + 1
+    Candidate = pack.hyca_core.tuning.Candidate
+    assert {Candidate(2, "fixed"), Candidate(2, "calibrated"), "euler", "dpmpp_2m"} < result.scores[4].keys()
+    assert any(isinstance(c, Candidate) and c.warmup == 1 for c in result.scores[4])
+    reference = reference_model.sample(wan, [4], seed=SEED + 1, steps=STEPS, cfg=CFG)
+    for n, chosen in result.tuned.items():
+        candidates = {k: v for k, v in result.scores[n].items() if isinstance(k, Candidate)}
+        assert len(candidates) >= 2 and chosen.psnr == max(candidates.values())
+        assert chosen.candidate == max(candidates, key=candidates.get)
+        # the score is the held-out seed's, measured again here through apply_hyca
+        schedule = pack.hyca_core.schedule.Schedule(interval=n, warmup=chosen.candidate.warmup)
+        patched = pack.nodes.apply_hyca.apply_hyca(wan, tuned_map, schedule,
+                                                   placement=chosen.candidate.placement)
+        replayed = sampling.sample(patched, *conditioning, reference_model.empty_latent(1), steps=STEPS,
+                                   cfg=CFG, seed=SEED + 1)
+        assert latent_psnr(replayed, reference) == pytest.approx(chosen.psnr, abs=1e-3)
+        plain = sampling.sample(wan, *conditioning, reference_model.empty_latent(1), steps=chosen.computed,
+                                cfg=CFG, seed=SEED + 1, sampler=chosen.plain_sampler)
+        assert latent_psnr(plain, reference) == pytest.approx(chosen.plain_psnr, abs=1e-3)
+
+
+def test_a_tuned_map_round_trips_and_a_malformed_tuning_is_refused(pack, tuned, tmp_path):
+    tuned_map = tuned[0]
+    path = tuned_map.save(tmp_path / "tuned.hyca.safetensors")
+    loaded = pack.hyca_core.solver_map.SolverMap.load(path)
+    assert loaded.info["tuned"] == tuned_map.info["tuned"]
+    assert pack.hyca_core.tuning.from_info(loaded.info) == pack.hyca_core.tuning.from_info(tuned_map.info)
+    entry = next(iter(tuned_map.info["tuned"].values()))
+    for bad in ({"5": {**entry, "placement": "anywhere"}}, {"5": {**entry, "psnr": float("nan")}},
+                {str(n): entry for n in range(1, 40)}, {"five": entry}):
+        with pytest.raises(pack.hyca_core.solver_map.MapError, match="info tuned"):
+            replace(tuned_map, info={"tuned": bad}).save(tmp_path / "bad.hyca.safetensors")
+    assert not (tmp_path / "bad.hyca.safetensors").exists()
+
+
+def _tuned_as(solver_map, **entries):
+    """The map with a tuning of N -> (warm-up, placement, HyCa dB, plain dB)."""
+    tuning = {str(n): {"warmup": w, "placement": p, "psnr": x, "computed": 4,
+                       "plain": {"sampler": "dpmpp_2m", "psnr": y}} for n, (w, p, x, y) in entries.items()}
+    return replace(solver_map, info={**solver_map.info, "tuned": tuning})
+
+
+def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_win(
+        pack, flux, solver_map, conditioning, finished, caplog):
+    tuned_map = _tuned_as(solver_map, **{"4": (1, "calibrated", 30.0, 32.5)})
+    plain = pack.nodes.apply_node.HyCaCacheSpeedUp
+    (patched,) = plain.execute(flux, speed_up=2.0, solver_map=tuned_map).args  # 12 steps: N=3
+    with caplog.at_level(logging.INFO):
+        sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
+    (state,) = finished
+    Schedule = pack.hyca_core.schedule.Schedule
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(flux.get_model_object("model_sampling"), "simple", 12).numpy()
+    fixed = Schedule(interval=3, warmup=1).mask(12)
+    expected = tuned_map.compile(sigmas[:-1], Schedule(interval=3, warmup=1), budget=int(fixed.sum())).mask
+    assert np.array_equal(state.plan.mask, expected) and not np.array_equal(expected, fixed)
+    assert "tuned for N=4 (the nearest tuned N to N=3): warm-up 1, calibrated placement" in caplog.text
+    assert "4 plain steps of dpmpp_2m gave a closer image than HyCa in calibration (32.5 dB vs 30.0 dB)" \
+        in caplog.text
+
+
+def test_explicit_advanced_settings_override_the_tuning(pack, flux, solver_map, conditioning, finished):
+    tuned_map = _tuned_as(solver_map, **{"3": (1, "calibrated", 40.0, 30.0)})
+    advanced = pack.nodes.apply_node.HyCaApply
+    settings = dict(interval=3, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=False,
+                    granularity="auto", history_dtype="auto", offload_history=False)
+    masks = []
+    for warmup, placement in ((0, "auto"), (2, "fixed")):
+        (patched,) = advanced.execute(flux, **settings, warmup=warmup, placement=placement,
+                                      solver_map=tuned_map).args
+        sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
+        masks.append(finished[-1].plan.mask)
+    tuned, explicit = masks
+    assert np.array_equal(explicit, pack.hyca_core.schedule.Schedule(3, 2).mask(12))
+    assert tuned[0] and not tuned[1] and not np.array_equal(tuned, explicit)  # warm-up 1, the tuned one
