@@ -38,12 +38,17 @@ def test_a_cancelled_calibration_starts_no_further_block(monkeypatch):
     monkeypatch.setattr(calibration, "_block_map", lambda *args: started.append(1) or block_map(*args))
     monkeypatch.setattr(calibration.os, "cpu_count", lambda: 1)
 
+    at_cancel = []
+
     def cancel(done, total):
+        at_cancel.append(len(started))
         raise InterruptedError("cancelled")  # ComfyUI's progress hook raises when the user cancels
 
     with pytest.raises(InterruptedError):
         calibrate(trajectories, Schedule(interval=3, warmup=3), progress=cancel)
-    assert len(started) <= 2  # the first block, and the one the worker had already begun
+    # The blocks begun by then, and at most one more: the one worker may take the next block between the
+    # cancel and the pool's shutdown (how many it began before depends on the machine's load).
+    assert at_cancel and len(started) <= at_cancel[0] + 1
 
 
 def _recorded(scale: float) -> TrajectoryRecorder:
