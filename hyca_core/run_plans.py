@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import defaults
 from .schedule import Schedule, calibrated_mask
 from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
                         single)
@@ -65,8 +66,8 @@ class CompiledMap:
         return self.tables[key][step]
 
 
-def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = True,
-                per_position: bool = True, budget: int | None = None,
+def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
+                fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
                 only: tuple[str, str] | None = None) -> CompiledMap:
     """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
