@@ -151,6 +151,7 @@ def test_calibrate_apply_and_sample_through_the_prompt_api(server):
             warmup=warmup,
             save=True,
             recalibrate=True,  # the reference model's map ships in calibrations/: probe anew, at full compute
+            tune=False,  # tuning's replays log runs of their own; this test reads the sampling run's
         ),
         "7": _api_node(
             info, "HyCaApply", model=["2", 0], interval=interval, warmup=warmup, solver_map=["6", 0]
