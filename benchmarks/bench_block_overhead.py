@@ -81,7 +81,9 @@ def compiled_map(pack, keys, step_sigmas: np.ndarray, schedule):
     """A map of the block's two streams calibrated on synthetic trajectories, compiled for the run."""
     sigmas, values, _ = mixture(steps=50, rows=32, channels_per_group=HIDDEN // 4, seed=0, shift=3.0)
     Trajectory = pack.hyca_core.trajectories.Trajectory
-    solver_map = pack.hyca_core.calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
+    # calibration (scikit-learn) is not imported with the pack
+    calibration = importlib.import_module(f"{pack.__name__}.hyca_core.calibration")
+    solver_map = calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
     return solver_map.compile(step_sigmas, schedule)
 
 
