@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 from . import node_pack, reference_model
 from .metrics import image_psnr
 from .reference_data import NUM_CLASSES, grid
+from .wall_clock import amdahl_bound, block_share
 
 DIFFERENCE_GAIN = 4  # the difference panel shows 4x |HyCa - full|
 
@@ -39,29 +40,6 @@ class _QuietAudio(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("torchaudio missing")
-
-
-def block_share(model, run) -> float:
-    """The share of one run's wall-clock time spent inside the transformer blocks (timing hooks)."""
-    blocks = model.model.diffusion_model.blocks
-    spent, started = [0.0], {}
-
-    def before(module, args):
-        started[module] = time.perf_counter()
-
-    def after(module, args, output):
-        spent[0] += time.perf_counter() - started.pop(module)
-
-    handles = [h for block in blocks for h in (block.register_forward_pre_hook(before),
-                                                block.register_forward_hook(after))]
-    try:
-        start = time.perf_counter()
-        run()
-        total = time.perf_counter() - start
-    finally:
-        for handle in handles:
-            handle.remove()
-    return spent[0] / total
 
 
 def interleaved_runs(runs: dict, repeats: int) -> tuple[dict[str, float], dict]:
@@ -121,14 +99,15 @@ def main(argv=None) -> None:
         return lambda: reference_model.sample(m, labels, seed=args.seed, steps=steps, cfg=args.cfg)
 
     runs = {"full": sampler(model), "hyca": sampler(patched), "fewer": sampler(model, computed)}
-    share = block_share(model, runs["full"])  # also warms ComfyUI's caches for the timed runs
+    # also warms ComfyUI's caches for the timed runs
+    share = block_share(runs["full"], model.model.diffusion_model.blocks)
     seconds, latents = interleaved_runs(runs, args.repeats)
 
     images = {name: reference_model.decode(latent) for name, latent in latents.items()}
     classifier = reference_model.load_classifier()
     read = {name: int((classifier.predict(x) == torch.tensor(labels)).sum()) for name, x in images.items()}
     ratio = args.steps / computed
-    amdahl = 1 / ((1 - share) + share / ratio)
+    amdahl = amdahl_bound(share, 1 / ratio, 1.0)
 
     print(f"model: the reference Wan 2.1-layout transformer ({reference_model.WEIGHTS.name}), "
           f"{args.batch} images, {args.steps} steps, cfg {args.cfg}, euler / simple")

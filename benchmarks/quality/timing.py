@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import torch
 
+from harness.wall_clock import amdahl_bound, block_share  # noqa: F401  (this module's measures)
+
 
 def assert_unhooked(modules: list[torch.nn.Module]) -> None:
     """A timed run must not carry counting or timing hooks: their Python calls cost time per block."""
@@ -50,35 +52,3 @@ def interleaved(jobs: list[Callable[[], object]], rounds: int, before: Callable[
 def spread(runs: list[float]) -> float:
     """(slowest - fastest) / median: the relative noise of repeated runs."""
     return (max(runs) - min(runs)) / statistics.median(runs)
-
-
-def amdahl_bound(share: float, blocks_fraction: float, passes_fraction: float) -> float:
-    """The highest wall-clock speed-up over full compute a method can reach if what it puts in place
-    of a block costs nothing: full compute's time is `share` inside the blocks and the rest outside
-    (embeddings, final layer, sampler), which scales at most with the model passes kept. Fractions:
-    the method's block executions and model passes over full compute's."""
-    return 1 / ((1 - share) * passes_fraction + share * blocks_fraction)
-
-
-def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],
-                clock: Callable[[], float] = time.perf_counter) -> float:
-    """The share of one run's time spent inside the blocks, timed by pre/post forward hooks in this
-    run only (never a run whose time is reported)."""
-    inside, started = [0.0], [0.0]
-
-    def pre(*_):
-        started[0] = clock()
-
-    def post(*_):
-        inside[0] += clock() - started[0]
-
-    handles = ([b.register_forward_pre_hook(pre) for b in blocks]
-               + [b.register_forward_hook(post) for b in blocks])
-    try:
-        start = clock()
-        run()
-        total = clock() - start
-    finally:
-        for handle in handles:
-            handle.remove()
-    return inside[0] / total
