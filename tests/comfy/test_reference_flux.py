@@ -76,12 +76,6 @@ def test_samples_show_their_class(model, classifier):
     assert accuracy >= MIN_SAMPLE_ACCURACY, accuracy
 
 
-def test_classifier_reads_real_shapes(classifier):
-    images, labels = shapes_data.make_dataset(100, seed=99)
-    predicted = classifier.predict(torch.from_numpy(images).float() / 255).numpy()
-    assert (predicted == labels).mean() >= 0.95
-
-
 def test_encode_decode_are_exact_inverses():
     import comfy.latent_formats
 
@@ -126,11 +120,3 @@ def test_out_of_place_forward_equals_comfy_and_trains():
         velocity(x, t, [0, 4, shapes_data.NUM_CLASSES]).square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in flux.parameters())
     assert flux.double_blocks[0].img_attn.qkv.weight.grad.abs().sum() > 0
-
-
-def test_its_solver_map_ships_in_calibrations_and_is_found(pack, model):
-    found = pack.nodes.map_store.find(model)
-    assert found is not None and found.parent == pack.nodes.map_store.SHIPPED
-    solver_map = pack.hyca_core.solver_map.SolverMap.load(found)
-    patching = pack.nodes.patching
-    solver_map.check_fits(patching.model_architecture(model), patching.block_widths(model))
