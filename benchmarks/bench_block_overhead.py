@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness import node_pack, tiny_models  # noqa: E402
+from harness.wall_clock import median_times  # noqa: E402
 from harness.synthetic import flow_sigmas, mixture  # noqa: E402
 
 HIDDEN, HEADS, MLP_RATIO = 3072, 24, 4.0
@@ -163,16 +164,8 @@ def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: i
             histories[1, s][0].push_difference(outputs[s], before)
 
     fns = [predict_then_add, predict_onto_input, push_the_difference_made, push_difference]
-    for fn in fns:  # warm-up: compiled kernels, allocations
-        fn()
-    times = [[] for _ in fns]
     with torch.inference_mode():
-        for _ in range(reps):
-            for fn, acc in zip(fns, times):
-                start = time.perf_counter()
-                fn()
-                acc.append(time.perf_counter() - start)
-    return tuple(statistics.median(t) for t in times)
+        return tuple(median_times(fns, reps, warmup=1))
 
 
 def main() -> int:

@@ -22,7 +22,6 @@ that use them and scattered back (index_select, index_add_).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,22 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hyca_core import fused  # noqa: E402
 from hyca_core.predict import predict, prepare  # noqa: E402
 from hyca_core.solvers import POOL  # noqa: E402
+from harness.wall_clock import median_times  # noqa: E402
 
 SHAPE = (1, 4096, 3072)
 LIMIT = 2.5
-
-
-def _median_times(fns, reps: int, warmup: int = 3) -> list[float]:
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, acc in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def map_coefficients(m: int, channels: int) -> torch.Tensor:
@@ -74,7 +61,7 @@ def crossover(reps: int) -> None:
             coeffs = map_coefficients(m, shape[-1])
             eager, weights = (prepare(coeffs, dtype, "cpu", fused=f) for f in (False, True))
             out = torch.empty(shape, dtype=dtype)
-            t_eager, t_fused = _median_times([lambda: predict(history, eager, out),
+            t_eager, t_fused = median_times([lambda: predict(history, eager, out),
                                               lambda: fused.weighted_sum(history, weights.fused, out)], reps)
             print(f"{str(dtype):15s} m={m} {history[0].numel() / 2**20:6.3f} M elements"
                   f"  eager {t_eager * 1e6:8.0f}  fused {t_fused * 1e6:8.0f}")
@@ -100,7 +87,7 @@ def grouped(reps: int) -> None:
             picked = [h.index_select(-1, channels) for h in history[:2]]
             out.index_add_(-1, channels, (picked[0] * extra[0] + picked[1] * extra[1]).to(dtype))
 
-        t_dense, t_grouped = _median_times([lambda: predict(history, weights, out), gathered], reps)
+        t_dense, t_grouped = median_times([lambda: predict(history, weights, out), gathered], reps)
         print(f"{str(dtype):15s} dense {t_dense * 1e3:7.2f} ms  grouped {t_grouped * 1e3:7.2f} ms "
               f"({t_grouped / t_dense:.2f}x)")
 
@@ -128,7 +115,7 @@ def main() -> int:
                 predict(history, compiled, out)
                 print(f"  (fused kernel for m={m} {dtype} ready in {time.perf_counter() - compiling:.1f} s)")
             # history bound now: the loop deletes it below to free the residuals before the next row
-            t_add, t_eager, t_compiled = _median_times(
+            t_add, t_eager, t_compiled = median_times(
                 [lambda: torch.add(a, b, out=add_out), lambda h=history: predict(h, eager, out),
                  lambda h=history: predict(h, compiled, out)], args.reps)
             ratio = t_compiled / t_add

@@ -1,8 +1,9 @@
-"""What bounds a wall-clock speed-up: the share of a run spent inside the transformer blocks, and
-Amdahl's law with free prediction. Shared by the benchmark and the demo."""
+"""Wall-clock measures shared by the benchmarks and the demo: interleaved medians of small timed calls,
+the share of a run spent inside the transformer blocks, and Amdahl's law with free prediction."""
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -39,3 +40,19 @@ def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],
         for handle in handles:
             handle.remove()
     return inside[0] / total
+
+
+def median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 3) -> list[float]:
+    """Each call's median time over ``reps`` rounds, the calls taking turns within a round (so load
+    changes on a shared machine touch them alike), after ``warmup`` untimed rounds (compiled kernels,
+    allocations)."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
