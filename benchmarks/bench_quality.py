@@ -108,7 +108,7 @@ def benchmark(name: str, args, pack) -> bool:
     seeds = tuple(run.EVAL_SEED0 + i for i in range(plan.pairs))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.overhead:
-        run.overhead(bench, methods, [run.Setting(labels, seeds, size) for size in plan.sizes],
+        run.overhead(bench, methods, [run.Setting(labels, seeds, size, spec.main_cfg) for size in plan.sizes],
                      plan.intervals, args.overhead)
         stem(args, "overhead", name).with_suffix(".txt").write_text("\n".join(lines) + "\n")
         return True
@@ -119,7 +119,8 @@ def benchmark(name: str, args, pack) -> bool:
     say(report.COLUMNS)
     sections, verdicts, timing_ok = [], [], True
     for index, size in enumerate(plan.sizes):
-        section = run.size_section(bench, methods, run.Setting(labels, seeds, size), plan, trained=index == 0)
+        setting = run.Setting(labels, seeds, size, spec.main_cfg)
+        section = run.size_section(bench, methods, setting, plan, trained=index == 0)
         sections.append(section)
         say()
         for line in section.table():

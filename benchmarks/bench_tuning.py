@@ -1,4 +1,4 @@
-"""Closed-loop tuning on the trained reference model (issue 13).
+"""Closed-loop tuning on a trained reference model (issue 13): the Wan-, FLUX- or Qwen-Image-layout one.
 
 Calibrates on one (class, seed) pair through HyCa Calibrate's `probe`, tunes as Calibrate does (within 3x
 the probe's model compute, scored against one more full run with the next seed), then evaluates on
@@ -9,12 +9,14 @@ fewer steps (the better of euler and dpmpp_2m) at the compute of the every-N sch
 Spearman rank correlation of the candidates' scores between the held-out pairs and (a) a replay of the
 probe's own pair, (b) the tuning's single held-out seed.
 
-    python benchmarks/bench_tuning.py [--pairs 12] [--cfg 2] [--out benchmarks/results/tuning-wan.txt]
+    python benchmarks/bench_tuning.py [--model wan|flux|qwen] [--pairs 12] [--cfg 2]
+                                      [--out benchmarks/results/tuning-wan.txt]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,9 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import node_pack, reference_model  # noqa: E402
+from harness import node_pack  # noqa: E402
 from harness.metrics import latent_psnr  # noqa: E402
-from harness.reference_data import NUM_CLASSES  # noqa: E402
+from harness.train_reference import MODELS  # noqa: E402
 
 PROBE_CLASS, PROBE_SEED, HELD_OUT_SEED = 4, 3, 1000
 INTERVALS = (3, 4, 5, 6, 8)
@@ -39,21 +41,25 @@ def mean_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="wan")
     parser.add_argument("--pairs", type=int, default=12, help="held-out (class, seed) pairs")
-    parser.add_argument("--steps", type=int, default=reference_model.STEPS)
-    parser.add_argument("--cfg", type=float, default=reference_model.CFG)
+    parser.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended)")
+    parser.add_argument("--cfg", type=float, help="guidance (default: the model's recommended)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
+    reference = importlib.import_module(MODELS[args.model])
+    args.steps = args.steps or reference.STEPS
+    args.cfg = reference.CFG if args.cfg is None else args.cfg
     torch.set_num_threads(1)  # the model is too small to gain from intra-op threads (harness/demo.py)
 
     pack = node_pack.load()
     Schedule = pack.hyca_core.schedule.Schedule
     tuning = pack.hyca_core.tuning
     apply_hyca = pack.nodes.apply_hyca.apply_hyca
-    model = reference_model.load()
+    model = reference.load()
     steps, cfg = args.steps, args.cfg
-    positive, negative = reference_model.conditioning(PROBE_CLASS), reference_model.unconditional()
-    latent = {"samples": reference_model.empty_latent(1)}
+    positive, negative = reference.conditioning(PROBE_CLASS), reference.unconditional()
+    latent = {"samples": reference.empty_latent(1)}
 
     start = time.process_time()
     solver_map, probe_out = pack.nodes.calibrate_node.probe(model, PROBE_SEED, steps, cfg, "euler", "simple",
@@ -64,20 +70,18 @@ def main(argv=None) -> None:
                                                     "simple", positive, negative, latent)
     tune_cpu = time.process_time() - start
 
-    labels = [i % NUM_CLASSES for i in range(args.pairs)]
+    labels = [i % reference.DATA.NUM_CLASSES for i in range(args.pairs)]
 
     def held_out(patched, sampler="euler", count=steps):
-        return reference_model.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg,
-                                      sampler=sampler)
+        return reference.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg, sampler=sampler)
 
     def one(patched, seed, sampler="euler", count=steps):
-        return reference_model.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg,
-                                      sampler=sampler)
+        return reference.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg, sampler=sampler)
 
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
     candidates = [tuning.Candidate(w, p) for w in tuning.WARMUPS for p in tuning.PLACEMENTS]
-    lines = [f"reference Wan model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class "
+    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class "
              f"{PROBE_CLASS}, seed {PROBE_SEED}); {args.pairs} held-out pairs (classes 0-9, batch seed "
              f"{HELD_OUT_SEED})",
              f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "

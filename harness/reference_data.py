@@ -119,12 +119,13 @@ def labels_for(n: int, seed: int) -> np.ndarray:
     return ((np.arange(n) + seed) % NUM_CLASSES).astype(np.int64)
 
 
-def make_dataset(n: int, seed: int, start: int = 0, render=render) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``start .. start+n-1`` of the data set ``seed``: uint8 (n, 32, 32, 3) and int64 labels (n,).
+def make_dataset(n: int, seed: int, start: int = 0, render=render,
+                 size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``start .. start+n-1`` of the data set ``seed``: uint8 (n, size, size, 3) and int64 labels (n,).
 
     ``render(class_id, rng)`` draws one image (the digits by default; other data sets pass theirs)."""
     labels = labels_for(start + n, seed)[start:]
-    images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
     for i, label in enumerate(labels):
         images[i] = render(int(label), np.random.default_rng([seed, start + i]))
     return images, labels

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from pathlib import Path
-
 import torch
 
-from . import comfy_runtime, flux_training
+from . import comfy_runtime, flux_training, model_files
 from . import reference_model as wan_reference
 from . import shapes_data
 from .reference_model import ASSETS, Classifier  # the judging classifier is the Wan model's CNN
@@ -68,7 +66,7 @@ TIMESTEP_SCALE = 1.0  # FLUX's model_sampling multiplier: the network sees sigma
 # The trainer's defaults for this model (harness/train_reference.py); see its log for the shipped run.
 TRAINING = dict(steps=2800, minutes=55.0, batch=32, lr=1.5e-3, warmup=150, ema=0.998)
 # The probe the shipped solver map comes from: one pair, N=6.
-MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3)
+MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3, cfg=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,30 +210,7 @@ with_shift = functools.partial(wan_reference.with_shift, multiplier=TIMESTEP_SCA
 def load(path=None, shift: float | None = SHIFT):
     """The reference FLUX as ComfyUI's UNETLoader would load it if its detection read the head
     count (see the module docstring); ``shift=None`` keeps FluxSchnell's stock shift 1.0."""
-    comfy_runtime.load()
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
-    import comfy.utils
-
-    path = Path(path) if path is not None else WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: train it with `python -m harness.train_reference --model flux`")
-    state = comfy.utils.load_torch_file(str(path))
-    detected = comfy.model_detection.detect_unet_config(state, "")
-    if detected is None or detected.get("image_model") != "flux":
-        raise ValueError(f"{path} holds no FLUX diffusion model")
-    config = comfy.model_detection.model_config_from_unet_config({**detected, **HEADS}, state)
-    load_device = comfy.model_management.get_torch_device()
-    dtype = comfy.model_management.unet_dtype(model_params=comfy.utils.calculate_parameters(state),
-                                              supported_dtypes=list(config.supported_inference_dtypes),
-                                              weight_dtype=comfy.utils.weight_dtype(state))
-    config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(
-        dtype, load_device, config.supported_inference_dtypes))
-    base = config.get_model(state, "").to(comfy.model_management.unet_offload_device())
-    base.load_model_weights(state, "")
-    model = comfy.model_patcher.ModelPatcher(base, load_device=load_device,
-                                             offload_device=comfy.model_management.unet_offload_device())
+    model = model_files.load_diffusion_model(path if path is not None else WEIGHTS, "flux", HEADS, "flux")
     return with_shift(model, shift) if shift is not None else model
 
 

@@ -72,7 +72,7 @@ CFG = 2.0
 # The trainer's defaults for this model (harness/train_reference.py): the shipped run.
 TRAINING = dict(steps=6500, minutes=58.0, batch=32, lr=1.5e-3, warmup=150, ema=0.998)
 # The probe the shipped solver map comes from (and quality benchmark's calibration): one pair, N=6.
-MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3)
+MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3, cfg=1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,10 +87,11 @@ def _latent_stats(device, dtype):
     return fmt.latents_mean.to(device, dtype), fmt.latents_std.to(device, dtype)
 
 
-def image_to_model_space(images: torch.Tensor) -> torch.Tensor:
-    """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> model-space latent z (B, 16, 1, 16, 16)."""
-    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
-        raise ValueError(f"expected images of shape (B, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), "
+def image_to_model_space(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> model-space latent z (B, 16, 1, 16, 16); another
+    model's ``size`` (the Qwen-layout model's 64) gives a latent of half that size."""
+    if images.ndim != 4 or images.shape[1:] != (size, size, 3):
+        raise ValueError(f"expected images of shape (B, {size}, {size}, 3), "
                          f"got {tuple(images.shape)}")
     x = images.movedim(-1, 1).float() * 2 - 1
     z = F.pixel_unshuffle(x, 2)
@@ -99,20 +100,20 @@ def image_to_model_space(images: torch.Tensor) -> torch.Tensor:
 
 
 def model_space_to_image(z: torch.Tensor) -> torch.Tensor:
-    """Model-space latent (B, 16, 1, 16, 16) -> ComfyUI IMAGE (B, 32, 32, 3), clamped to [0, 1]."""
+    """Model-space latent (B, 16, 1, H, W) -> ComfyUI IMAGE (B, 2H, 2W, 3), clamped to [0, 1]."""
     x = F.pixel_shuffle(z[:, :IMAGE_CHANNELS, 0].float(), 2)
     return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
-def encode(images: torch.Tensor) -> torch.Tensor:
+def encode(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> the latent ComfyUI holds (B, 16, 1, 16, 16)."""
-    z = image_to_model_space(images)
+    z = image_to_model_space(images, size)
     mean, std = _latent_stats(z.device, z.dtype)
     return z * std + mean  # Wan21.process_out
 
 
 def decode(latent: torch.Tensor) -> torch.Tensor:
-    """The latent ComfyUI holds (e.g. ``comfy.sample.sample``'s output) -> IMAGE (B, 32, 32, 3)."""
+    """The latent ComfyUI holds (e.g. ``comfy.sample.sample``'s output) -> IMAGE (B, 2H, 2W, 3)."""
     mean, std = _latent_stats(latent.device, latent.float().dtype)
     return model_space_to_image((latent.float() - mean) / std)  # Wan21.process_in
 

@@ -63,7 +63,11 @@ from . import reference_model
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SEED, TEST_SEED = 0, 1
 # --model -> the module holding that model's specifics (see the module docstring)
-MODELS = {"wan": "harness.reference_model", "flux": "harness.reference_flux"}
+MODELS = {"wan": "harness.reference_model", "flux": "harness.reference_flux",
+          "qwen": "harness.reference_qwen"}
+# every shipped reference model's module, the distilled student too (its weights come from
+# harness/distill_student.py)
+REFERENCE_MODULES = [*MODELS.values(), "harness.reference_student"]
 # The (class, seed) pair a second map is probed on, to report how far the shipped map's clusters
 # depend on its probe.
 SECOND_PROBE = dict(label=5, seed=1)
@@ -249,13 +253,17 @@ def ship_map(ref, weights: Path) -> Path:
     def probe_map(label, seed):
         schedule = pack.hyca_core.schedule.Schedule(interval=probe["interval"], warmup=probe["warmup"])
         solver_map, _ = pack.nodes.calibrate_node.probe(
-            model, seed, probe["steps"], 1.0, "euler", "simple", ref.conditioning([label]),
+            model, seed, probe["steps"], probe["cfg"], "euler", "simple", ref.conditioning([label]),
             ref.unconditional(1), {"samples": ref.empty_latent(1)}, schedule)
         return solver_map
 
     solver_map = probe_map(probe["label"], probe["seed"])
+    # earlier weights' maps go; the other reference models' (a student shares its teacher's family) stay
+    others = {map_store.fingerprint(importlib.import_module(name).load())
+              for name in REFERENCE_MODULES if importlib.import_module(name).WEIGHTS.is_file()}
     for old in map_store.SHIPPED.glob(f"{solver_map.architecture.rsplit('.', 1)[-1]}-*.hyca.safetensors"):
-        old.unlink()
+        if not any(fingerprint in old.name for fingerprint in others):
+            old.unlink()
     path = solver_map.save(map_store.SHIPPED / map_store.file_name(solver_map))
     log(f"solver map shipped: {path.relative_to(ROOT)}")
     other = probe_map(**SECOND_PROBE)
@@ -283,7 +291,7 @@ def main(argv=None) -> None:
     parser.add_argument("--train-shift", type=float,
                         help="noise levels drawn logit-normally, then shifted like sampling with this shift "
                              "(default: the model's sampling shift)")
-    parser.add_argument("--uncond", type=float, default=0.1, help="share of samples trained unconditionally")
+    parser.add_argument("--uncond", type=float, help="share of samples trained unconditionally (default 0.1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, default=40000)
     parser.add_argument("--test-size", type=int, default=2000)
@@ -302,6 +310,7 @@ def main(argv=None) -> None:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.train_shift = ref.SHIFT if args.train_shift is None else args.train_shift
+    args.uncond = 0.1 if args.uncond is None else args.uncond
     args.out = args.out or ref.WEIGHTS
     args.classifier_out = args.classifier_out or ref.CLASSIFIER_WEIGHTS
     args.grid = args.grid or ROOT / "output" / f"reference_{args.model}_samples.png"
@@ -345,10 +354,10 @@ def main(argv=None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, str(path))
         model = ref.load(path, shift=ref.SHIFT)
-        accuracy, _, _ = evaluate(ref, model, classifier, args.eval_per_class, ref.STEPS, 1.0, seed=12345)
+        accuracy, _, _ = evaluate(ref, model, classifier, args.eval_per_class, ref.STEPS, ref.CFG, seed=12345)
         results[name] = (accuracy, path)
         log(f"{name} weights: full-compute sample accuracy {accuracy:.3f} "
-            f"(shift {ref.SHIFT}, {ref.STEPS} euler steps, cfg 1.0)")
+            f"(shift {ref.SHIFT}, {ref.STEPS} euler steps, cfg {ref.CFG})")
     best = max(results, key=lambda k: results[k][0])
     os.replace(results[best][1], args.out)
     for name, (_, path) in results.items():
@@ -367,16 +376,17 @@ def main(argv=None) -> None:
 
 def report_accuracy(ref, weights: Path, classifier, per_class: int, grid: Path) -> None:
     """Log the accuracy of full-compute samples at several shifts, cfg values and step counts; save a
-    grid of the samples at the recommended shift and steps, cfg 1."""
+    grid of the samples at the recommended shift, steps and cfg."""
     base = ref.load(weights, shift=None)
-    settings = [(shift, 1.0, ref.STEPS) for shift in (1.0, 2.0, 3.0, 8.0)]
-    settings += [(ref.SHIFT, 2.0, ref.STEPS), (ref.SHIFT, 1.0, 20), (ref.SHIFT, 1.0, 50)]
+    settings = [(shift, ref.CFG, ref.STEPS) for shift in (1.0, 2.0, 3.0, 8.0)]
+    settings += [(ref.SHIFT, cfg, ref.STEPS) for cfg in sorted({1.0, 2.0, 4.0} - {ref.CFG})]
+    settings += [(ref.SHIFT, ref.CFG, 20), (ref.SHIFT, ref.CFG, 50)]
     for shift, cfg, steps in settings:
         accuracy, images, labels = evaluate(ref, ref.with_shift(base, shift), classifier, per_class, steps,
                                             cfg, seed=777)
         log(f"full-compute samples, shift {shift}, cfg {cfg}, {steps} euler/simple steps: "
             f"accuracy {accuracy:.3f} on {len(labels)}")
-        if (shift, cfg, steps) == (ref.SHIFT, 1.0, ref.STEPS):
+        if (shift, cfg, steps) == (ref.SHIFT, ref.CFG, ref.STEPS):
             grid.parent.mkdir(parents=True, exist_ok=True)
             sample_grid(ref.DATA, images, labels, min(10, per_class)).save(grid)
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import reference_flux, reference_model
+from harness import reference_flux, reference_model, reference_qwen
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ class ModelSpec:
     entry: Callable[[Any], torch.nn.Module]  # ModelPatcher -> the module each model pass runs first
     classes: int
     cfg: float  # the guidance the model is meant to be sampled at
+    main_cfg: float  # the guidance of the calibration and the main sections (the matrix runs 1 and cfg)
     sizes: tuple[int, ...]  # image sizes in px, the trained one first
     classifier_size: int  # the size the classifier was trained at
 
@@ -45,10 +46,10 @@ def classify(spec: ModelSpec, classifier, images: torch.Tensor) -> torch.Tensor:
 
 
 def reference(module, title: str, blocks: Callable[[Any], list], entry: Callable[[Any], Any],
-              frames: bool) -> ModelSpec:
+              frames: bool, main_cfg: float = 1.0) -> ModelSpec:
     """A trained reference model of the harness: every such module names its weights, classifier,
     loader, conditioning and latent the same way; what differs is its layout (`blocks`, `entry`, and
-    whether its latent has a frame axis, as video models' do)."""
+    whether its latent has a frame axis, as video models' do) and the guidance of the main sections."""
     frame_axis = (1,) if frames else ()
     trained = module.LATENT_SIZE * 2  # the latent is the image pixel-unshuffled by 2
     return ModelSpec(
@@ -66,6 +67,7 @@ def reference(module, title: str, blocks: Callable[[Any], list], entry: Callable
         entry=entry,
         classes=module.NUM_CLASSES,
         cfg=module.CFG,
+        main_cfg=main_cfg,
         sizes=(trained, trained * 5 // 4),  # a larger size whose latent still splits into 2x2 patches
         classifier_size=trained,
     )
@@ -82,4 +84,10 @@ FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/refe
                                        *model.model.diffusion_model.single_blocks],
                  entry=lambda model: model.model.diffusion_model.img_in, frames=False)
 
-MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX}
+# Qwen-Image's joint blocks (an image and a text stream, one attention); real CFG against a negative.
+QWEN = reference(reference_qwen, "reference Qwen-Image-layout DiT, cfg 4 (harness/reference_qwen.py)",
+                 blocks=lambda model: list(model.model.diffusion_model.transformer_blocks),
+                 entry=lambda model: model.model.diffusion_model.img_in, frames=True,
+                 main_cfg=reference_qwen.CFG)
+
+MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX, "qwen": QWEN}

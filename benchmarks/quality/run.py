@@ -184,11 +184,11 @@ def full_result(reference: Reference, label: str = "") -> Result:
 
 
 def calibrate(bench: Bench):
-    """HyCa Calibrate's probe on ONE (class, seed) pair, 50 steps euler / simple, cfg 1."""
+    """HyCa Calibrate's probe on ONE (class, seed) pair, 50 steps euler / simple, the main sections' cfg."""
     pack, spec = bench.pack, bench.spec
     start = time.perf_counter()
     solver_map, _ = pack.nodes.calibrate_node.probe(
-        bench.model, CALIBRATION["seed"], STEPS, 1.0, "euler", "simple",
+        bench.model, CALIBRATION["seed"], STEPS, spec.main_cfg, "euler", "simple",
         spec.conditioning([CALIBRATION["label"]]), spec.negative(1),
         {"samples": spec.latent(1, spec.sizes[0])},
         pack.hyca_core.schedule.Schedule(interval=ABLATION_N, warmup=WARMUP))
@@ -197,7 +197,7 @@ def calibrate(bench: Bench):
            if line.startswith("  ")]
     clusters = [int(b.clusters) for b in solver_map.blocks.values()]
     bench.say(f"calibration: probe class {CALIBRATION['label']} seed {CALIBRATION['seed']}, {STEPS} steps "
-              f"euler/simple, cfg 1, {seconds:.1f} s; {len(clusters)} block streams, "
+              f"euler/simple, cfg {spec.main_cfg:g}, {seconds:.1f} s; {len(clusters)} block streams, "
               f"{sum(clusters)} clusters")
     bench.say("solver mix (share of channels): " + ", ".join(re.sub(r"\s+", " ", m) for m in mix))
     return solver_map

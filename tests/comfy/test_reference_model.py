@@ -1,4 +1,5 @@
-"""The trained reference model: stock ComfyUI loading, recognizable samples, exact latent mapping."""
+"""The trained reference model: stock ComfyUI loading, its samples' unused channels, the exact latent
+mapping."""
 
 import numpy as np
 import pytest
@@ -7,21 +8,10 @@ import torch
 from harness import reference_data, reference_model
 from harness.metrics import latent_psnr
 
-# Measured when the weights were trained (see harness/train_reference.py's log): with shift
-# reference_model.SHIFT, euler / simple, cfg 1, 30 samples at 20 steps the classifier recognized
-# MEASURED of them; the test asserts it with a margin for platform-dependent float differences.
-MIN_SAMPLE_ACCURACY = 0.8
-SAMPLES_PER_CLASS = 5
-
 
 @pytest.fixture(scope="module")
 def model():
     return reference_model.load()
-
-
-@pytest.fixture(scope="module")
-def classifier():
-    return reference_model.load_classifier()
 
 
 def test_weights_load_through_comfy_stock_loader():
@@ -54,16 +44,13 @@ def test_weights_load_through_comfy_stock_loader():
     assert shifted.get_model_object("model_sampling").shift == reference_model.SHIFT
 
 
-def test_samples_show_their_class(model, classifier):
-    labels = np.tile(np.arange(reference_data.NUM_CLASSES), SAMPLES_PER_CLASS)
+def test_samples_leave_unused_channels_near_zero(model):
+    """The 4 latent channels the image mapping leaves empty stay near their model-space zero in samples
+    (the class check of the samples is shared: test_reference_models.py)."""
+    labels = np.arange(reference_data.NUM_CLASSES)
     latent = reference_model.sample(model, labels, seed=2024, steps=20, cfg=reference_model.CFG)
     assert latent.shape == (len(labels), 16, 1, 16, 16)
-    assert torch.isfinite(latent).all()
-    images = reference_model.decode(latent)
-    assert images.shape == (len(labels), 32, 32, 3)
-    accuracy = float((classifier.predict(images).numpy() == labels).mean())
-    assert accuracy >= MIN_SAMPLE_ACCURACY, accuracy
-    # the unused latent channels stay near their (model-space) zero
+    assert reference_model.decode(latent).shape == (len(labels), 32, 32, 3)
     mean, std = reference_model._latent_stats(latent.device, latent.dtype)
     z = (latent - mean) / std
     assert z[:, reference_model.IMAGE_CHANNELS:].abs().mean() < 0.1
