@@ -35,13 +35,14 @@ What it is (HyCa's quality benchmarks need a model whose features have real, lea
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from . import comfy_runtime
+from . import comfy_runtime, sampling
 from . import reference_data
 from .reference_data import IMAGE_SIZE, NUM_CLASSES
 
@@ -292,14 +293,9 @@ def load(path=None, shift: float | None = SHIFT):
     return with_shift(model, shift) if shift is not None else model
 
 
-def sample(model, labels, seed: int = 0, steps: int = STEPS, cfg: float = 1.0, sampler: str = "euler",
-           scheduler: str = "simple") -> torch.Tensor:
-    """One latent per class label, sampled through ``comfy.sample.sample``; decode with :func:`decode`."""
-    from . import sampling
-
-    labels = list(labels)
-    return sampling.sample(model, conditioning(labels), unconditional(len(labels)), empty_latent(len(labels)),
-                           steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
+# one latent per class label (model, labels, seed, steps, cfg, sampler, scheduler); decode with decode()
+sample = functools.partial(sampling.class_samples, conditioning, unconditional, empty_latent, steps=STEPS,
+                           cfg=1.0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from . import model_files
+from . import model_files, sampling
 from . import reference_model as wan_reference
 from . import textures_data
 from .reference_model import Classifier
@@ -174,14 +174,9 @@ def load(path=None, shift: float | None = SHIFT):
     return with_shift(model, shift) if shift is not None else model
 
 
-def sample(model, labels, seed: int = 0, steps: int = STEPS, cfg: float = CFG, sampler: str = "euler",
-           scheduler: str = "simple") -> torch.Tensor:
-    """One latent per class label, sampled through ``comfy.sample.sample``; decode with :func:`decode`."""
-    from . import sampling
-
-    labels = list(labels)
-    return sampling.sample(model, conditioning(labels), unconditional(len(labels)), empty_latent(len(labels)),
-                           steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
+# one latent per class label (model, labels, seed, steps, cfg, sampler, scheduler); decode with decode()
+sample = functools.partial(sampling.class_samples, conditioning, unconditional, empty_latent, steps=STEPS,
+                           cfg=CFG)
 
 
 def load_classifier(path=None) -> Classifier:

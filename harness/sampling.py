@@ -71,6 +71,16 @@ def sample(model, positive, negative, latent: torch.Tensor, steps: int = 20, cfg
     )
 
 
+def class_samples(conditioning, unconditional, empty_latent, model, labels, seed: int = 0, steps: int = 30,
+                  cfg: float = 1.0, sampler: str = "euler", scheduler: str = "simple") -> torch.Tensor:
+    """One latent per class label of a reference model, sampled through ``comfy.sample.sample`` against
+    its negative: each reference module binds its ``conditioning``, ``unconditional`` and
+    ``empty_latent`` (and its recommended steps and cfg) as its ``sample``."""
+    labels = list(labels)
+    return sample(model, conditioning(labels), unconditional(len(labels)), empty_latent(len(labels)),
+                  steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler, seed=seed)
+
+
 def probe_map(pack, model, conditioning, latent_shape, interval, warmup, steps=12, sampler="euler",
               granularity="block"):
     """HyCa Calibrate's probe (seed 0, cfg 1, simple scheduler) on a zero latent: the solver map."""
