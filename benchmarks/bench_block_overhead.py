@@ -6,7 +6,7 @@ Usage: python benchmarks/bench_block_overhead.py [--steps 28] [--dtype float32|b
 One full-size block of ComfyUI's own class (comfy.ldm.flux.layers.DoubleStreamBlock: hidden 3072,
 24 heads, mlp_ratio 4, seeded weights) on 1024 image + 256 text tokens. HyCa's work goes through
 the node layer's own BlockPatch and RunState, with a solver map calibrated on synthetic
-trajectories and compiled for an N=6 schedule with the default warm-up:
+trajectories and fitted to an N=6 schedule with the default warm-up:
 - a computed step keeps the block's inputs, takes its img/txt residuals and pushes them into the
   history (the block itself is a stand-in returning outputs made beforehand, so only HyCa's
   work is timed);
@@ -78,14 +78,14 @@ def block_seconds(block, inputs, runs: int) -> float:
     return statistics.median(times[1:])
 
 
-def compiled_map(pack, keys, step_sigmas: np.ndarray, schedule):
-    """A map of the block's two streams calibrated on synthetic trajectories, compiled for the run."""
+def synthetic_run_map(pack, keys, step_sigmas: np.ndarray, schedule):
+    """A map of the block's two streams calibrated on synthetic trajectories, fitted to the run."""
     sigmas, values, _ = mixture(steps=50, rows=32, channels_per_group=HIDDEN // 4, seed=0, shift=3.0)
     Trajectory = pack.hyca_core.trajectories.Trajectory
     # calibration (scikit-learn) is not imported with the pack
     calibration = importlib.import_module(f"{pack.__name__}.hyca_core.calibration")
     solver_map = calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
-    return solver_map.compile(step_sigmas, schedule)
+    return solver_map.for_run(step_sigmas, schedule)
 
 
 def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[float]:
@@ -185,7 +185,7 @@ def main() -> int:
     schedule = pack.hyca_core.schedule.Schedule(interval=INTERVAL)
     step_sigmas = flow_sigmas(args.steps, 3.0)
     mask = schedule.mask(args.steps)
-    plan = compiled_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
+    plan = synthetic_run_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
 
     block, inputs = flux_block(dtype)
     hyca_seconds(pack, inputs, plan, step_sigmas, dtype)  # warm-up: allocations, coefficient tables

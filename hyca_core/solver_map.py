@@ -3,7 +3,7 @@
 A map holds, per block stream (``"double_block.3.img"``): the cluster of every channel, the
 solver each cluster chose on the probe (with every pool member's error, so users can see why),
 the clusters' mean indicators, and a compact sample of the probe from which the solvers are
-re-selected and fitted for whatever schedule a later run uses (`compile`, see `run_plans`).
+re-selected and fitted for whatever schedule a later run uses (`for_run`, see `run_maps`).
 
 `SolverMap.validate` bounds every array by what calibration can make for the model the map claims
 to fit (its widths, probe steps, clusters, series per cluster, solver histories) and is applied on
@@ -23,12 +23,12 @@ import numpy as np
 from . import defaults, map_file, tuning
 from .indicators import INDICATOR_NAMES
 from .map_file import MapError, read_metadata
-from .run_plans import CompiledMap, DynamicMap, compile_map
+from .run_maps import AdaptiveRunMap, FixedRunMap, run_map
 from .schedule import Schedule
 from .selection import SERIES_PER_CLUSTER
 from .solvers import POOL, POOL_VERSION, TIME_VARIABLES, solver, warmup_pool
 
-__all__ = ["MIN_PROBE_STEPS", "BlockMap", "CompiledMap", "DynamicMap", "MapError", "SolverMap",
+__all__ = ["MIN_PROBE_STEPS", "AdaptiveRunMap", "BlockMap", "FixedRunMap", "MapError", "SolverMap",
            "read_metadata"]
 
 MAX_BLOCKS = 4096
@@ -208,11 +208,11 @@ class SolverMap:
 
     # --- inference -----------------------------------------------------------------------------
 
-    def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
+    def for_run(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
                 per_position: bool = True, budget: int | None = None,
-                only: tuple[str, str] | None = None) -> CompiledMap:
-        """This map re-selected and fitted for one run: `run_plans.compile_map`."""
-        return compile_map(self, step_sigmas, schedule, fitted, per_position, budget, only)
+                only: tuple[str, str] | None = None) -> FixedRunMap:
+        """This map re-selected and fitted for one run: `run_maps.run_map`."""
+        return run_map(self, step_sigmas, schedule, fitted, per_position, budget, only)
 
 
 def _read(f) -> SolverMap:

@@ -74,8 +74,8 @@ class Call:
         return self.decision is Decision.PREDICT
 
 
-class RunPlan(Protocol):
-    """A solver map made ready for one run: hyca_core's CompiledMap or DynamicMap."""
+class RunMap(Protocol):
+    """A solver map made ready for one run: hyca_core's FixedRunMap or AdaptiveRunMap."""
 
     def history(self, key: str) -> int: ...
     def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool: ...
@@ -101,7 +101,7 @@ class RunState:
     single-pass kernels.
     """
 
-    def __init__(self, make_plan: Callable[[np.ndarray], RunPlan] | None = None,
+    def __init__(self, make_plan: Callable[[np.ndarray], RunMap] | None = None,
                  recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
                  offload_device: torch.device | None = None, gate: AdaptiveGate | None = None,
                  fused: bool = False):
@@ -112,7 +112,7 @@ class RunState:
         self.gate = gate
         self.fused = fused
         self.started = False  # the run's first model call came: its sigmas are checked, its plan made
-        self.plan: RunPlan | None = None
+        self.plan: RunMap | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
         self.predicted = 0

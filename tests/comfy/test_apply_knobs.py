@@ -91,7 +91,7 @@ def test_window_uses_the_model_sampling_of_the_run(pack, flux, solver_map, condi
 
 
 def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, finished):
-    """start 0, end 1, no target: the plan compiled exactly as before these knobs, so the run is the same bit
+    """start 0, end 1, no target: the run map fitted exactly as before these knobs, so the run is the same bit
     for bit, whether the inputs are given or left out (older workflows)."""
     steps = 12
     default, computed = _run(_apply(pack, flux, solver_map), conditioning, finished, steps)
@@ -99,7 +99,7 @@ def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, fini
     explicit, _ = _run(_apply(pack, flux, solver_map, target_speedup=0.0, start_percent=0.0, end_percent=1.0),
                        conditioning, finished, steps)
     _, sigmas = _step_sigmas(flux, steps)
-    before = solver_map.compile(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
+    before = solver_map.for_run(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
     assert np.array_equal(computed, before.mask) and np.array_equal(plan.mask, before.mask)
     assert plan.tables.keys() == before.tables.keys()
     for key, table in before.tables.items():

@@ -215,9 +215,8 @@ def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_
     taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning,
                              latent, steps=STEPS, seed=5)
     assert not torch.equal(fora, taylor) and not torch.equal(fora, full)
-    compiled = pack.hyca_core.solver_map.SolverMap.compile
     step_sigmas = solver_map.probe_sigmas
-    reuse = compiled(solver_map, step_sigmas, schedule, only=("reuse", "step"))
+    reuse = solver_map.for_run(step_sigmas, schedule, only=("reuse", "step"))
     for table in reuse.tables.values():
         for weights in table.values():
             assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()

@@ -1,9 +1,9 @@
-"""Run plans: a solver map made ready for one sampling run.
+"""Run maps: a solver map made ready for one sampling run.
 
 Both kinds answer a run's three questions: must this step compute, can it be predicted from the
-history this run holds, and with which weights per channel. `CompiledMap` fixes every answer before
-the run (`compile_map`: solvers re-selected and fitted for the run's schedule); `DynamicMap` answers as
-the run goes, for the error-adaptive schedule.
+history this run holds, and with which weights per channel. `FixedRunMap` fixes every answer before
+the run (`run_map`: solvers re-selected and fitted for the run's schedule); `AdaptiveRunMap` answers
+as the run goes, for the error-adaptive schedule.
 
 A step is predicted only with weights whose sum of magnitudes stays within MAX_WEIGHT_NORM; other
 steps compute (`stable`).
@@ -40,7 +40,7 @@ def stable(weights: np.ndarray) -> bool:
 
 
 @dataclass
-class CompiledMap:
+class FixedRunMap:
     """A map collapsed for one run: which steps compute, and per block the per-channel weights."""
 
     mask: np.ndarray  # (steps,) bool, True = full compute
@@ -66,9 +66,9 @@ class CompiledMap:
         return self.tables[key][step]
 
 
-def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
-                fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
-                only: tuple[str, str] | None = None) -> CompiledMap:
+def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
+            fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
+            only: tuple[str, str] | None = None) -> FixedRunMap:
     """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
     step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
@@ -101,9 +101,9 @@ def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedu
             tables[key] = coefficients(assignment, block.labels, plan)
         unstable = [step for step in plan.steps if not all(stable(table[step]) for table in tables.values())]
         if not unstable:
-            return CompiledMap(mask, tables)
+            return FixedRunMap(mask, tables)
         mask = _computing(mask, unstable, plan.history.shape[1])
-    return CompiledMap(mask, {})
+    return FixedRunMap(mask, {})
 
 
 def _computing(mask: np.ndarray, unstable: list[int], history: int) -> np.ndarray:
@@ -144,7 +144,7 @@ def _leading(mask: np.ndarray) -> int:
     return int(np.argmin(mask)) if not mask.all() else len(mask)
 
 
-class DynamicMap:
+class AdaptiveRunMap:
     """The map's per-cluster pool solvers (paper eq. 5 choice) on whatever history a run holds.
 
     Serves the error-adaptive schedule, where the computed steps are only known as the run goes:
