@@ -18,8 +18,8 @@ import numpy as np
 
 from . import defaults
 from .schedule import Schedule, calibrated_mask
-from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
-                        single)
+from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, refit, resample, single,
+                        step_weights_for)
 from .solvers import MAX_HISTORY, TIME_VARIABLES, solver, warmup_pool
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
         forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas))
         mask = _calibrated_mask(solver_map, step_sigmas, budget, max(schedule.warmup, 1), forced, pool)
     while not mask.all():
-        plan = plan_schedule(mask, step_sigmas, pool=pool)
+        step_weights = step_weights_for(mask, step_sigmas, pool=pool)
         tables = {}
         for key, block in solver_map.blocks.items():
             if only is not None:
@@ -97,12 +97,13 @@ def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
             else:
                 sample = CompactSample(solver_map.probe_sigmas, block.series)
                 lam = FIT_LAMBDA if fitted else None
-                assignment = refit(sample, plan, per_position=per_position, lam=lam)
-            tables[key] = coefficients(assignment, block.labels, plan)
-        unstable = [step for step in plan.steps if not all(stable(table[step]) for table in tables.values())]
+                assignment = refit(sample, step_weights, per_position=per_position, lam=lam)
+            tables[key] = coefficients(assignment, block.labels, step_weights)
+        unstable = [step for step in step_weights.steps
+                    if not all(stable(table[step]) for table in tables.values())]
         if not unstable:
             return FixedRunMap(mask, tables)
-        mask = _computing(mask, unstable, plan.history.shape[1])
+        mask = _computing(mask, unstable, step_weights.history.shape[1])
     return FixedRunMap(mask, {})
 
 
