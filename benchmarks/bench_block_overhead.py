@@ -88,7 +88,7 @@ def synthetic_run_map(pack, keys, step_sigmas: np.ndarray, schedule):
     return solver_map.for_run(step_sigmas, schedule)
 
 
-def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[float]:
+def hyca_seconds(pack, inputs, run_map, step_sigmas: np.ndarray, dtype) -> list[float]:
     """HyCa's time at each step of one sampling run, the block's compute left out."""
     run_state, families = pack.nodes.run_state, pack.nodes.families
     img, txt, vec, pe = inputs
@@ -98,7 +98,7 @@ def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[flo
     patch = pack.nodes.block_patch.BlockPatch(families.Block("double_block", 0, HIDDEN),
                                               pack.nodes.block_patch.Unit("double_block.0", 1))
     stand_in = {"original_block": lambda args: dict(outputs)}
-    state = run_state.RunState(make_plan=lambda sigmas: plan)
+    state = run_state.RunState(make_run_map=lambda sigmas: run_map)
     options = {"sample_sigmas": torch.tensor([*step_sigmas, 0.0]), run_state.OPTIONS_KEY: state}
     args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
     times = []
@@ -127,7 +127,7 @@ def predict_module_at(revision: str):
     return importlib.import_module("hyca_then.predict")
 
 
-def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: int) -> tuple[float, ...]:
+def pass_seconds(then, now, inputs, run_map, step: int, dtype, fused: bool, reps: int) -> tuple[float, ...]:
     """Median seconds per block of the history work of both streams, interleaved: predicted block the
     patch's way (module `then`) and in one pass per term (`now`), computed block likewise."""
     img, txt = inputs[:2]
@@ -137,7 +137,7 @@ def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: i
     histories = {}
     for version, module in enumerate((then, now)):
         for s, x in streams.items():
-            table = torch.from_numpy(plan.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
+            table = torch.from_numpy(run_map.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
             history = module.ResidualHistory(len(table))
             for _ in range(len(table)):
                 history.push(torch.randn(x.shape, generator=generator).to(dtype))
@@ -185,11 +185,11 @@ def main() -> int:
     schedule = pack.hyca_core.schedule.Schedule(interval=INTERVAL)
     step_sigmas = flow_sigmas(args.steps, 3.0)
     mask = schedule.mask(args.steps)
-    plan = synthetic_run_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
+    run_map = synthetic_run_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
 
     block, inputs = flux_block(dtype)
-    hyca_seconds(pack, inputs, plan, step_sigmas, dtype)  # warm-up: allocations, coefficient tables
-    runs = [hyca_seconds(pack, inputs, plan, step_sigmas, dtype) for _ in range(args.runs)]
+    hyca_seconds(pack, inputs, run_map, step_sigmas, dtype)  # warm-up: allocations, coefficient tables
+    runs = [hyca_seconds(pack, inputs, run_map, step_sigmas, dtype) for _ in range(args.runs)]
     per_step = np.median(runs, axis=0)
     t_block = block_seconds(block, inputs, args.block_runs)
 
@@ -198,7 +198,7 @@ def main() -> int:
     share = per_skipped / t_block
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, DoubleStreamBlock "
           f"{HIDDEN} wide, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
-          f"history of {plan.history('double_block.0.img')}")
+          f"history of {run_map.history('double_block.0.img')}")
     print(f"block compute                  {t_block * 1e3:9.1f} ms")
     print(f"{args.steps} steps, N={INTERVAL}, warm-up {schedule.warmup}: "
           f"{computed} computed, {predicted} predicted")
@@ -210,7 +210,7 @@ def main() -> int:
     if args.passes:
         then = predict_module_at(args.against) if args.against else pack.hyca_core.predict
         step = int(np.flatnonzero(~mask)[0])
-        old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, plan, step, dtype,
+        old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, run_map, step, dtype,
                                                   args.compile_predict, args.passes)
         print(f"history work per block, both streams, median of {args.passes} interleaved "
               f"(patch's way{' as of ' + args.against if args.against else ''} -> single pass"

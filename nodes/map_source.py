@@ -54,7 +54,7 @@ class MapSource:
         self.solver_map = solver_map
         self._run_maps.clear()
 
-    def plan(self, step_sigmas) -> FixedRunMap | AdaptiveRunMap:
+    def for_run(self, step_sigmas) -> FixedRunMap | AdaptiveRunMap:
         """What a run with these step sigmas predicts with."""
         schedule = self.schedule_for(step_sigmas)
         if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead

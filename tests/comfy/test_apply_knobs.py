@@ -95,16 +95,16 @@ def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, fini
     for bit, whether the inputs are given or left out (older workflows)."""
     steps = 12
     default, computed = _run(_apply(pack, flux, solver_map), conditioning, finished, steps)
-    plan = finished[-1].plan
+    run_map = finished[-1].run_map
     explicit, _ = _run(_apply(pack, flux, solver_map, target_speedup=0.0, start_percent=0.0, end_percent=1.0),
                        conditioning, finished, steps)
     _, sigmas = _step_sigmas(flux, steps)
     before = solver_map.for_run(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
-    assert np.array_equal(computed, before.mask) and np.array_equal(plan.mask, before.mask)
-    assert plan.tables.keys() == before.tables.keys()
+    assert np.array_equal(computed, before.mask) and np.array_equal(run_map.mask, before.mask)
+    assert run_map.tables.keys() == before.tables.keys()
     for key, table in before.tables.items():
-        assert table.keys() == plan.tables[key].keys()
-        assert all(np.array_equal(weights, plan.tables[key][step]) for step, weights in table.items())
+        assert table.keys() == run_map.tables[key].keys()
+        assert all(np.array_equal(weights, run_map.tables[key][step]) for step, weights in table.items())
     assert torch.equal(default, explicit)
 
 

@@ -139,7 +139,7 @@ def test_the_plain_node_takes_granularity_and_warmup_from_the_map(pack, flux, co
     sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
     (state,) = finished
     assert state.source.granularity == "stack" and state.source.options.schedule.warmup == 3
-    assert state.predicted and np.array_equal(state.plan.mask[:3], [True] * 3)
+    assert state.predicted and np.array_equal(state.run_map.mask[:3], [True] * 3)
 
 
 def test_a_granularity_mismatch_is_a_sentence(pack, flux, conditioning, solver_map):
