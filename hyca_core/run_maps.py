@@ -68,14 +68,14 @@ class FixedRunMap:
 
 def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
             fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
-            only: tuple[str, str] | None = None) -> FixedRunMap:
+            single_solver: tuple[str, str] | None = None) -> FixedRunMap:
     """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
     step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
     budget: if given, compute that many steps, placed where the probe says prediction errs most
     (`calibrated_mask`) instead of every `schedule.interval`-th; the schedule's warm-up, final steps
-    and steps outside its window are computed all the same. only: one (solver name, time variable) for
-    every channel, the single-solver baselines (FORA = ("reuse", "step"), TaylorSeer-like =
+    and steps outside its window are computed all the same. single_solver: one (solver name, time
+    variable) for every channel, the single-solver baselines (FORA = ("reuse", "step"), TaylorSeer-like =
     ("taylorseer2", "step")). Only pool members whose history fits in the warm-up are used, so the
     warm-up asked for is the warm-up run. A step whose weights are not `stable` computes instead, and
     the steps after it are refitted for the history that gives them.
@@ -92,8 +92,9 @@ def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
         step_weights = step_weights_for(mask, step_sigmas, pool=pool)
         tables = {}
         for key, block in solver_map.blocks.items():
-            if only is not None:
-                assignment = single(solver(only[0]).id, only[1], block.clusters)
+            if single_solver is not None:
+                name, variable = single_solver
+                assignment = single(solver(name).id, variable, block.clusters)
             else:
                 sample = CompactSample(solver_map.probe_sigmas, block.series)
                 lam = FIT_LAMBDA if fitted else None

@@ -210,9 +210,9 @@ class SolverMap:
 
     def for_run(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
                 per_position: bool = True, budget: int | None = None,
-                only: tuple[str, str] | None = None) -> FixedRunMap:
+                single_solver: tuple[str, str] | None = None) -> FixedRunMap:
         """This map re-selected and fitted for one run: `run_maps.run_map`."""
-        return run_map(self, step_sigmas, schedule, fitted, per_position, budget, only)
+        return run_map(self, step_sigmas, schedule, fitted, per_position, budget, single_solver)
 
 
 def _read(f) -> SolverMap:

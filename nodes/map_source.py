@@ -96,7 +96,7 @@ class MapSource:
             calibrated = placement == "calibrated"
             budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
             run_map = self.solver_map.for_run(np.array(step_sigmas), schedule, fitted=self.options.fitted,
-                                              only=self.options.only, budget=budget)
+                                              single_solver=self.options.single_solver, budget=budget)
             mask = run_map.mask
             logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),

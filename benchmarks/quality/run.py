@@ -325,7 +325,7 @@ def overhead(bench: Bench, methods: Methods, settings: list[Setting], intervals,
     for setting in settings:
         parts, ok = [], True
         for n in intervals:
-            pair = [methods.hyca(n, fitted=False), methods.hyca(n, only=("reuse", "step"))]
+            pair = [methods.hyca(n, fitted=False), methods.hyca(n, single_solver=("reuse", "step"))]
             for m in pair:
                 bench.sample(m, setting, STEPS)  # warm: fits the map to this schedule
             runs = timing.interleaved([lambda m=m, s=setting: bench.sample(m, s, STEPS) for m in pair],

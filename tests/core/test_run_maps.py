@@ -39,7 +39,7 @@ def _line(sigmas):
 @pytest.mark.parametrize("d", [1e-4, 1e-8])
 def test_a_fixed_step_with_unstable_weights_computes(solver_map, d):
     sigmas = _near_repeat(d)
-    run_map = solver_map.for_run(sigmas, SCHEDULE, only=("ab2", "sigma"))
+    run_map = solver_map.for_run(sigmas, SCHEDULE, single_solver=("ab2", "sigma"))
     assert np.flatnonzero(run_map.mask != SCHEDULE.mask(20)).tolist() == [3]  # step 3 only
     for table in run_map.tables.values():
         for step, weights in table.items():
