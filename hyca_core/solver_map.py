@@ -116,25 +116,25 @@ class SolverMap:
     pool_version: int = POOL_VERSION
     info: dict = field(default_factory=dict)  # free-form provenance (sampler, steps, ...)
 
-    def check_fits(self, architecture: str, block_widths: dict[str, int]) -> None:
+    def check_fits(self, architecture: str, unit_widths: dict[str, int]) -> None:
         """Raise MapError unless this map was made for a model of this architecture and shape.
 
-        block_widths: the model's blocks by name ("double_block.0") and hidden width; map keys
-        name a block's stream ("double_block.0.img").
+        unit_widths: the model's units (blocks, stacks or the whole model, per granularity) by name
+        ("double_block.0") and width; map keys name a unit's stream ("double_block.0.img").
         """
         if architecture != self.architecture:
             raise MapError(f"map is for {self.architecture}, model is {architecture}: "
                            "calibrate one for this model")
         mapped = {key.rsplit(".", 1)[0]: len(block.labels) for key, block in self.blocks.items()}
-        if mapped.keys() != block_widths.keys():
-            missing = sorted(block_widths.keys() - mapped.keys())
-            extra = sorted(mapped.keys() - block_widths.keys())
+        if mapped.keys() != unit_widths.keys():
+            missing = sorted(unit_widths.keys() - mapped.keys())
+            extra = sorted(mapped.keys() - unit_widths.keys())
             granularity = self.info.get("granularity", "block")
             raise MapError(f"map does not cover the model's blocks: missing {missing[:4]}, unknown "
                            f"{extra[:4]} (the map's granularity is {granularity!r}; use the same)")
-        wrong = [name for name, width in block_widths.items() if mapped[name] != width]
+        wrong = [name for name, width in unit_widths.items() if mapped[name] != width]
         if wrong:
-            raise MapError(f"blocks {wrong[:4]} have width {block_widths[wrong[0]]}, map has "
+            raise MapError(f"blocks {wrong[:4]} have width {unit_widths[wrong[0]]}, map has "
                            f"{mapped[wrong[0]]}: it was calibrated for another model of this family")
 
     def validate(self) -> None:
@@ -197,7 +197,7 @@ class SolverMap:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fits: tuple[str, dict[str, int]] | None = None) -> "SolverMap":
-        """Read and validate a map file; with ``fits`` = (architecture, block widths), also check
+        """Read and validate a map file; with ``fits`` = (architecture, unit widths), also check
         that it fits that model (`check_fits`). Raises MapError naming the file and the reason."""
         with map_file.opened(path) as f:
             solver_map = _read(f)

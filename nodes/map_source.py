@@ -15,7 +15,7 @@ from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
 from . import map_store, ui_text
 from .apply_options import AUTO, ApplyOptions
-from .patching import block_widths, model_architecture
+from .patching import model_architecture, unit_widths
 
 # Run maps a MapSource keeps, one per schedule: enough for the few a session alternates between (step
 # counts, a hires pass), bounded so that a long session of ever-new schedules (img2img denoise values)
@@ -38,7 +38,7 @@ class MapSource:
         self.options = options
         self.architecture = model_architecture(model)
         self.granularity = granularity
-        self.widths = block_widths(model, granularity)
+        self.widths = unit_widths(model, granularity)
         self.fingerprint = map_store.fingerprint(model)
         # Shared by every clone; during a run it holds the run's model_sampling (a ModelSampling node
         # placed after Apply included), which turns the window's percents into sigmas.
