@@ -1,7 +1,7 @@
 """HyCa's added cost per skipped FLUX double block, as a share of computing that block.
 
 Usage: python benchmarks/bench_block_overhead.py [--steps 28] [--dtype float32|bfloat16] [--runs 5]
-                                                [--passes REPS] [--against REV] [--compile-predict]
+                                                [--passes REPS] [--against REV] [--fused]
 
 One full-size block of ComfyUI's own class (comfy.ldm.flux.layers.DoubleStreamBlock: hidden 3072,
 24 heads, mlp_ratio 4, seeded weights) on 1024 image + 256 text tokens. HyCa's work goes through
@@ -178,7 +178,7 @@ def main() -> int:
                         help="also time the patch's history work against the single-pass calls, REPS times")
     parser.add_argument("--against", metavar="REV",
                         help="with --passes: the patch's way as of git revision REV")
-    parser.add_argument("--compile-predict", action="store_true", help="with --passes: the fused kernels")
+    parser.add_argument("--fused", action="store_true", help="with --passes: the fused kernels")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     pack = node_pack.load()
@@ -211,10 +211,10 @@ def main() -> int:
         then = predict_module_at(args.against) if args.against else pack.hyca_core.predict
         step = int(np.flatnonzero(~mask)[0])
         old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, run_map, step, dtype,
-                                                  args.compile_predict, args.passes)
+                                                  args.fused, args.passes)
         print(f"history work per block, both streams, median of {args.passes} interleaved "
               f"(patch's way{' as of ' + args.against if args.against else ''} -> single pass"
-              f"{', compile_predict' if args.compile_predict else ''}):")
+              f"{', fused' if args.fused else ''}):")
         print(f"  predicted: predict, add input   {old_p * 1e3:7.2f} ms -> predict(base=)     "
               f"{new_p * 1e3:7.2f} ms  ({new_p / old_p:.2f}x)")
         print(f"  computed:  clone, sub, push     {old_c * 1e3:7.2f} ms -> push_difference    "

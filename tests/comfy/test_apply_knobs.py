@@ -113,22 +113,21 @@ def test_new_inputs_are_optional_with_tooltips_and_checked(pack, flux, solver_ma
     inputs = {i.id: i for i in apply_node.HyCaApply.define_schema().inputs}
     assert all(i.tooltip for i in inputs.values())
     assert all(inputs[name].optional
-               for name in ("target_speedup", "start_percent", "end_percent", "compile_predict"))
+               for name in ("target_speedup", "start_percent", "end_percent", "fused"))
     with pytest.raises(ValueError, match="target speed-up"):
         _apply(pack, flux, solver_map, adaptive=True, target_speedup=2.0)
     with pytest.raises(ValueError, match="window"):
         _apply(pack, flux, solver_map, start_percent=0.6, end_percent=0.4)
 
 
-def test_compile_predict_samples_as_the_eager_ops(pack, flux, solver_map, conditioning, finished, caplog,
-                                                  monkeypatch):
-    """compile_predict: torch.compile's single-pass kernels predict what the eager ops do, up to 4-term
+def test_fused_samples_as_the_eager_ops(pack, flux, solver_map, conditioning, finished, caplog, monkeypatch):
+    """fused: torch.compile's single-pass kernels predict what the eager ops do, up to 4-term
     histories (warm-up 4), and the run computes the same steps."""
     monkeypatch.setattr(pack.hyca_core.fused, "MIN_ELEMENTS", 1)  # the tiny model's residuals are small
     steps, knobs = 12, dict(interval=3, warmup=4, fitted=False)
     eager, computed = _run(_apply(pack, flux, solver_map, **knobs), conditioning, finished, steps)
     with caplog.at_level(logging.WARNING):
-        fused, fused_computed = _run(_apply(pack, flux, solver_map, compile_predict=True, **knobs),
+        fused, fused_computed = _run(_apply(pack, flux, solver_map, fused=True, **knobs),
                                      conditioning, finished, steps)
     assert "could not build" not in caplog.text
     weights = list(finished[-1].weights.values())
