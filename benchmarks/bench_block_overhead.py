@@ -1,12 +1,12 @@
 """HyCa's added cost per skipped FLUX double block, as a share of computing that block.
 
 Usage: python benchmarks/bench_block_overhead.py [--steps 28] [--dtype float32|bfloat16] [--runs 5]
-                                                [--passes REPS] [--against REV] [--compile-predict]
+                                                [--passes REPS] [--against REV] [--fused]
 
 One full-size block of ComfyUI's own class (comfy.ldm.flux.layers.DoubleStreamBlock: hidden 3072,
 24 heads, mlp_ratio 4, seeded weights) on 1024 image + 256 text tokens. HyCa's work goes through
 the node layer's own BlockPatch and RunState, with a solver map calibrated on synthetic
-trajectories and compiled for an N=6 schedule with the default warm-up:
+trajectories and fitted to an N=6 schedule with the default warm-up:
 - a computed step keeps the block's inputs, takes its img/txt residuals and pushes them into the
   history (the block itself is a stand-in returning outputs made beforehand, so only HyCa's
   work is timed);
@@ -78,17 +78,17 @@ def block_seconds(block, inputs, runs: int) -> float:
     return statistics.median(times[1:])
 
 
-def compiled_map(pack, keys, step_sigmas: np.ndarray, schedule):
-    """A map of the block's two streams calibrated on synthetic trajectories, compiled for the run."""
+def synthetic_run_map(pack, keys, step_sigmas: np.ndarray, schedule):
+    """A map of the block's two streams calibrated on synthetic trajectories, fitted to the run."""
     sigmas, values, _ = mixture(steps=50, rows=32, channels_per_group=HIDDEN // 4, seed=0, shift=3.0)
     Trajectory = pack.hyca_core.trajectories.Trajectory
     # calibration (scikit-learn) is not imported with the pack
     calibration = importlib.import_module(f"{pack.__name__}.hyca_core.calibration")
     solver_map = calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
-    return solver_map.compile(step_sigmas, schedule)
+    return solver_map.for_run(step_sigmas, schedule)
 
 
-def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[float]:
+def hyca_seconds(pack, inputs, run_map, step_sigmas: np.ndarray, dtype) -> list[float]:
     """HyCa's time at each step of one sampling run, the block's compute left out."""
     run_state, families = pack.nodes.run_state, pack.nodes.families
     img, txt, vec, pe = inputs
@@ -98,7 +98,7 @@ def hyca_seconds(pack, inputs, plan, step_sigmas: np.ndarray, dtype) -> list[flo
     patch = pack.nodes.block_patch.BlockPatch(families.Block("double_block", 0, HIDDEN),
                                               pack.nodes.block_patch.Unit("double_block.0", 1))
     stand_in = {"original_block": lambda args: dict(outputs)}
-    state = run_state.RunState(make_plan=lambda sigmas: plan)
+    state = run_state.RunState(make_run_map=lambda sigmas: run_map)
     options = {"sample_sigmas": torch.tensor([*step_sigmas, 0.0]), run_state.OPTIONS_KEY: state}
     args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "transformer_options": options}
     times = []
@@ -127,7 +127,7 @@ def predict_module_at(revision: str):
     return importlib.import_module("hyca_then.predict")
 
 
-def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: int) -> tuple[float, ...]:
+def pass_seconds(then, now, inputs, run_map, step: int, dtype, fused: bool, reps: int) -> tuple[float, ...]:
     """Median seconds per block of the history work of both streams, interleaved: predicted block the
     patch's way (module `then`) and in one pass per term (`now`), computed block likewise."""
     img, txt = inputs[:2]
@@ -137,7 +137,7 @@ def pass_seconds(then, now, inputs, plan, step: int, dtype, fused: bool, reps: i
     histories = {}
     for version, module in enumerate((then, now)):
         for s, x in streams.items():
-            table = torch.from_numpy(plan.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
+            table = torch.from_numpy(run_map.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
             history = module.ResidualHistory(len(table))
             for _ in range(len(table)):
                 history.push(torch.randn(x.shape, generator=generator).to(dtype))
@@ -178,18 +178,18 @@ def main() -> int:
                         help="also time the patch's history work against the single-pass calls, REPS times")
     parser.add_argument("--against", metavar="REV",
                         help="with --passes: the patch's way as of git revision REV")
-    parser.add_argument("--compile-predict", action="store_true", help="with --passes: the fused kernels")
+    parser.add_argument("--fused", action="store_true", help="with --passes: the fused kernels")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     pack = node_pack.load()
     schedule = pack.hyca_core.schedule.Schedule(interval=INTERVAL)
     step_sigmas = flow_sigmas(args.steps, 3.0)
     mask = schedule.mask(args.steps)
-    plan = compiled_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
+    run_map = synthetic_run_map(pack, ["double_block.0.img", "double_block.0.txt"], step_sigmas, schedule)
 
     block, inputs = flux_block(dtype)
-    hyca_seconds(pack, inputs, plan, step_sigmas, dtype)  # warm-up: allocations, coefficient tables
-    runs = [hyca_seconds(pack, inputs, plan, step_sigmas, dtype) for _ in range(args.runs)]
+    hyca_seconds(pack, inputs, run_map, step_sigmas, dtype)  # warm-up: allocations, coefficient tables
+    runs = [hyca_seconds(pack, inputs, run_map, step_sigmas, dtype) for _ in range(args.runs)]
     per_step = np.median(runs, axis=0)
     t_block = block_seconds(block, inputs, args.block_runs)
 
@@ -198,7 +198,7 @@ def main() -> int:
     share = per_skipped / t_block
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, DoubleStreamBlock "
           f"{HIDDEN} wide, {IMAGE_TOKENS} image + {TEXT_TOKENS} text tokens, "
-          f"history of {plan.history('double_block.0.img')}")
+          f"history of {run_map.history('double_block.0.img')}")
     print(f"block compute                  {t_block * 1e3:9.1f} ms")
     print(f"{args.steps} steps, N={INTERVAL}, warm-up {schedule.warmup}: "
           f"{computed} computed, {predicted} predicted")
@@ -210,11 +210,11 @@ def main() -> int:
     if args.passes:
         then = predict_module_at(args.against) if args.against else pack.hyca_core.predict
         step = int(np.flatnonzero(~mask)[0])
-        old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, plan, step, dtype,
-                                                  args.compile_predict, args.passes)
+        old_p, new_p, old_c, new_c = pass_seconds(then, pack.hyca_core.predict, inputs, run_map, step, dtype,
+                                                  args.fused, args.passes)
         print(f"history work per block, both streams, median of {args.passes} interleaved "
               f"(patch's way{' as of ' + args.against if args.against else ''} -> single pass"
-              f"{', compile_predict' if args.compile_predict else ''}):")
+              f"{', fused' if args.fused else ''}):")
         print(f"  predicted: predict, add input   {old_p * 1e3:7.2f} ms -> predict(base=)     "
               f"{new_p * 1e3:7.2f} ms  ({new_p / old_p:.2f}x)")
         print(f"  computed:  clone, sub, push     {old_c * 1e3:7.2f} ms -> push_difference    "

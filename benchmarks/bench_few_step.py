@@ -98,8 +98,8 @@ def main(argv=None) -> None:
         best = {}
         for schedule in schedules(pack, total):
             cells = []
-            for name, only in VARIANTS.items():
-                model = apply_hyca(student, solver_map, schedule, only=only)
+            for name, single_solver in VARIANTS.items():
+                model = apply_hyca(student, solver_map, schedule, single_solver=single_solver)
                 # full steps counted, not read off the schedule: a solver's history can lengthen the warm-up
                 with counting(FLUX.entry(student), blocks) as counter:
                     latent = reference_student.sample(model, labels, seed=seed, steps=total)

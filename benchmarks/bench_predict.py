@@ -7,10 +7,10 @@ repetitions), so a noisy machine slows both alike.  The baseline adds two tensor
 history's dtype into a preallocated output; predict also writes into a preallocated output.
 Coefficients are what a solver map produces: channels spread over the pool members that fit
 in m history slots (zero-padded), two steps ahead of a history spaced three steps apart.
-Each row times predict() as HyCa Apply runs it with compile_predict (the kernels torch.compile
+Each row times predict() as HyCa Apply runs it with fused on (the kernels torch.compile
 builds, compiled before timing; two fp32 terms of pool solvers keep the single lerp, which reads
 both at once) and without it ("eager": torch ops, one pass per term, whose floor for m=4 is 2.5x,
-see hyca_core/predict.py).  Target: ratio <= 2.5 with compile_predict.  The "arbitrary" rows
+see hyca_core/predict.py).  Target: ratio <= 2.5 with fused.  The "arbitrary" rows
 (random, non-affine coefficients, which take the general addcmul chain) are for information.
 --crossover also times the fused kernel against the eager ops on smaller residuals (the kernel
 runs regardless of hyca_core.fused.MIN_ELEMENTS here): where its per-call cost stops paying.
@@ -126,7 +126,7 @@ def main() -> int:
                 verdict = "(info)"
             path = "fused" if compiled.fuses(base=False) else "eager ops"
             print(f"{str(dtype):15s} m={m} {kind:9s}  add {t_add * 1e3:6.2f} ms  "
-                  f"eager {t_eager / t_add:4.2f}x  compile_predict ({path:9s}) {t_compiled * 1e3:6.2f} ms  "
+                  f"eager {t_eager / t_add:4.2f}x  fused ({path:9s}) {t_compiled * 1e3:6.2f} ms  "
                   f"ratio {ratio:4.2f}  {verdict}")
             del history
     if args.crossover:

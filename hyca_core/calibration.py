@@ -17,7 +17,7 @@ import numpy as np
 from .clustering import DEFAULT_CLUSTERS, cluster_channels
 from .indicators import descriptor_matrix
 from .schedule import Schedule
-from .selection import compact_sample, plan_schedule, select, solver_errors
+from .selection import compact_sample, select, solver_errors, step_weights_for
 from .solver_map import BlockMap, SolverMap
 from .solvers import POOL, TIME_VARIABLES, warmup_pool
 from .threads import single_threaded
@@ -55,7 +55,7 @@ def calibrate(
     mask = schedule.mask(len(sigmas))
     if mask.all():
         raise ValueError(f"a {len(sigmas)}-step probe with {schedule} predicts no step: nothing to choose")
-    plan = plan_schedule(mask, sigmas, pool=pool)
+    step_weights = step_weights_for(mask, sigmas, pool=pool)
 
     def block_map(key: str) -> BlockMap:
         trajectory = trajectories[key]  # looked up in the worker: converted only when its turn comes
@@ -67,7 +67,8 @@ def calibrate(
             raise ProbeNotFinite(f"block {key} recorded NaN or inf residuals at sigma {where}: the "
                                  "model's activations were not finite on this run, so no map can be "
                                  "calibrated from it")
-        return _block_map(_within_statistics_range(trajectory.values), sigmas, plan, pool, clusters, seed)
+        values = _within_statistics_range(trajectory.values)
+        return _block_map(values, sigmas, step_weights, pool, clusters, seed)
 
     keys = list(trajectories)
     blocks = {}
@@ -97,11 +98,11 @@ def _within_statistics_range(values: np.ndarray) -> np.ndarray:
     return values * np.float32(2.0 ** -math.ceil(math.log2(largest / _LARGEST_FOR_STATISTICS)))
 
 
-def _block_map(values, sigmas, plan, pool, clusters, seed) -> BlockMap:
+def _block_map(values, sigmas, step_weights, pool, clusters, seed) -> BlockMap:
     descriptors = descriptor_matrix(values)
     labels = cluster_channels(descriptors, clusters, seed)
     count = int(labels.max()) + 1
-    table = solver_errors(values, labels, plan, clusters=count)
+    table = solver_errors(values, labels, step_weights, clusters=count)
     choice = select(table).default
     # every pool member's mean error, the ones not usable under this warm-up as inf
     errors = np.full((len(POOL), len(TIME_VARIABLES), count), np.inf, dtype=np.float32)

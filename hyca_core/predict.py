@@ -149,8 +149,8 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
 # the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
 # dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's L2
 # (one thread: faster than the bf16 chain was).  The price is more ops: on a machine whose cores are
-# oversubscribed their thread barriers stall (bench_block_overhead.py --passes); compile_predict
-# sums in one kernel there.
+# oversubscribed their thread barriers stall (bench_block_overhead.py --passes); the fused
+# kernels sum in one kernel there.
 _CHUNK_ELEMENTS = 1 << 16
 
 

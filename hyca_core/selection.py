@@ -43,7 +43,7 @@ class Position(NamedTuple):
 class SkipStep:
     step: int
     history: tuple[int, ...]  # the computed steps it is predicted from, oldest first
-    times: np.ndarray  # their times on the plan's time axis
+    times: np.ndarray  # their times on the time variable's axis
     target: float  # the step's own time
     position: Position
 
@@ -61,7 +61,7 @@ def _skip_step(step: int, computed: np.ndarray, history: int, axis: np.ndarray) 
                     Position(int(step - computed[-1]), gaps))
 
 
-def skip_plan(mask: np.ndarray, sigmas: np.ndarray, variable: str, history: int) -> list[SkipStep]:
+def skip_steps(mask: np.ndarray, sigmas: np.ndarray, variable: str, history: int) -> list[SkipStep]:
     """Each predicted step (mask False) with its last `history` computed steps, timed on `variable`.
 
     A solver predicts step p with weights `solver.weights(p.times[-solver.history:], p.target)`.
@@ -74,10 +74,10 @@ def skip_plan(mask: np.ndarray, sigmas: np.ndarray, variable: str, history: int)
 
 
 @dataclass(frozen=True)
-class Plan:
+class StepWeights:
     """The predicted steps of one schedule and every pool solver's weights for them.
 
-    Weights depend on the schedule and sigmas only, so one plan serves all blocks of a model.
+    Weights depend on the schedule and sigmas only, so one StepWeights serves all blocks of a model.
     """
 
     sigmas: np.ndarray
@@ -89,18 +89,19 @@ class Plan:
     weights: np.ndarray  # (P, V, K, m), right-aligned: shorter histories weigh the oldest slots 0
 
 
-def _plan(sigmas: np.ndarray, pool: tuple[Solver, ...], skips: dict[str, list[SkipStep]]) -> Plan:
+def _step_weights(sigmas: np.ndarray, pool: tuple[Solver, ...],
+                  skips: dict[str, list[SkipStep]]) -> StepWeights:
     """`skips`: the same predicted steps timed on each variable."""
     first = next(iter(skips.values()))
     m = max(s.history for s in pool)
     V, K = len(skips), len(first)
-    times = np.array([[s.times for s in plan] for plan in skips.values()]).reshape(V * K, m)
-    targets = np.array([[s.target for s in plan] for plan in skips.values()]).reshape(V * K)
+    times = np.array([[s.times for s in steps] for steps in skips.values()]).reshape(V * K, m)
+    targets = np.array([[s.target for s in steps] for steps in skips.values()]).reshape(V * K)
     weights = np.zeros((len(pool), V, K, m))
     for p, s in enumerate(pool):
         weights[p, ..., m - s.history :] = s.batch_weights(times[:, m - s.history :], targets).reshape(
             V, K, s.history)
-    return Plan(
+    return StepWeights(
         sigmas=np.asarray(sigmas, dtype=np.float64),
         steps=np.array([s.step for s in first], dtype=int),
         history=np.array([s.history for s in first], dtype=int).reshape(len(first), m),
@@ -111,11 +112,12 @@ def _plan(sigmas: np.ndarray, pool: tuple[Solver, ...], skips: dict[str, list[Sk
     )
 
 
-def plan_schedule(mask: np.ndarray, sigmas: np.ndarray, pool=POOL, variables=TIME_VARIABLES) -> Plan:
-    """The plan of a caching schedule; the mask must give every predicted step the longest history
-    in `pool` (warm-up >= that history)."""
+def step_weights_for(mask: np.ndarray, sigmas: np.ndarray, pool=POOL,
+                     variables=TIME_VARIABLES) -> StepWeights:
+    """The step weights of a caching schedule; the mask must give every predicted step the longest
+    history in `pool` (warm-up >= that history)."""
     m = max(s.history for s in pool)
-    return _plan(sigmas, tuple(pool), {v: skip_plan(mask, sigmas, v, m) for v in variables})
+    return _step_weights(sigmas, tuple(pool), {v: skip_steps(mask, sigmas, v, m) for v in variables})
 
 
 def cluster_gram(values: np.ndarray, labels: np.ndarray, clusters: int | None = None) -> np.ndarray:
@@ -142,22 +144,22 @@ def _energy(gram: np.ndarray) -> np.ndarray:
     return np.maximum(np.trace(gram, axis1=1, axis2=2) / gram.shape[1], np.finfo(float).tiny)
 
 
-def _window_grams(gram: np.ndarray, plan: Plan) -> np.ndarray:
+def _window_grams(gram: np.ndarray, step_weights: StepWeights) -> np.ndarray:
     """(C, K, m+1, m+1): each cluster's Gram over (history slots, predicted step) of each step."""
-    idx = np.concatenate([plan.history, plan.steps[:, None]], axis=1)
+    idx = np.concatenate([step_weights.history, step_weights.steps[:, None]], axis=1)
     return gram[:, idx[:, :, None], idx[:, None, :]]
 
 
-def _relative_errors(gram: np.ndarray, plan: Plan, weights: np.ndarray) -> np.ndarray:
+def _relative_errors(gram: np.ndarray, step_weights: StepWeights, weights: np.ndarray) -> np.ndarray:
     """weights (..., C, K, m) -> (..., C, K) squared error relative to each cluster's energy."""
     u = np.concatenate([weights, -np.ones(weights.shape[:-1] + (1,))], axis=-1)
-    err = np.einsum("...cki,ckij,...ckj->...ck", u, _window_grams(gram, plan), u)
+    err = np.einsum("...cki,ckij,...ckj->...ck", u, _window_grams(gram, step_weights), u)
     return np.maximum(err, 0.0) / _energy(gram)[:, None]
 
 
 @dataclass(frozen=True)
 class ErrorTable:
-    plan: Plan
+    step_weights: StepWeights
     gram: np.ndarray  # (C, S, S) of the probe
     errors: np.ndarray  # (P, V, C, K) relative squared error of each pool solver on each variable
 
@@ -166,23 +168,23 @@ class ErrorTable:
         return _energy(self.gram)
 
 
-def solver_errors(values: np.ndarray, labels: np.ndarray, plan: Plan,
+def solver_errors(values: np.ndarray, labels: np.ndarray, step_weights: StepWeights,
                   clusters: int | None = None) -> ErrorTable:
-    """Every pool solver's error on every cluster and predicted step of `plan`.
+    """Every pool solver's error on every cluster and predicted step of `step_weights`.
 
     values: (S, R, D) a block's residuals on the probe; labels: (D,) cluster of each channel. The
     error of a cluster is the squared prediction error over its rows and channels divided by its
     mean squared residual, so clusters of different scale compare.
     """
     gram = cluster_gram(values, labels, clusters)
-    P, V, K, m = plan.weights.shape
+    P, V, K, m = step_weights.weights.shape
     # the weights are the same for every cluster: per step, one product of the pool's (u u^T)
     # with all clusters' window Grams, u = (w, -1)
-    u = np.concatenate([plan.weights, -np.ones((P, V, K, 1))], axis=-1)
+    u = np.concatenate([step_weights.weights, -np.ones((P, V, K, 1))], axis=-1)
     outer = (u[..., :, None] * u[..., None, :]).reshape(P * V, K, -1).transpose(1, 0, 2)
-    window = _window_grams(gram, plan).reshape(len(gram), K, -1).transpose(1, 2, 0)
+    window = _window_grams(gram, step_weights).reshape(len(gram), K, -1).transpose(1, 2, 0)
     err = np.matmul(outer, window).transpose(1, 2, 0).reshape(P, V, len(gram), K)
-    return ErrorTable(plan, gram, np.maximum(err, 0.0) / _energy(gram)[:, None])
+    return ErrorTable(step_weights, gram, np.maximum(err, 0.0) / _energy(gram)[:, None])
 
 
 @dataclass(frozen=True)
@@ -225,8 +227,8 @@ def _argmin(table: ErrorTable, mean_error: np.ndarray) -> Choices:
     """mean_error (P, V, C) -> the cheapest (solver, variable) of each cluster."""
     P, V, C = mean_error.shape
     p, v = np.divmod(mean_error.reshape(P * V, C).argmin(axis=0), V)
-    return _choices([table.plan.pool[i].id for i in p],
-                    [TIME_VARIABLES.index(table.plan.variables[i]) for i in v])
+    return _choices([table.step_weights.pool[i].id for i in p],
+                    [TIME_VARIABLES.index(table.step_weights.variables[i]) for i in v])
 
 
 def select(table: ErrorTable, per_position: bool = False) -> Assignment:
@@ -238,7 +240,7 @@ def select(table: ErrorTable, per_position: bool = False) -> Assignment:
     default = _argmin(table, table.errors.mean(axis=-1))
     if not per_position:
         return Assignment(default)
-    positions = table.plan.positions
+    positions = table.step_weights.positions
     by_position = {
         pos: _argmin(table, table.errors[..., [p == pos for p in positions]].mean(axis=-1))
         for pos in dict.fromkeys(positions)
@@ -246,17 +248,18 @@ def select(table: ErrorTable, per_position: bool = False) -> Assignment:
     return Assignment(default, by_position)
 
 
-def _map_weights(assignment: Assignment, plan: Plan, corrected: bool = True) -> np.ndarray:
-    """(C, K, m) the weights the map gives each cluster at each predicted step of `plan`."""
-    pool_index = {s.id: i for i, s in enumerate(plan.pool)}
-    var_index = {TIME_VARIABLES.index(v): i for i, v in enumerate(plan.variables)}
-    K, m = plan.history.shape
+def _map_weights(assignment: Assignment, step_weights: StepWeights,
+                 corrected: bool = True) -> np.ndarray:
+    """(C, K, m) the weights the map gives each cluster at each predicted step of `step_weights`."""
+    pool_index = {s.id: i for i, s in enumerate(step_weights.pool)}
+    var_index = {TIME_VARIABLES.index(v): i for i, v in enumerate(step_weights.variables)}
+    K, m = step_weights.history.shape
     weights = np.empty((len(assignment.default.solver), K, m))
-    for k, pos in enumerate(plan.positions):
+    for k, pos in enumerate(step_weights.positions):
         ch = assignment.choices(pos)
         p = [pool_index[int(i)] for i in ch.solver]
         v = [var_index[int(i)] for i in ch.variable]
-        weights[:, k] = plan.weights[p, v, k]
+        weights[:, k] = step_weights.weights[p, v, k]
         if corrected:
             weights[:, k] += ch.correction[:, MAX_HISTORY - m :]
     return weights
@@ -264,7 +267,7 @@ def _map_weights(assignment: Assignment, plan: Plan, corrected: bool = True) -> 
 
 def map_errors(table: ErrorTable, assignment: Assignment) -> np.ndarray:
     """(C, K) relative squared error of the map on the table's trajectory and schedule."""
-    return _relative_errors(table.gram, table.plan, _map_weights(assignment, table.plan))
+    return _relative_errors(table.gram, table.step_weights, _map_weights(assignment, table.step_weights))
 
 
 def total_error(table: ErrorTable, assignment: Assignment) -> float:
@@ -282,17 +285,18 @@ def fit(table: ErrorTable, assignment: Assignment, lam: float = FIT_LAMBDA) -> A
     w0_k the pool solver's weights (they vary with the step's times), scale the mean eigenvalue of
     sum_k H_k^T H_k so lam is dimensionless. delta spans the solver's own history slots only.
     """
-    plan = table.plan
-    K, m = plan.history.shape
-    base = _map_weights(assignment, plan, corrected=False)
-    window = _window_grams(table.gram, plan)  # (C, K, m+1, m+1)
-    positions = list(dict.fromkeys(plan.positions))
+    step_weights = table.step_weights
+    K, m = step_weights.history.shape
+    base = _map_weights(assignment, step_weights, corrected=False)
+    window = _window_grams(table.gram, step_weights)  # (C, K, m+1, m+1)
+    positions = list(dict.fromkeys(step_weights.positions))
     # per (position, cluster): the normal equations over the position's steps, all slots at once
-    member = np.array([[p == pos for p in plan.positions] for pos in positions], dtype=float)  # (Q, K)
+    member = np.array([[p == pos for p in step_weights.positions] for pos in positions],
+                      dtype=float)  # (Q, K)
     normal = np.einsum("qk,ckij->qcij", member, window[:, :, :m, :m])
     target = window[:, :, :m, m] - np.einsum("ckij,ckj->cki", window[:, :, :m, :m], base)
     rhs = np.einsum("qk,cki->qci", member, target)
-    history_of = {s.id: s.history for s in plan.pool}
+    history_of = {s.id: s.history for s in step_weights.pool}
     chosen = [assignment.choices(pos) for pos in positions]
     h = np.array([[history_of[int(i)] for i in ch.solver] for ch in chosen])  # (Q, C)
     correction = np.zeros((len(positions), len(base), MAX_HISTORY))
@@ -308,18 +312,19 @@ def fit(table: ErrorTable, assignment: Assignment, lam: float = FIT_LAMBDA) -> A
                                            for pos, ch, corr in zip(positions, chosen, correction)})
 
 
-def coefficients(assignment: Assignment, labels: np.ndarray, plan: Plan) -> dict[int, np.ndarray]:
+def coefficients(assignment: Assignment, labels: np.ndarray,
+                 step_weights: StepWeights) -> dict[int, np.ndarray]:
     """The map collapsed for one inference schedule: {predicted step: (m, D) float32}.
 
     Row i weighs the i-th of the last m computed residuals (oldest first), so a predicted residual
     is sum_i coeffs[i] * history[i], channel-wise; m is the longest history the map uses (the
-    plan's weights are right-aligned, so one plan of the whole pool serves every block). Steps at
-    positions the map has no entry for take its per-cluster default.
+    step weights are right-aligned, so one StepWeights of the whole pool serves every block). Steps
+    at positions the map has no entry for take its per-cluster default.
     """
     m = max(s.history for s in assignment.solvers())
-    weights = _map_weights(assignment, plan)[..., plan.history.shape[1] - m :]
+    weights = _map_weights(assignment, step_weights)[..., step_weights.history.shape[1] - m :]
     per_step = np.ascontiguousarray(weights.astype(np.float32)[labels].transpose(1, 2, 0))  # (K, m, D)
-    return {int(step): per_step[k] for k, step in enumerate(plan.steps)}
+    return {int(step): per_step[k] for k, step in enumerate(step_weights.steps)}
 
 
 def gap_costs(
@@ -343,7 +348,7 @@ def gap_costs(
     warmup = max(min_warmup, m)
     axes = {v: time_axis(v, np.arange(steps), sigmas) for v in variables}
     skips = {v: [] for v in variables}
-    windows = []  # (a, g, first index into the plan)
+    windows = []  # (a, g, index of its first skip step)
     for a in range(warmup - 1, steps - 1):
         for g in range(1, min(max_gap, steps - 1 - a) + 1):
             computed = np.union1d(np.arange(warmup), np.arange(a, -1, -(g + 1)))
@@ -354,7 +359,7 @@ def gap_costs(
     cost[:, 0] = 0.0
     if not windows:
         return cost
-    table = solver_errors(values, labels, _plan(sigmas, tuple(pool), skips))
+    table = solver_errors(values, labels, _step_weights(sigmas, tuple(pool), skips))
     P, V, C, _ = table.errors.shape
     per_window = np.add.reduceat(table.errors, [w[2] for w in windows], axis=-1)
     best = per_window.reshape(P * V, C, len(windows)).min(axis=0)
@@ -403,11 +408,11 @@ def resample(sample: CompactSample, sigmas: np.ndarray) -> tuple[np.ndarray, np.
     return series.transpose(2, 0, 1).reshape(steps, 1, C * n), np.repeat(np.arange(C), n)
 
 
-def refit(sample: CompactSample, plan: Plan, per_position: bool = True,
+def refit(sample: CompactSample, step_weights: StepWeights, per_position: bool = True,
           lam: float | None = FIT_LAMBDA) -> Assignment:
     """Select (and fit, unless lam is None) for another schedule, from a probe's compact sample,
-    resampled onto the plan's sigmas: selection then runs as on a probe of that schedule."""
-    values, labels = resample(sample, plan.sigmas)
-    table = solver_errors(values, labels, plan, clusters=sample.series.shape[0])
+    resampled onto the step weights' sigmas: selection then runs as on a probe of that schedule."""
+    values, labels = resample(sample, step_weights.sigmas)
+    table = solver_errors(values, labels, step_weights, clusters=sample.series.shape[0])
     assignment = select(table, per_position)
     return assignment if lam is None else fit(table, assignment, lam)

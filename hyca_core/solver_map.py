@@ -3,7 +3,7 @@
 A map holds, per block stream (``"double_block.3.img"``): the cluster of every channel, the
 solver each cluster chose on the probe (with every pool member's error, so users can see why),
 the clusters' mean indicators, and a compact sample of the probe from which the solvers are
-re-selected and fitted for whatever schedule a later run uses (`compile`, see `run_plans`).
+re-selected and fitted for whatever schedule a later run uses (`for_run`, see `run_maps`).
 
 `SolverMap.validate` bounds every array by what calibration can make for the model the map claims
 to fit (its widths, probe steps, clusters, series per cluster, solver histories) and is applied on
@@ -23,12 +23,12 @@ import numpy as np
 from . import defaults, map_file, tuning
 from .indicators import INDICATOR_NAMES
 from .map_file import MapError, read_metadata
-from .run_plans import CompiledMap, DynamicMap, compile_map
+from .run_maps import AdaptiveRunMap, FixedRunMap, run_map
 from .schedule import Schedule
 from .selection import SERIES_PER_CLUSTER
 from .solvers import POOL, POOL_VERSION, TIME_VARIABLES, solver, warmup_pool
 
-__all__ = ["MIN_PROBE_STEPS", "BlockMap", "CompiledMap", "DynamicMap", "MapError", "SolverMap",
+__all__ = ["MIN_PROBE_STEPS", "AdaptiveRunMap", "BlockMap", "FixedRunMap", "MapError", "SolverMap",
            "read_metadata"]
 
 MAX_BLOCKS = 4096
@@ -116,25 +116,25 @@ class SolverMap:
     pool_version: int = POOL_VERSION
     info: dict = field(default_factory=dict)  # free-form provenance (sampler, steps, ...)
 
-    def check_fits(self, architecture: str, block_widths: dict[str, int]) -> None:
+    def check_fits(self, architecture: str, unit_widths: dict[str, int]) -> None:
         """Raise MapError unless this map was made for a model of this architecture and shape.
 
-        block_widths: the model's blocks by name ("double_block.0") and hidden width; map keys
-        name a block's stream ("double_block.0.img").
+        unit_widths: the model's units (blocks, stacks or the whole model, per granularity) by name
+        ("double_block.0") and width; map keys name a unit's stream ("double_block.0.img").
         """
         if architecture != self.architecture:
             raise MapError(f"map is for {self.architecture}, model is {architecture}: "
                            "calibrate one for this model")
         mapped = {key.rsplit(".", 1)[0]: len(block.labels) for key, block in self.blocks.items()}
-        if mapped.keys() != block_widths.keys():
-            missing = sorted(block_widths.keys() - mapped.keys())
-            extra = sorted(mapped.keys() - block_widths.keys())
+        if mapped.keys() != unit_widths.keys():
+            missing = sorted(unit_widths.keys() - mapped.keys())
+            extra = sorted(mapped.keys() - unit_widths.keys())
             granularity = self.info.get("granularity", "block")
             raise MapError(f"map does not cover the model's blocks: missing {missing[:4]}, unknown "
                            f"{extra[:4]} (the map's granularity is {granularity!r}; use the same)")
-        wrong = [name for name, width in block_widths.items() if mapped[name] != width]
+        wrong = [name for name, width in unit_widths.items() if mapped[name] != width]
         if wrong:
-            raise MapError(f"blocks {wrong[:4]} have width {block_widths[wrong[0]]}, map has "
+            raise MapError(f"blocks {wrong[:4]} have width {unit_widths[wrong[0]]}, map has "
                            f"{mapped[wrong[0]]}: it was calibrated for another model of this family")
 
     def validate(self) -> None:
@@ -197,7 +197,7 @@ class SolverMap:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fits: tuple[str, dict[str, int]] | None = None) -> "SolverMap":
-        """Read and validate a map file; with ``fits`` = (architecture, block widths), also check
+        """Read and validate a map file; with ``fits`` = (architecture, unit widths), also check
         that it fits that model (`check_fits`). Raises MapError naming the file and the reason."""
         with map_file.opened(path) as f:
             solver_map = _read(f)
@@ -208,11 +208,11 @@ class SolverMap:
 
     # --- inference -----------------------------------------------------------------------------
 
-    def compile(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
+    def for_run(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
                 per_position: bool = True, budget: int | None = None,
-                only: tuple[str, str] | None = None) -> CompiledMap:
-        """This map re-selected and fitted for one run: `run_plans.compile_map`."""
-        return compile_map(self, step_sigmas, schedule, fitted, per_position, budget, only)
+                single_solver: tuple[str, str] | None = None) -> FixedRunMap:
+        """This map re-selected and fitted for one run: `run_maps.run_map`."""
+        return run_map(self, step_sigmas, schedule, fitted, per_position, budget, single_solver)
 
 
 def _read(f) -> SolverMap:

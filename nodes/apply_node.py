@@ -125,9 +125,10 @@ def _advanced_widgets() -> list[io.Input]:
             "placement", options=[AUTO, *PLACEMENTS], default=AUTO, optional=True,
             tooltip="auto: what HyCa Calibrate found best for this N, else fixed. fixed computes every N-th "
                     "step; calibrated places as many full steps where the map says prediction errs most."),
-        # "fused" in the UI, the code and the docs; the id stays what saved API prompts use
+        # API prompts saved before this id name it compile_predict: ComfyUI drops an input the node does
+        # not declare, so they run with the eager ops
         io.Boolean.Input(
-            "compile_predict", display_name="fused", default=False, optional=True,
+            "fused", default=False, optional=True,
             tooltip="For cached outputs in CPU RAM: predict with fused kernels built by torch.compile "
                     "(needs a C++ compiler; compiles on first use)."),
     ]
@@ -145,13 +146,13 @@ class HyCaApply(io.ComfyNode):
     @classmethod
     def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
                 history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
-                placement=AUTO, compile_predict=False, solver_map=None) -> io.NodeOutput:
+                placement=AUTO, fused=False, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup or map_warmup(solver_map), final=final_steps)
         options = ApplyOptions(
             schedule=schedule, fitted=fitted, history_dtype=HISTORY_DTYPES[history_dtype],
             offload=offload_history, adaptive_tolerance=adaptive_tolerance if adaptive else None,
             granularity=None if granularity == AUTO else granularity, target_speedup=target_speedup,
             window=(start_percent, end_percent), placement=placement, tuned_warmup=warmup == 0,
-            fused=compile_predict,
+            fused=fused,
         )
         return _patched(cls, model, solver_map, options)

@@ -23,8 +23,8 @@ class ApplyOptions:
     """HyCa Apply's knobs. ``granularity`` None: the connected map's, else per block. ``adaptive_tolerance``:
     decide each step from the map's measured error instead of the every-N pattern. ``target_speedup`` > 0
     replaces N by the interval whose speed-up on each run's step count reaches it. Steps outside
-    ``window`` (fractions of the denoising) always compute. ``only`` = (solver, time variable): one pool
-    solver for every channel (the benchmark's single-solver baselines). ``placement`` AUTO and
+    ``window`` (fractions of the denoising) always compute. ``single_solver`` = (solver, time variable):
+    one pool solver for every channel (the benchmark's single-solver baselines). ``placement`` AUTO and
     ``tuned_warmup``: the placement and warm-up the map's tuning chose for the run's N (or the nearest
     tuned N); fixed placement and the schedule's warm-up without tuning. ``fused``: CPU-held histories
     predict large residuals with torch.compile's single-pass kernels. ``memory_budget``: bytes the
@@ -36,7 +36,7 @@ class ApplyOptions:
     history_dtype: torch.dtype | None = None
     offload: bool = False
     adaptive_tolerance: float | None = None
-    only: tuple[str, str] | None = None
+    single_solver: tuple[str, str] | None = None
     granularity: str | None = None
     target_speedup: float = 0.0
     window: tuple[float, float] = (0.0, 1.0)

@@ -27,7 +27,7 @@ class ApplyRunState(RunState):
         if calibrated and options.adaptive:
             gate = AdaptiveGate(options.adaptive_tolerance, max_skip=2 * options.schedule.interval - 1)
         super().__init__(
-            make_plan=source.plan if calibrated else None,
+            make_run_map=source.for_run if calibrated else None,
             recorder=TrajectoryRecorder() if recording else None,
             history_dtype=options.history_dtype, offload_device=spare_device if options.offload else None,
             gate=gate, fused=options.fused,
@@ -47,7 +47,7 @@ class ApplyRunState(RunState):
         return super().begin_call(x, transformer_options, variant)
 
     def store(self, call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
-        if self.plan is not None and call.decision.keeps and key not in call.branch.histories:
+        if self.run_map is not None and call.decision.keeps and key not in call.branch.histories:
             self._place_history(key, after)
         super().store(call, key, after, before)
 
@@ -57,13 +57,13 @@ class ApplyRunState(RunState):
         asked = Placement(torch.device(self.offload_device or residual.device),
                           self.history_dtype or residual.dtype)
         current = self.memory.placement or asked
-        placement = self.memory.admit(self.plan.history(key), residual, asked)
+        placement = self.memory.admit(self.run_map.history(key), residual, asked)
         if placement == current:
             return
         log_fallback(placement, self.spare_device)
         self.weights.clear()  # weights are prepared for the histories' dtype
         if placement is None:
-            self.plan = self.make_plan = None  # every later call computes; nothing more is cached
+            self.run_map = self.make_run_map = None  # every later call computes; nothing more is cached
             for branch in self.branches.values():
                 branch.histories.clear()
             return

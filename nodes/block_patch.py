@@ -59,7 +59,7 @@ class BlockPatch:
             return {s: self._predicted(state, call, args[s], s) for s in STREAMS if s in args}
         if call.decision in (Decision.PREDICT, Decision.COMPUTE):
             # COMPUTE keeps nothing; a predicted unit whose prediction was not finite is computed, not cached
-            # either: the history stays what the plan fitted its weights to
+            # either: the history stays what the run map fitted its weights to
             state.computed += 1
             state.fallbacks += call.predict
             return self._run(args, extra)

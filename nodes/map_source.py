@@ -1,4 +1,4 @@
-"""The solver map a HyCa-applied model predicts with: given, or calibrated in auto mode; compiled per run."""
+"""The solver map a HyCa-applied model predicts with: given, or calibrated in auto mode; fitted per run."""
 
 from __future__ import annotations
 
@@ -10,23 +10,24 @@ import numpy as np
 
 from ..hyca_core import tuning
 from ..hyca_core.schedule import RunSchedule, speedup
-from ..hyca_core.solver_map import MIN_PROBE_STEPS, CompiledMap, DynamicMap, MapError, SolverMap
+from ..hyca_core.solver_map import MIN_PROBE_STEPS, AdaptiveRunMap, FixedRunMap, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
 from . import map_store, ui_text
 from .apply_options import AUTO, ApplyOptions
-from .patching import block_widths, model_architecture
+from .patching import model_architecture, unit_widths
 
-# Compiled schedules a MapSource keeps: enough for the few a session alternates between (step counts, a
-# hires pass), bounded so that a long session of ever-new schedules (img2img denoise values) holds no more.
-COMPILED_KEPT = 8
+# Run maps a MapSource keeps, one per schedule: enough for the few a session alternates between (step
+# counts, a hires pass), bounded so that a long session of ever-new schedules (img2img denoise values)
+# holds no more.
+RUN_MAPS_KEPT = 8
 # A probe covers the schedules a map serves when it starts at the model's largest sigma (flow samplers may
 # offset it by 1e-4) and ends at 0.
 COVER_RTOL = 1e-3
 
 
 class MapSource:
-    """The solver map a patched model predicts with, compiled once per sampling schedule.
+    """The solver map a patched model predicts with, fitted once per sampling schedule.
 
     With no map (auto mode) the model's first complete sampling run that denoises fully and predicts some
     step is recorded at full compute, calibrated, and saved (beside ``options.checkpoint``, the model's file
@@ -37,28 +38,28 @@ class MapSource:
         self.options = options
         self.architecture = model_architecture(model)
         self.granularity = granularity
-        self.widths = block_widths(model, granularity)
+        self.widths = unit_widths(model, granularity)
         self.fingerprint = map_store.fingerprint(model)
         # Shared by every clone; during a run it holds the run's model_sampling (a ModelSampling node
         # placed after Apply included), which turns the window's percents into sigmas.
         self.base_model = model.model
         self.solver_map = None
         self.calibration_failed = False  # auto mode gave up: later runs compute fully, record nothing
-        self._compiled: dict[tuple, CompiledMap] = {}  # runs repeat their schedules; least recent first
+        self._run_maps: dict[tuple, FixedRunMap] = {}  # runs repeat their schedules; least recent first
         if solver_map is not None:
             self.use(solver_map)
 
     def use(self, solver_map: SolverMap) -> None:
         solver_map.check_fits(self.architecture, self.widths)
         self.solver_map = solver_map
-        self._compiled.clear()
+        self._run_maps.clear()
 
-    def plan(self, step_sigmas) -> CompiledMap | DynamicMap:
+    def for_run(self, step_sigmas) -> FixedRunMap | AdaptiveRunMap:
         """What a run with these step sigmas predicts with."""
         schedule = self.schedule_for(step_sigmas)
         if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead
-            return DynamicMap(self.solver_map, schedule.widened(), step_sigmas)
-        return self.compile(tuple(float(s) for s in step_sigmas), schedule)
+            return AdaptiveRunMap(self.solver_map, schedule.widened(), step_sigmas)
+        return self.run_map(tuple(float(s) for s in step_sigmas), schedule)
 
     def schedule_for(self, step_sigmas) -> RunSchedule:
         """The schedule of a run with these step sigmas: predicting only inside the window of the
@@ -84,28 +85,28 @@ class MapSource:
         tuned = self.tuned(interval)
         return tuned[1].candidate.placement if tuned is not None else "fixed"
 
-    def compile(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> CompiledMap:
-        """The map for one sampling schedule; compiling refits every block, so the COMPILED_KEPT most
-        recently used are kept."""
+    def run_map(self, step_sigmas: tuple[float, ...], schedule: RunSchedule) -> FixedRunMap:
+        """The map for one sampling schedule; fitting it to the run refits every block, so the RUN_MAPS_KEPT
+        most recently used are kept."""
         key = (step_sigmas, schedule)
-        compiled = self._compiled.pop(key, None)
-        if compiled is None:
+        run_map = self._run_maps.pop(key, None)
+        if run_map is None:
             # calibrated placement: as many full steps as the every-N pattern, where the probe errs most
             placement = self.placement(schedule.interval)
             calibrated = placement == "calibrated"
             budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
-            compiled = self.solver_map.compile(np.array(step_sigmas), schedule, fitted=self.options.fitted,
-                                               only=self.options.only, budget=budget)
-            mask = compiled.mask
+            run_map = self.solver_map.for_run(np.array(step_sigmas), schedule, fitted=self.options.fitted,
+                                              single_solver=self.options.single_solver, budget=budget)
+            mask = run_map.mask
             logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),
                          (~mask).sum(), speedup(mask), schedule.interval, placement,
                          schedule.widened().warmup, schedule.final)
             self.report_tuning(schedule.interval)
-        self._compiled[key] = compiled  # now the most recent
-        while len(self._compiled) > COMPILED_KEPT:
-            del self._compiled[next(iter(self._compiled))]
-        return compiled
+        self._run_maps[key] = run_map  # now the most recent
+        while len(self._run_maps) > RUN_MAPS_KEPT:
+            del self._run_maps[next(iter(self._run_maps))]
+        return run_map
 
     def report_tuning(self, interval: int) -> None:
         """Log which tuning a run follows, and where plain sampling with fewer steps came closer in it."""

@@ -23,7 +23,7 @@ import torch
 
 from ..hyca_core.map_file import read_metadata
 from ..hyca_core.solver_map import MapError, SolverMap
-from .patching import block_widths, model_architecture
+from .patching import model_architecture, unit_widths
 
 FOLDER = "hyca"
 SUFFIX = ".hyca.safetensors"
@@ -147,7 +147,7 @@ def load_for(model, granularity: str = "block", checkpoint: Path | None = None) 
     Raises MapError naming each file and what is wrong if maps were found but none could be used
     (HyCa Apply then warns and calibrates a new one, which replaces a map of the standard name).
     """
-    fits, refused = (model_architecture(model), block_widths(model, granularity)), []
+    fits, refused = (model_architecture(model), unit_widths(model, granularity)), []
     for path in _candidates(model, granularity, checkpoint):
         try:
             solver_map = SolverMap.load(path, fits=fits)

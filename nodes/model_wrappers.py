@@ -60,7 +60,7 @@ def begin_call(state: RunState, x: torch.Tensor, transformer_options: dict) -> C
         if cut:
             logging.warning("HyCa: a node placed after HyCa replaced blocks of %s; this run computes fully. "
                             "Place HyCa after it (HyCa then runs its patches as the blocks)", ", ".join(cut))
-            state.make_plan = state.recorder = None
+            state.make_run_map = state.recorder = None
     own = state.patches
     changed = frozenset(k for k in places.keys() | own.keys() if places.get(k) is not own.get(k))
     return state.begin_call(x, transformer_options, None if changed and cut else changed)
@@ -134,7 +134,8 @@ def whole_model_wrapper(executor, *args, **kwargs):
         state.log_faults(call)
         state.fallbacks += 1
         state.computed += 1
-        return executor(*args, **kwargs)  # not cached: the history stays what the plan fitted its weights to
+        # not cached: the history stays what the run map fitted its weights to
+        return executor(*args, **kwargs)
     out = executor(*args, **kwargs)
     state.computed += 1
     if call.decision.keeps:

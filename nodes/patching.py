@@ -36,7 +36,7 @@ def _patches(blocks: list[Block], granularity: str) -> list[BlockPatch]:
             for kind, stack in stacks.items() for i, b in enumerate(stack)]
 
 
-def block_widths(model, granularity: str = "block") -> dict[str, int]:
+def unit_widths(model, granularity: str = "block") -> dict[str, int]:
     """Width of every unit a map must cover: ``"double_block.0"`` (per block) or ``"double_blocks"``
     (per stack) -> 3072, or ``"model"`` -> latent channels."""
     if granularity == "model":

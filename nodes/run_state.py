@@ -74,8 +74,8 @@ class Call:
         return self.decision is Decision.PREDICT
 
 
-class RunPlan(Protocol):
-    """A solver map made ready for one run: hyca_core's CompiledMap or DynamicMap."""
+class RunMap(Protocol):
+    """A solver map made ready for one run: hyca_core's FixedRunMap or AdaptiveRunMap."""
 
     def history(self, key: str) -> int: ...
     def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool: ...
@@ -94,25 +94,25 @@ def finite(residual: torch.Tensor) -> torch.Tensor:
 class RunState:
     """HyCa's memory for one sampling run, cloned from the template Apply/Calibrate puts on the model.
 
-    ``make_plan(step_sigmas)`` gives the run's plan; with ``gate`` (an AdaptiveGate template) every
+    ``make_run_map(step_sigmas)`` gives the run's map; with ``gate`` (an AdaptiveGate template) every
     predictable step first computes its first block and predicts the rest only if the map's error
     on that block is within the gate's tolerance. ``recorder`` (calibration) receives the residuals
     of every block at every step of the first branch. ``fused``: predict with hyca_core's compiled
     single-pass kernels.
     """
 
-    def __init__(self, make_plan: Callable[[np.ndarray], RunPlan] | None = None,
+    def __init__(self, make_run_map: Callable[[np.ndarray], RunMap] | None = None,
                  recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
                  offload_device: torch.device | None = None, gate: AdaptiveGate | None = None,
                  fused: bool = False):
-        self.make_plan = make_plan
+        self.make_run_map = make_run_map
         self.recorder = recorder
         self.history_dtype = history_dtype
         self.offload_device = offload_device
         self.gate = gate
         self.fused = fused
-        self.started = False  # the run's first model call came: its sigmas are checked, its plan made
-        self.plan: RunPlan | None = None
+        self.started = False  # the run's first model call came: its sigmas are checked, its run map made
+        self.run_map: RunMap | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
         self.predicted = 0
@@ -125,7 +125,7 @@ class RunState:
         self.recorded: Branch | None = None  # the branch a calibration records: the run's first
 
     def clone(self) -> "RunState":
-        return RunState(self.make_plan, self.recorder, self.history_dtype, self.offload_device, self.gate,
+        return RunState(self.make_run_map, self.recorder, self.history_dtype, self.offload_device, self.gate,
                         self.fused)
 
     def __deepcopy__(self, memo) -> "RunState":
@@ -173,9 +173,9 @@ class RunState:
             logging.warning("HyCa: this run's sigmas do not decrease at step %d (%.4g after %.4g); every "
                             "step computes fully and nothing is recorded", rise, sample_sigmas[rise],
                             sample_sigmas[rise - 1])
-            self.make_plan = self.recorder = None
-        elif self.make_plan is not None:
-            self.plan = self.make_plan(sample_sigmas[:-1])
+            self.make_run_map = self.recorder = None
+        elif self.make_run_map is not None:
+            self.run_map = self.make_run_map(sample_sigmas[:-1])
 
     def _decide_step(self, branch: Branch, step: float) -> Decision:
         # Only on-grid calls are predicted: an intermediate evaluation (DPM++ 2S) has no fitted weights and
@@ -189,8 +189,8 @@ class RunState:
             if earlier:
                 return Decision.PREDICT
             return Decision.REPLACE if branch.steps and branch.steps[-1] == step else Decision.COMPUTE
-        candidate = self.plan is not None and self.plan.can_predict(int(step), tuple(branch.steps))
-        if branch.gate is not None and self.plan is not None and not candidate:
+        candidate = self.run_map is not None and self.run_map.can_predict(int(step), tuple(branch.steps))
+        if branch.gate is not None and self.run_map is not None and not candidate:
             branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
         if candidate and branch.gate is not None:
             return Decision.MEASURE  # decided by `decide` once the first block has run
@@ -211,18 +211,18 @@ class RunState:
         if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self.recorded:
             # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
             self.recorder.record(key, call.sigma, (after - before).detach())
-        if self.plan is None:
+        if self.run_map is None:
             return  # the history holds the newest computation of each computed grid step, in step order
         history = call.branch.histories.get(key)
         if history is None:
             history = call.branch.histories[key] = ResidualHistory(
-                self.plan.history(key), self.history_dtype, self.offload_device)
+                self.run_map.history(key), self.history_dtype, self.offload_device)
         if call.decision is Decision.REPLACE and len(history):
             history.drop_newest()
         history.push_difference(after, before)
 
     def end_call(self, call: Call) -> None:
-        if not call.decision.keeps or self.plan is None:
+        if not call.decision.keeps or self.run_map is None:
             return
         branch = call.branch
         if call.decision is Decision.REPLACE:
@@ -267,7 +267,7 @@ class RunState:
         cache_key = (key, int(call.step), tuple(branch.steps), history.device)
         weights = self.weights.get(cache_key)
         if weights is None:
-            table = self.plan.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
+            table = self.run_map.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
                                            call.sigma)
             weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
         return weights

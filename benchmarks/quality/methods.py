@@ -65,11 +65,11 @@ class Methods:
         self.solver_map = solver_map
         self.Schedule = pack.hyca_core.schedule.Schedule
 
-    def hyca(self, n: int, fitted: bool = True, only=None, tolerance=None, warmup: int = WARMUP,
+    def hyca(self, n: int, fitted: bool = True, single_solver=None, tolerance=None, warmup: int = WARMUP,
              placement: str = "fixed"):
         return self.pack.nodes.apply_hyca.apply_hyca(
             self.model, self.solver_map, self.Schedule(interval=n, warmup=warmup), fitted=fitted,
-            adaptive_tolerance=tolerance, only=only, placement=placement)
+            adaptive_tolerance=tolerance, single_solver=single_solver, placement=placement)
 
     def computed_steps(self, n: int, steps: int = STEPS) -> int:
         """The full steps HyCa computes at interval n (Apply's warm-up): fewer steps' equal compute."""
@@ -85,7 +85,7 @@ class Methods:
         solver needs."""
         solver = self.pack.hyca_core.solvers.solver
         return [Method(f"{family} ({name}/step) N={n}", family,
-                       self.hyca(n, only=(name, "step"), warmup=max(WARMUP, solver(name).history)),
+                       self.hyca(n, single_solver=(name, "step"), warmup=max(WARMUP, solver(name).history)),
                        n=n, key=(name, "step", n)) for name, family in PEERS]
 
     def placements(self, n: int) -> list[Method]:
@@ -96,7 +96,7 @@ class Methods:
                           key=(f"calibrated {kind}", n)) for kind in ("fixed", "fitted")]
         methods.append(Method(f"TaylorSeer on HyCa's calibrated schedule, N={n} budget",
                               "TaylorSeer calibrated",
-                              self.hyca(n, only=("taylorseer2", "step"), placement="calibrated",
+                              self.hyca(n, single_solver=("taylorseer2", "step"), placement="calibrated",
                                         warmup=self.pack.hyca_core.solvers.solver("taylorseer2").history),
                               n=n, key=("taylorseer2", "calibrated", n)))
         methods += [Method(f"HyCa {place} N={n} warm-up {PAPER_WARMUP}", f"HyCa warm-up {PAPER_WARMUP}",
@@ -120,7 +120,7 @@ class Methods:
                 warmup = max(WARMUP, s.history)
                 methods.append(Method(f"only {s.name}/{variable} N={n}" + ("" if warmup == WARMUP else
                                       f" (warm-up {warmup})"), "single solver",
-                                      self.hyca(n, only=(s.name, variable), warmup=warmup), n=n,
+                                      self.hyca(n, single_solver=(s.name, variable), warmup=warmup), n=n,
                                       key=(s.name, variable, n)))
         return methods
 

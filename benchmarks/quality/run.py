@@ -126,8 +126,8 @@ class Bench:
     # -- measuring -----------------------------------------------------------------------------
 
     def measure(self, methods: list[Method], reference: Reference, timed: bool = True) -> list[Result]:
-        """Each method counted and scored in one untimed run, which also warms it up (HyCa compiles its
-        map for the schedule there, once); then, if `timed`, `rounds` interleaved rounds of full compute and
+        """Each method counted and scored in one untimed run, which also warms it up (HyCa fits its
+        map to the schedule there, once); then, if `timed`, `rounds` interleaved rounds of full compute and
         every method with no hook attached, medians compared within these rounds."""
         setting = reference.setting
         measured: list[tuple[Result, Method]] = []
@@ -325,9 +325,9 @@ def overhead(bench: Bench, methods: Methods, settings: list[Setting], intervals,
     for setting in settings:
         parts, ok = [], True
         for n in intervals:
-            pair = [methods.hyca(n, fitted=False), methods.hyca(n, only=("reuse", "step"))]
+            pair = [methods.hyca(n, fitted=False), methods.hyca(n, single_solver=("reuse", "step"))]
             for m in pair:
-                bench.sample(m, setting, STEPS)  # warm: compiles the map for this schedule
+                bench.sample(m, setting, STEPS)  # warm: fits the map to this schedule
             runs = timing.interleaved([lambda m=m, s=setting: bench.sample(m, s, STEPS) for m in pair],
                                       rounds)
             ratios = [h / f for h, f in zip(*runs)]

@@ -91,20 +91,20 @@ def test_window_uses_the_model_sampling_of_the_run(pack, flux, solver_map, condi
 
 
 def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, finished):
-    """start 0, end 1, no target: the plan compiled exactly as before these knobs, so the run is the same bit
+    """start 0, end 1, no target: the run map fitted exactly as before these knobs, so the run is the same bit
     for bit, whether the inputs are given or left out (older workflows)."""
     steps = 12
     default, computed = _run(_apply(pack, flux, solver_map), conditioning, finished, steps)
-    plan = finished[-1].plan
+    run_map = finished[-1].run_map
     explicit, _ = _run(_apply(pack, flux, solver_map, target_speedup=0.0, start_percent=0.0, end_percent=1.0),
                        conditioning, finished, steps)
     _, sigmas = _step_sigmas(flux, steps)
-    before = solver_map.compile(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
-    assert np.array_equal(computed, before.mask) and np.array_equal(plan.mask, before.mask)
-    assert plan.tables.keys() == before.tables.keys()
+    before = solver_map.for_run(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
+    assert np.array_equal(computed, before.mask) and np.array_equal(run_map.mask, before.mask)
+    assert run_map.tables.keys() == before.tables.keys()
     for key, table in before.tables.items():
-        assert table.keys() == plan.tables[key].keys()
-        assert all(np.array_equal(weights, plan.tables[key][step]) for step, weights in table.items())
+        assert table.keys() == run_map.tables[key].keys()
+        assert all(np.array_equal(weights, run_map.tables[key][step]) for step, weights in table.items())
     assert torch.equal(default, explicit)
 
 
@@ -113,22 +113,21 @@ def test_new_inputs_are_optional_with_tooltips_and_checked(pack, flux, solver_ma
     inputs = {i.id: i for i in apply_node.HyCaApply.define_schema().inputs}
     assert all(i.tooltip for i in inputs.values())
     assert all(inputs[name].optional
-               for name in ("target_speedup", "start_percent", "end_percent", "compile_predict"))
+               for name in ("target_speedup", "start_percent", "end_percent", "fused"))
     with pytest.raises(ValueError, match="target speed-up"):
         _apply(pack, flux, solver_map, adaptive=True, target_speedup=2.0)
     with pytest.raises(ValueError, match="window"):
         _apply(pack, flux, solver_map, start_percent=0.6, end_percent=0.4)
 
 
-def test_compile_predict_samples_as_the_eager_ops(pack, flux, solver_map, conditioning, finished, caplog,
-                                                  monkeypatch):
-    """compile_predict: torch.compile's single-pass kernels predict what the eager ops do, up to 4-term
+def test_fused_samples_as_the_eager_ops(pack, flux, solver_map, conditioning, finished, caplog, monkeypatch):
+    """fused: torch.compile's single-pass kernels predict what the eager ops do, up to 4-term
     histories (warm-up 4), and the run computes the same steps."""
     monkeypatch.setattr(pack.hyca_core.fused, "MIN_ELEMENTS", 1)  # the tiny model's residuals are small
     steps, knobs = 12, dict(interval=3, warmup=4, fitted=False)
     eager, computed = _run(_apply(pack, flux, solver_map, **knobs), conditioning, finished, steps)
     with caplog.at_level(logging.WARNING):
-        fused, fused_computed = _run(_apply(pack, flux, solver_map, compile_predict=True, **knobs),
+        fused, fused_computed = _run(_apply(pack, flux, solver_map, fused=True, **knobs),
                                      conditioning, finished, steps)
     assert "could not build" not in caplog.text
     weights = list(finished[-1].weights.values())

@@ -19,11 +19,14 @@ from harness import sampling, tiny_models
 
 LATENT = (1, 16, 16, 16)
 STEPS = 12
-# HyCa Apply's inputs as API prompts saved before the split name them: the first release, then the current
+# HyCa Apply's inputs as API prompts name them: the first release's; those saved before the split (the
+# fused widget's id was compile_predict until later: ComfyUI drops an input the node does not declare);
+# today's
 FIRST_RELEASE = dict(interval=2, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
                      fitted=False, granularity="block", history_dtype="auto", offload_history=False)
-BEFORE_SPLIT = dict(FIRST_RELEASE, target_speedup=0.0, start_percent=0.0, end_percent=1.0, placement="fixed",
-                    compile_predict=False)
+LATER_KNOBS = dict(target_speedup=0.0, start_percent=0.0, end_percent=1.0, placement="fixed")
+BEFORE_SPLIT = dict(FIRST_RELEASE, **LATER_KNOBS, compile_predict=False)
+CURRENT = dict(FIRST_RELEASE, **LATER_KNOBS, fused=False)
 
 
 @pytest.fixture
@@ -94,7 +97,8 @@ class _TestModel:
         return self.model, positive, negative, {"samples": torch.zeros(LATENT)}
 
 
-@pytest.mark.parametrize("settings", [FIRST_RELEASE, BEFORE_SPLIT], ids=["first_release", "before_split"])
+@pytest.mark.parametrize("settings", [FIRST_RELEASE, BEFORE_SPLIT, CURRENT],
+                         ids=["first_release", "before_split", "current"])
 def test_an_old_api_prompt_validates_and_runs(pack, flux, solver_map, prompt_server, monkeypatch, settings,
                                               caplog):
     import execution
@@ -139,18 +143,18 @@ def test_the_plain_node_takes_granularity_and_warmup_from_the_map(pack, flux, co
     sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=STEPS)
     (state,) = finished
     assert state.source.granularity == "stack" and state.source.options.schedule.warmup == 3
-    assert state.predicted and np.array_equal(state.plan.mask[:3], [True] * 3)
+    assert state.predicted and np.array_equal(state.run_map.mask[:3], [True] * 3)
 
 
 def test_a_granularity_mismatch_is_a_sentence(pack, flux, conditioning, solver_map):
     advanced = pack.nodes.apply_node.HyCaApply
     for granularity in ("stack", "model"):
         with pytest.raises(ValueError) as error:
-            advanced.execute(flux, **{**BEFORE_SPLIT, "granularity": granularity}, solver_map=solver_map)
+            advanced.execute(flux, **{**CURRENT, "granularity": granularity}, solver_map=solver_map)
         message = str(error.value)
         assert message.startswith('The solver map was calibrated with granularity "block"')
         assert f'set to "{granularity}"' in message and "/" not in message
-    (patched,) = advanced.execute(flux, **{**BEFORE_SPLIT, "granularity": "auto"}, solver_map=solver_map).args
+    (patched,) = advanced.execute(flux, **{**CURRENT, "granularity": "auto"}, solver_map=solver_map).args
     assert patched is not flux
 
 
@@ -200,16 +204,16 @@ def test_node_search_finds_the_plain_node(pack):
 
 
 def test_one_set_of_defaults_everywhere(pack, flux, finished, conditioning, tmp_path, monkeypatch):
-    """The nodes' widgets, apply_hyca, Schedule() and SolverMap.compile share hyca_core.defaults (the Python
+    """The nodes' widgets, apply_hyca, Schedule() and SolverMap.for_run share hyca_core.defaults (the Python
     API once ran fitted weights and a warm-up of 3 where the nodes said off and 2)."""
     import inspect
 
     defaults, schedule = pack.hyca_core.defaults, pack.hyca_core.schedule.Schedule()
     assert (schedule.interval, schedule.warmup, schedule.final) == (defaults.INTERVAL, defaults.WARMUP,
                                                                     defaults.FINAL_STEPS)
-    compile_parameters = inspect.signature(pack.hyca_core.solver_map.SolverMap.compile).parameters
-    compile_fitted = compile_parameters["fitted"].default
-    assert compile_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
+    for_run_parameters = inspect.signature(pack.hyca_core.solver_map.SolverMap.for_run).parameters
+    for_run_fitted = for_run_parameters["fitted"].default
+    assert for_run_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
     widgets = {i.id: i.default for i in pack.nodes.apply_node.HyCaApply.define_schema().inputs
                if i.id in ("interval", "fitted", "final_steps")}
     assert widgets == {"interval": defaults.INTERVAL, "fitted": defaults.FITTED,

@@ -210,14 +210,13 @@ def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_
                                                              full):
     schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
     apply = pack.nodes.apply_hyca.apply_hyca
-    fora = sampling.sample(apply(flux, solver_map, schedule, only=("reuse", "step")), *conditioning, latent,
-                           steps=STEPS, seed=5)
-    taylor = sampling.sample(apply(flux, solver_map, schedule, only=("taylor1", "step")), *conditioning,
-                             latent, steps=STEPS, seed=5)
+    fora = sampling.sample(apply(flux, solver_map, schedule, single_solver=("reuse", "step")), *conditioning,
+                           latent, steps=STEPS, seed=5)
+    taylor = sampling.sample(apply(flux, solver_map, schedule, single_solver=("taylor1", "step")),
+                             *conditioning, latent, steps=STEPS, seed=5)
     assert not torch.equal(fora, taylor) and not torch.equal(fora, full)
-    compiled = pack.hyca_core.solver_map.SolverMap.compile
     step_sigmas = solver_map.probe_sigmas
-    reuse = compiled(solver_map, step_sigmas, schedule, only=("reuse", "step"))
+    reuse = solver_map.for_run(step_sigmas, schedule, single_solver=("reuse", "step"))
     for table in reuse.tables.values():
         for weights in table.values():
             assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()

@@ -7,8 +7,8 @@ resolutions, batch 1 and 2, CFG 1 and 3, with euler and heun, at several step co
 runs cancelled at a random step. Every completed output must be what a fresh clone gives for the same inputs:
 at N=1, and while auto mode has no map, the unpatched model's, bit for bit; otherwise a fresh HyCa Apply's
 with the same map. After every run, completed or not, HyCa holds nothing of it: its run state and every
-residual history are freed, the MODELs' templates are pristine, and each map's compiled schedules stay within
-their bound.
+residual history are freed, the MODELs' templates are pristine, and each map's run maps stay within their
+bound.
 
 A shorter session does the same among other nodes: Skip Layer Guidance before and after HyCa, Apply chained
 twice, and schedules that repeat a sigma.
@@ -175,18 +175,18 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
                 counts["calibrated"] += 1
                 assert interval == N and steps >= pack.hyca_core.solver_map.MIN_PROBE_STEPS, what
         tracker.check_released(templates)
-        assert all(len(s._compiled) <= pack.nodes.map_source.COMPILED_KEPT for s in sources), what
+        assert all(len(s._run_maps) <= pack.nodes.map_source.RUN_MAPS_KEPT for s in sources), what
 
     assert counts["calibrated"] == 2  # the two Wan Applies at N=2, each from its own first run long enough
     assert counts["cancelled"] > 10 and counts["predicting"] > 50, counts
     # the bound was reached
-    assert any(len(s._compiled) == pack.nodes.map_source.COMPILED_KEPT for s in sources)
-    compiled = sum(t.nbytes for s in sources for c in s._compiled.values() for table in c.tables.values()
+    assert any(len(s._run_maps) == pack.nodes.map_source.RUN_MAPS_KEPT for s in sources)
+    run_maps = sum(t.nbytes for s in sources for c in s._run_maps.values() for table in c.tables.values()
                    for t in table.values())
     logging.getLogger(__name__).warning(
         "measured: %d runs (%s), %d references; residual histories at most %.1f KB in one run, "
-        "%.1f KB live at once, 0 after every run; compiled maps held at the end %.1f KB",
-        RUNS, counts, len(references), tracker.peak_run / 1024, tracker.peak_held / 1024, compiled / 1024)
+        "%.1f KB live at once, 0 after every run; run maps held at the end %.1f KB",
+        RUNS, counts, len(references), tracker.peak_run / 1024, tracker.peak_held / 1024, run_maps / 1024)
 
 
 def test_a_long_session_among_other_nodes(pack, monkeypatch):

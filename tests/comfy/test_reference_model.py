@@ -104,7 +104,8 @@ def test_default_hyca_beats_fewer_steps_and_uniform_taylor(pack, model):
     (hyca,) = node.execute(model, **{**defaults, "interval": interval}).result
     # the warm-up HyCa Apply runs (no map given)
     schedule = pack.hyca_core.schedule.Schedule(interval=interval)
-    taylor = pack.nodes.apply_hyca.apply_hyca(model, None, schedule, fitted=False, only=("taylor1", "step"))
+    taylor = pack.nodes.apply_hyca.apply_hyca(model, None, schedule, fitted=False,
+                                              single_solver=("taylor1", "step"))
     computed = int(schedule.mask(steps).sum())
     outputs = {"hyca": output(hyca), "taylor": output(taylor), "fewer": output(model, "dpmpp_2m", computed)}
     quality = {name: latent_psnr(out, full) for name, out in outputs.items()}

@@ -44,4 +44,4 @@ def test_its_solver_map_ships_in_calibrations_and_is_found(pack, reference):
     assert found is not None and found.parent == pack.nodes.map_store.SHIPPED
     solver_map = pack.hyca_core.solver_map.SolverMap.load(found)
     patching = pack.nodes.patching
-    solver_map.check_fits(patching.model_architecture(model), patching.block_widths(model))
+    solver_map.check_fits(patching.model_architecture(model), patching.unit_widths(model))

@@ -183,18 +183,18 @@ def test_file_names_from_map_data_stay_in_the_folder(store, solver_map, tmp_path
 
 
 def _poison(pack, patched, where):
-    """Make the patched model's plan give inf weights for every (unit, step) that ``where`` accepts."""
+    """Make the patched model's run maps give inf weights for every (unit, step) that ``where`` accepts."""
     source = patched.model_options["transformer_options"][pack.nodes.run_state.OPTIONS_KEY].source
-    plan = source.plan
-    CompiledMap = pack.hyca_core.solver_map.CompiledMap
+    for_run = source.for_run
+    FixedRunMap = pack.hyca_core.solver_map.FixedRunMap
 
     def poisoned(step_sigmas):
-        compiled = plan(step_sigmas)
+        run_map = for_run(step_sigmas)
         tables = {key: {step: np.full_like(c, np.inf) if where(key.rsplit(".", 1)[0], step) else c
-                        for step, c in table.items()} for key, table in compiled.tables.items()}
-        return CompiledMap(compiled.mask, tables)
+                        for step, c in table.items()} for key, table in run_map.tables.items()}
+        return FixedRunMap(run_map.mask, tables)
 
-    source.plan = poisoned  # read by each run's state, cloned from the template
+    source.for_run = poisoned  # read by each run's state, cloned from the template
     return patched
 
 

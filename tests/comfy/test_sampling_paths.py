@@ -497,7 +497,7 @@ def test_fewer_steps_than_the_warmup_compute_everything(pack, flux, solver_map, 
 
 
 def test_step_count_changes_between_runs(pack, flux, solver_map, conditioning, caplog):
-    """20, 12, then 20 steps again on one patched model: a map compiled per schedule, each run as fresh."""
+    """20, 12, then 20 steps again on one patched model: a map fitted to each schedule, each run as fresh."""
     latent = torch.zeros(LATENT)
     blocks = len(pack.nodes.families.patchable_blocks(flux.model.diffusion_model))
     patched = _apply(pack, flux, solver_map)
@@ -512,7 +512,7 @@ def test_step_count_changes_between_runs(pack, flux, solver_map, conditioning, c
     with caplog.at_level(logging.INFO):
         for steps in (20, 12):
             _sample(patched, *conditioning, latent, steps=steps)
-    # both schedules were compiled already
+    # both schedules' run maps were made already
     assert not re.search(r"HyCa: \d+ steps, \d+ computed", caplog.text)
 
 

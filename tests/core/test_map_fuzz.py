@@ -1,5 +1,5 @@
 """Solver map files are data, never code: whatever bytes a file holds, loading it gives a sound map
-(one that compiles for a run) or a MapError naming the file, never another exception.
+(one that can be fitted to a run) or a MapError naming the file, never another exception.
 
 Property-based: hypothesis mutates a valid saved map four ways, 1,300 files in all: raw bytes
 (truncation, byte flips, insertions, deletions, a lying header length, random bytes); the JSON
@@ -207,8 +207,8 @@ def load_or_refuse(path: Path, data: bytes) -> None:
     except sm.MapError as error:
         assert str(error).startswith(f"{path}: ") and len(str(error)) < 1000
         return
-    compiled = loaded.compile(flow_sigmas(6, 3.0), Schedule(interval=2, warmup=2))  # a loaded map is usable
-    assert compiled.mask.any()
+    run_map = loaded.for_run(flow_sigmas(6, 3.0), Schedule(interval=2, warmup=2))  # a loaded map is usable
+    assert run_map.mask.any()
 
 
 def test_the_valid_map_loads(path):

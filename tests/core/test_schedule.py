@@ -155,7 +155,7 @@ def test_calibrated_mask_beats_the_uniform_one_where_early_steps_change_fast():
     assert calibrated.sum() <= uniform.sum()
 
     def probe_error(mask):  # summed over predicted steps, the map selected for this mask
-        table = selection.solver_errors(values, labels, selection.plan_schedule(mask, sigmas))
+        table = selection.solver_errors(values, labels, selection.step_weights_for(mask, sigmas))
         return selection.total_error(table, selection.select(table)) * np.count_nonzero(~mask)
 
     assert probe_error(calibrated) < 0.5 * probe_error(uniform)

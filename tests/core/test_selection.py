@@ -21,9 +21,10 @@ class Case:
         kw = dict(steps=steps, rows=rows, channels_per_group=channels_per_group, shift=shift)
         self.sigmas, self.values, self.labels = mixture(seed=0, **kw)
         self.mask = uniform_mask(steps, interval)
-        self.plan = selection.plan_schedule(self.mask, self.sigmas)
-        self.table = selection.solver_errors(self.values, self.labels, self.plan)
-        self.held_out = [selection.solver_errors(*mixture(seed=s, **kw)[1:], self.plan) for s in HELD_OUT]
+        self.step_weights = selection.step_weights_for(self.mask, self.sigmas)
+        self.table = selection.solver_errors(self.values, self.labels, self.step_weights)
+        self.held_out = [selection.solver_errors(*mixture(seed=s, **kw)[1:], self.step_weights)
+                         for s in HELD_OUT]
 
     def held_out_error(self, assignment):
         return np.mean([selection.total_error(t, assignment) for t in self.held_out])
@@ -34,19 +35,19 @@ def case():
     return Case()
 
 
-def test_skip_plan_predicts_each_step_from_its_last_computed_steps():
+def test_skip_steps_predict_each_step_from_its_last_computed_steps():
     sigmas = np.linspace(1, 0.1, 10)
     mask = Schedule(interval=3, warmup=4).mask(10)  # 1111001001
-    plan = selection.skip_plan(mask, sigmas, "sigma", 3)
-    assert [p.step for p in plan] == [4, 5, 7, 8]
-    assert plan[2].history == (2, 3, 6)
-    np.testing.assert_array_equal(plan[2].times, sigmas[[2, 3, 6]])
-    assert plan[2].target == sigmas[7]
+    skips = selection.skip_steps(mask, sigmas, "sigma", 3)
+    assert [p.step for p in skips] == [4, 5, 7, 8]
+    assert skips[2].history == (2, 3, 6)
+    np.testing.assert_array_equal(skips[2].times, sigmas[[2, 3, 6]])
+    assert skips[2].target == sigmas[7]
     # offset since the last full step, and the gaps of the last MAX_HISTORY computed steps
-    assert plan[3].position == Position(2, (1, 1, 3))  # computed 1, 2, 3, 6 (MAX_HISTORY = 4)
-    assert plan[0].position.offset == 1
+    assert skips[3].position == Position(2, (1, 1, 3))  # computed 1, 2, 3, 6 (MAX_HISTORY = 4)
+    assert skips[0].position.offset == 1
     with pytest.raises(ValueError, match="warm-up"):
-        selection.skip_plan(mask, sigmas, "step", 5)
+        selection.skip_steps(mask, sigmas, "step", 5)
 
 
 def test_errors_are_the_direct_prediction_errors():
@@ -56,10 +57,10 @@ def test_errors_are_the_direct_prediction_errors():
     labels = rng.integers(0, clusters, 12)
     sigmas = np.linspace(1, 0.05, steps) ** 2
     mask = uniform_mask(steps, 3)
-    table = selection.solver_errors(values, labels, selection.plan_schedule(mask, sigmas))
+    table = selection.solver_errors(values, labels, selection.step_weights_for(mask, sigmas))
     for p, v, c, k in [(0, 0, 0, 0), (2, 1, 1, 3), (9, 1, 2, 5), (12, 0, 1, 2)]:
         s = POOL[p]
-        skip = selection.skip_plan(mask, sigmas, TIME_VARIABLES[v], s.history)[k]
+        skip = selection.skip_steps(mask, sigmas, TIME_VARIABLES[v], s.history)[k]
         w = s.weights(skip.times, skip.target)
         x = values[..., labels == c].astype(np.float64)
         error = np.sum((np.tensordot(w, x[list(skip.history)], 1) - x[skip.step]) ** 2)
@@ -128,10 +129,10 @@ def test_coefficients_of_a_single_cluster_map_are_the_solvers_weights():
     for s in (solver("taylor2"), solver("am2"), solver("reuse")):
         single = selection.single(s.id, "sigma", 1)
         coeffs = selection.coefficients(single, np.zeros(channels, dtype=int),
-                                        selection.plan_schedule(mask, sigmas))
-        plan = selection.skip_plan(mask, sigmas, "sigma", s.history)
-        assert sorted(coeffs) == [p.step for p in plan]
-        for p in plan:
+                                        selection.step_weights_for(mask, sigmas))
+        skips = selection.skip_steps(mask, sigmas, "sigma", s.history)
+        assert sorted(coeffs) == [p.step for p in skips]
+        for p in skips:
             expected = s.weights(p.times, p.target)
             assert coeffs[p.step].shape == (s.history, channels) and coeffs[p.step].dtype == np.float32
             np.testing.assert_allclose(coeffs[p.step], np.repeat(expected[:, None], channels, 1), rtol=1e-6)
@@ -141,7 +142,7 @@ def test_coefficients_predict_with_the_error_the_map_was_measured_with(case):
     """Scattering clusters to channels, positions and fitted corrections: predicting the probe
     with the coefficient matrices gives exactly the error `total_error` reports."""
     assignment = selection.fit(case.table, selection.select(case.table, per_position=True))
-    coeffs = selection.coefficients(assignment, case.labels, case.plan)
+    coeffs = selection.coefficients(assignment, case.labels, case.step_weights)
     x = case.values.astype(np.float64)
     computed = np.flatnonzero(case.mask)
     errors = []
@@ -170,8 +171,8 @@ def test_refit_from_a_50_step_probe_serves_shorter_schedules(steps, interval):
     sample = selection.compact_sample(selection.cluster_gram(values, labels), sigmas)
     direct = Case(steps, interval, **kw)  # a probe run at the new schedule itself
     chosen = selection.select(direct.table, per_position=True)
-    refitted = selection.refit(sample, direct.plan)
+    refitted = selection.refit(sample, direct.step_weights)
     assert direct.held_out_error(refitted) <= 1.1 * direct.held_out_error(selection.fit(direct.table, chosen))
     # plain selection transfers too
-    reselected = selection.refit(sample, direct.plan, lam=None)
+    reselected = selection.refit(sample, direct.step_weights, lam=None)
     assert direct.held_out_error(reselected) <= 1.1 * direct.held_out_error(chosen)

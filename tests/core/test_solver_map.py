@@ -192,11 +192,11 @@ def test_load_checks_the_fit_and_names_the_file(saved):
 
 @pytest.mark.parametrize("steps", [20, 30, 50])
 @pytest.mark.parametrize("fitted", [False, True])
-def test_a_50_step_map_compiles_for_other_step_counts(solver_map, steps, fitted):
-    compiled = solver_map.compile(flow_sigmas(steps, 3.0), Schedule(interval=4, warmup=3), fitted=fitted)
-    predicted = np.flatnonzero(~compiled.mask)
-    assert len(predicted) > 0 and compiled.mask[:3].all()
-    for table in compiled.tables.values():
+def test_a_50_step_map_serves_runs_of_other_step_counts(solver_map, steps, fitted):
+    run_map = solver_map.for_run(flow_sigmas(steps, 3.0), Schedule(interval=4, warmup=3), fitted=fitted)
+    predicted = np.flatnonzero(~run_map.mask)
+    assert len(predicted) > 0 and run_map.mask[:3].all()
+    for table in run_map.tables.values():
         assert sorted(table) == predicted.tolist()
         for coefficients in table.values():
             assert coefficients.shape[1] == 64 and np.isfinite(coefficients).all()
@@ -208,18 +208,18 @@ def test_calibrated_budget_places_full_steps_where_prediction_errs_most(solver_m
     sigmas = flow_sigmas(30, 3.0)
     uniform = Schedule(interval=4, warmup=3)
     budget = int(uniform.mask(30).sum())
-    compiled = solver_map.compile(sigmas, uniform, budget=budget)
-    assert compiled.mask.sum() <= budget and compiled.mask[:3].all()
-    assert not np.array_equal(compiled.mask, uniform.mask(30))
+    run_map = solver_map.for_run(sigmas, uniform, budget=budget)
+    assert run_map.mask.sum() <= budget and run_map.mask[:3].all()
+    assert not np.array_equal(run_map.mask, uniform.mask(30))
 
 
 def test_calibrated_budget_keeps_the_steps_the_schedule_forces(solver_map):
     sigmas = flow_sigmas(30, 3.0)
     schedule = RunSchedule(interval=4, warmup=3, final=2, opens=5)  # 5 steps before the window, 2 after
     budget = int(schedule.mask(30).sum())
-    compiled = solver_map.compile(sigmas, schedule, budget=budget)
-    assert compiled.mask[:5].all() and compiled.mask[-2:].all()
-    assert compiled.mask.sum() <= budget and not compiled.mask.all()
+    run_map = solver_map.for_run(sigmas, schedule, budget=budget)
+    assert run_map.mask[:5].all() and run_map.mask[-2:].all()
+    assert run_map.mask.sum() <= budget and not run_map.mask.all()
 
 
 def _with_block(solver_map, **arrays):

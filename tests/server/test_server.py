@@ -20,7 +20,7 @@ BLOCKS = UNET_CONFIG["num_layers"]
 SPEEDUP = re.compile(
     r"HyCa: (\d+) block calls computed, (\d+) predicted \(([\d.]+)x fewer block computations\)"
 )
-STEP_PLAN = re.compile(r"HyCa: (\d+) steps, (\d+) computed, (\d+) predicted")
+RUN_STEPS = re.compile(r"HyCa: (\d+) steps, (\d+) computed, (\d+) predicted")
 
 
 def _startup_records(server) -> list[dict]:
@@ -186,8 +186,8 @@ def test_calibrate_apply_and_sample_through_the_prompt_api(server):
     # the speed-up, as the server logged it for this run
     ((computed, predicted, ratio),) = _logged_speedups(server.log())[before:]
     assert computed + predicted == STEPS * BLOCKS
-    plans = [tuple(map(int, plan)) for plan in STEP_PLAN.findall(server.log())]
-    assert (STEPS, computed // BLOCKS, predicted // BLOCKS) in plans
+    runs = [tuple(map(int, run)) for run in RUN_STEPS.findall(server.log())]
+    assert (STEPS, computed // BLOCKS, predicted // BLOCKS) in runs
     assert ratio == round(STEPS / (computed // BLOCKS), 2) and ratio >= 3, ratio
 
     # a second prompt: HyCa Apply with no map connected loads the map the first one saved

@@ -1,9 +1,9 @@
-"""Run plans: a solver map made ready for one sampling run.
+"""Run maps: a solver map made ready for one sampling run.
 
 Both kinds answer a run's three questions: must this step compute, can it be predicted from the
-history this run holds, and with which weights per channel. `CompiledMap` fixes every answer before
-the run (`compile_map`: solvers re-selected and fitted for the run's schedule); `DynamicMap` answers as
-the run goes, for the error-adaptive schedule.
+history this run holds, and with which weights per channel. `FixedRunMap` fixes every answer before
+the run (`run_map`: solvers re-selected and fitted for the run's schedule); `AdaptiveRunMap` answers
+as the run goes, for the error-adaptive schedule.
 
 A step is predicted only with weights whose sum of magnitudes stays within MAX_WEIGHT_NORM; other
 steps compute (`stable`).
@@ -18,8 +18,8 @@ import numpy as np
 
 from . import defaults
 from .schedule import Schedule, calibrated_mask
-from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, plan_schedule, refit, resample,
-                        single)
+from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, refit, resample, single,
+                        step_weights_for)
 from .solvers import MAX_HISTORY, TIME_VARIABLES, solver, warmup_pool
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def stable(weights: np.ndarray) -> bool:
 
 
 @dataclass
-class CompiledMap:
+class FixedRunMap:
     """A map collapsed for one run: which steps compute, and per block the per-channel weights."""
 
     mask: np.ndarray  # (steps,) bool, True = full compute
@@ -66,16 +66,16 @@ class CompiledMap:
         return self.tables[key][step]
 
 
-def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
-                fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
-                only: tuple[str, str] | None = None) -> CompiledMap:
+def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
+            fitted: bool = defaults.FITTED, per_position: bool = True, budget: int | None = None,
+            single_solver: tuple[str, str] | None = None) -> FixedRunMap:
     """Re-select (and fit) every block's solvers for this run's steps and schedule.
 
     step_sigmas: the sigma of each sampler step (ComfyUI's sigmas without the final one).
     budget: if given, compute that many steps, placed where the probe says prediction errs most
     (`calibrated_mask`) instead of every `schedule.interval`-th; the schedule's warm-up, final steps
-    and steps outside its window are computed all the same. only: one (solver name, time variable) for
-    every channel, the single-solver baselines (FORA = ("reuse", "step"), TaylorSeer-like =
+    and steps outside its window are computed all the same. single_solver: one (solver name, time
+    variable) for every channel, the single-solver baselines (FORA = ("reuse", "step"), TaylorSeer-like =
     ("taylorseer2", "step")). Only pool members whose history fits in the warm-up are used, so the
     warm-up asked for is the warm-up run. A step whose weights are not `stable` computes instead, and
     the steps after it are refitted for the history that gives them.
@@ -89,21 +89,23 @@ def compile_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedu
         forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas))
         mask = _calibrated_mask(solver_map, step_sigmas, budget, max(schedule.warmup, 1), forced, pool)
     while not mask.all():
-        plan = plan_schedule(mask, step_sigmas, pool=pool)
+        step_weights = step_weights_for(mask, step_sigmas, pool=pool)
         tables = {}
         for key, block in solver_map.blocks.items():
-            if only is not None:
-                assignment = single(solver(only[0]).id, only[1], block.clusters)
+            if single_solver is not None:
+                name, variable = single_solver
+                assignment = single(solver(name).id, variable, block.clusters)
             else:
                 sample = CompactSample(solver_map.probe_sigmas, block.series)
                 lam = FIT_LAMBDA if fitted else None
-                assignment = refit(sample, plan, per_position=per_position, lam=lam)
-            tables[key] = coefficients(assignment, block.labels, plan)
-        unstable = [step for step in plan.steps if not all(stable(table[step]) for table in tables.values())]
+                assignment = refit(sample, step_weights, per_position=per_position, lam=lam)
+            tables[key] = coefficients(assignment, block.labels, step_weights)
+        unstable = [step for step in step_weights.steps
+                    if not all(stable(table[step]) for table in tables.values())]
         if not unstable:
-            return CompiledMap(mask, tables)
-        mask = _computing(mask, unstable, plan.history.shape[1])
-    return CompiledMap(mask, {})
+            return FixedRunMap(mask, tables)
+        mask = _computing(mask, unstable, step_weights.history.shape[1])
+    return FixedRunMap(mask, {})
 
 
 def _computing(mask: np.ndarray, unstable: list[int], history: int) -> np.ndarray:
@@ -144,7 +146,7 @@ def _leading(mask: np.ndarray) -> int:
     return int(np.argmin(mask)) if not mask.all() else len(mask)
 
 
-class DynamicMap:
+class AdaptiveRunMap:
     """The map's per-cluster pool solvers (paper eq. 5 choice) on whatever history a run holds.
 
     Serves the error-adaptive schedule, where the computed steps are only known as the run goes:
