@@ -6,10 +6,12 @@
 Steps, in order (all seeded):
 1. Teacher trajectories: ``--trajectories`` seeded noises, classes in turn, integrated by Euler on the
    teacher's 48-step simple grid at shift :data:`~harness.reference_student.SHIFT` and cfg
-   :data:`~harness.reference_student.TEACHER_CFG` (the 4- and 8-step grids are subsets of it), every
-   state kept in fp16 with the trajectory's end.
-2. Student: initialized from the teacher, trained so that ``x - s * v(x, s)`` at a random state
-   ``(x, s)`` of a random trajectory is that trajectory's end (x0 loss), AdamW, cosine decay, EMA.
+   :data:`~harness.reference_student.TEACHER_CFG`; the 4-step simple grid is a subset of it, and the
+   states at its points are kept (fp16) with the trajectory's end.
+2. Student: initialized from the teacher, trained so that one Euler step from the teacher's state at a
+   point of the 4-step grid lands on the teacher's state at the next point (the velocity of that
+   chord as the target), AdamW, cosine decay, EMA. A first version trained the end of the trajectory
+   as the target at every point of the fine grid (any step count): 23.4 dB at 4 steps, 25.9 at 2.
 3. The EMA weights are saved in fp16 (ComfyUI's FLUX key names), loaded back through the student's
    loader and sampled through ``comfy.sample.sample`` at 4 and 8 steps, cfg 1: the classifier's
    accuracy on them and their PSNR to the teacher's own 50-step output through ComfyUI (held-out
@@ -44,36 +46,38 @@ def grid_sigmas(model, steps: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trajectories(velocity, sigmas: torch.Tensor, count: int, seed: int, cfg: float, batch: int = 100):
-    """(states (count, len(sigmas) - 1, C, H, W) fp16, ends (count, C, H, W), labels (count,)): Euler
-    on ``sigmas`` from seeded noise, cfg against the unconditional row, every state before the last."""
+def trajectories(velocity, sigmas: torch.Tensor, keep: list[int], count: int, seed: int, cfg: float,
+                 batch: int = 100):
+    """(states (count, len(keep) + 1, C, H, W) fp16, labels (count,)): Euler on ``sigmas`` from seeded
+    noise, cfg against the unconditional row; the states at the ``keep`` indices of ``sigmas`` and the end."""
     num_classes = teacher_ref.NUM_CLASSES
     labels = torch.arange(count) % num_classes
     shape = (teacher_ref.LATENT_CHANNELS, teacher_ref.LATENT_SIZE, teacher_ref.LATENT_SIZE)
     noise = torch.randn((count, *shape), generator=torch.Generator().manual_seed(seed))
-    states = torch.empty((count, len(sigmas) - 1, *shape), dtype=torch.float16)
-    ends = torch.empty((count, *shape))
+    states = torch.empty((count, len(keep) + 1, *shape), dtype=torch.float16)
     start = time.time()
     for i in range(0, count, batch):
         x = noise[i:i + batch] * sigmas[0]
         cond = labels[i:i + batch]
         both = torch.cat([cond, torch.full_like(cond, num_classes)])
         for k in range(len(sigmas) - 1):
-            states[i:i + batch, k] = x.half()
+            if k in keep:
+                states[i:i + batch, keep.index(k)] = x.half()
             v_cond, v_uncond = velocity(torch.cat([x, x]), sigmas[k].expand(2 * len(x)), both).chunk(2)
             x = x + (sigmas[k + 1] - sigmas[k]) * (v_uncond + cfg * (v_cond - v_uncond))
-        ends[i:i + batch] = x
+        states[i:i + batch, -1] = x.half()
         log(f"teacher trajectories {min(i + batch, count)}/{count}, {time.time() - start:.0f} s")
-    return states, ends, labels
+    return states, labels
 
 
-def distill(net, states, ends, labels, sigmas, args) -> dict:
-    """Train ``net`` in place (then hold its EMA weights) on the trajectories; returns a summary."""
+def distill(net, states, labels, sigmas, args) -> dict:
+    """Train ``net`` in place (then hold its EMA weights) on the trajectories' states at ``sigmas`` (the
+    student's grid, its final 0 included); returns a summary."""
     params = list(net.parameters())
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(teacher_ref.param_groups(net), lr=args.lr, betas=(0.9, 0.99))
     generator = torch.Generator().manual_seed(args.seed)
-    count, points = states.shape[:2]
+    count, points = states.shape[0], states.shape[1] - 1
     start, losses, step, last_report = time.time(), [], 0, time.time()
     net.train()
     with teacher_ref.training_forward(net) as velocity:
@@ -86,9 +90,10 @@ def distill(net, states, ends, labels, sigmas, args) -> dict:
                 group["lr"] = lr
             which = torch.randint(count, (args.batch,), generator=generator)
             point = torch.randint(points, (args.batch,), generator=generator)
-            x, s = states[which, point].float(), sigmas[point]
-            x0 = x - s.view(-1, 1, 1, 1) * velocity(x, s, labels[which])
-            loss = torch.nn.functional.mse_loss(x0, ends[which])
+            x, target = states[which, point].float(), states[which, point + 1].float()
+            step_size = (sigmas[point + 1] - sigmas[point]).view(-1, 1, 1, 1)
+            chord = (target - x) / step_size  # one Euler step with this velocity lands on the target
+            loss = torch.nn.functional.mse_loss(velocity(x, sigmas[point], labels[which]), chord)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -99,7 +104,7 @@ def distill(net, states, ends, labels, sigmas, args) -> dict:
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
             losses.append(loss.item())
             if time.time() - last_report > args.report_s:
-                log(f"step {step}: x0 loss {np.mean(losses[-100:]):.5f} (last 100), lr {lr:.2e}, "
+                log(f"step {step}: loss {np.mean(losses[-100:]):.5f} (last 100), lr {lr:.2e}, "
                     f"{(time.time() - start) / 60:.1f} min")
                 last_report = time.time()
     net.eval()
@@ -133,7 +138,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true",
                         help="3-minute end-to-end check, writes under artifacts/")
-    parser.add_argument("--trajectories", type=int, default=1000)
+    parser.add_argument("--trajectories", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps (upper bound)")
     parser.add_argument("--minutes", type=float, default=35.0, help="distillation time budget (upper bound)")
     parser.add_argument("--batch", type=int, default=32)
@@ -156,14 +161,18 @@ def main(argv=None) -> None:
     total = time.time()
     model = teacher_ref.load()
     sigmas = grid_sigmas(model, TEACHER_GRID)
+    grid = grid_sigmas(model, student_ref.STEPS)
+    keep = [int(torch.argmin((sigmas - s).abs())) for s in grid[:-1]]
+    if not torch.allclose(sigmas[keep], grid[:-1]):
+        raise RuntimeError("the student's grid is not a subset of the teacher's")
     net = model.model.diffusion_model.float()
     with teacher_ref.training_forward(net) as velocity:
-        states, ends, labels = trajectories(velocity, sigmas, args.trajectories, args.seed,
-                                            student_ref.TEACHER_CFG)
+        states, labels = trajectories(velocity, sigmas, keep, args.trajectories, args.seed,
+                                      student_ref.TEACHER_CFG)
     torch.manual_seed(args.seed)
-    info = distill(net, states, ends, labels, sigmas[:-1], args)
+    info = distill(net, states, labels, grid, args)
     log(f"student distilled: {info['steps']} steps of batch {args.batch} in {info['minutes']:.1f} min, "
-        f"final x0 loss {info['final_loss']:.5f}")
+        f"final loss {info['final_loss']:.5f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(teacher_ref.state_dict_for_file(net), str(args.out))  # net holds the EMA weights
     log(f"saved {args.out} ({args.out.stat().st_size / 1e6:.2f} MB)")
