@@ -85,7 +85,7 @@ def synthetic_run_map(pack, keys, step_sigmas: np.ndarray, schedule):
     # calibration (scikit-learn) is not imported with the pack
     calibration = importlib.import_module(f"{pack.__name__}.hyca_core.calibration")
     solver_map = calibration.calibrate({k: Trajectory(sigmas, values) for k in keys}, schedule)
-    return solver_map.for_run(step_sigmas, schedule)
+    return pack.hyca_core.run_maps.run_map(solver_map, step_sigmas, schedule)
 
 
 def hyca_seconds(pack, inputs, run_map, step_sigmas: np.ndarray, dtype) -> list[float]:

@@ -24,6 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hyca_core.calibration as calibration  # noqa: E402
+import hyca_core.run_maps as run_maps  # noqa: E402
 from hyca_core.schedule import Schedule  # noqa: E402
 from hyca_core.trajectories import DEFAULT_TOKENS, Trajectory  # noqa: E402
 from harness.synthetic import flow_sigmas, mixture  # noqa: E402
@@ -66,7 +67,7 @@ def main() -> None:
     fit_s = {}
     for placement, budget in (("every N-th", None), ("calibrated placement", 10)):
         start = time.perf_counter()
-        solver_map.for_run(flow_sigmas(28, 3.0), Schedule(interval=4, warmup=3), budget=budget)
+        run_maps.run_map(solver_map, flow_sigmas(28, 3.0), Schedule(interval=4, warmup=3), budget=budget)
         fit_s[placement] = time.perf_counter() - start
     verdict = "PASS" if calibration_s <= TARGET_S else "FAIL"
     print(f"calibration, {BLOCKS} blocks x {CHANNELS} channels x {STEPS} steps x {DEFAULT_TOKENS} rows: "

@@ -11,7 +11,7 @@ image ``index`` of a data set is the same whatever the data set's size):
 
 1. Two colours drawn uniformly from RGB until their luminances differ by at least 70 (of 255).
 2. A field ``f(x, y)`` of the class on a 128x128 grid (2x), in coordinates rotated by -10 to +10
-   degrees, with a period of 10 to 16 px (at 64x64) and a random phase; the mask ``f > 0`` is
+   degrees, with a period of 16 to 28 px (at 64x64: 4 to 7 image tokens) and a random phase; the mask ``f > 0`` is
    box-averaged to 64x64 (anti-aliased edges).
 3. The colours composited by the mask, plus a linear light gradient of up to +-20 per channel
    across the image (a colour field under the texture).
@@ -27,13 +27,13 @@ from PIL import Image
 from . import reference_data
 from .reference_data import NUM_CLASSES, grid  # noqa: F401  (the classes' count and the grid)
 
-RECIPE = 1  # bump whenever a change below alters the images (names the cached data sets)
+RECIPE = 2  # bump whenever a change below alters the images (names the cached data sets)
 IMAGE_SIZE = 64
 CLASS_NAMES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots", "rings",
                "sunburst", "waves", "grid", "spots")
 _SCALE = 2
 _RENDER = _SCALE * IMAGE_SIZE
-_PERIOD = (10.0, 16.0)
+_PERIOD = (16.0, 28.0)
 _MAX_ROTATION = 10.0
 _MIN_CONTRAST = 70.0
 _GRADIENT = 20.0

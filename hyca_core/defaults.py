@@ -1,5 +1,5 @@
 """The defaults every entry point shares, stated once: the nodes' widgets, `apply_hyca`, `Schedule()`
-and `SolverMap.for_run` all read them from here, so a demo, a test and a workflow run the same HyCa.
+and `run_maps.run_map` all read them from here, so a demo, a test and a workflow run the same HyCa.
 """
 
 INTERVAL = 4  # one full computation every N steps after the warm-up

@@ -81,13 +81,16 @@ def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
     the steps after it are refitted for the history that gives them.
     """
     step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
-    pool = warmup_pool(schedule.warmup)
+    # a single solver computes until its history is there, whatever the warm-up asked for
+    history = solver(single_solver[0]).history if single_solver is not None else 0
+    pool = warmup_pool(max(schedule.warmup, history))
     if budget is None:
-        mask = schedule.mask(len(step_sigmas))
+        mask = schedule.mask(len(step_sigmas), min_warmup=history)
     else:
         # the schedule with no every-N pattern: what it computes whatever the budget
-        forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas))
-        mask = _calibrated_mask(solver_map, step_sigmas, budget, max(schedule.warmup, 1), forced, pool)
+        forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas), min_warmup=history)
+        warmup = max(schedule.warmup, history, 1)
+        mask = _calibrated_mask(solver_map, step_sigmas, budget, warmup, forced, pool)
     while not mask.all():
         step_weights = step_weights_for(mask, step_sigmas, pool=pool)
         tables = {}

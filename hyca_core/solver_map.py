@@ -3,7 +3,7 @@
 A map holds, per block stream (``"double_block.3.img"``): the cluster of every channel, the
 solver each cluster chose on the probe (with every pool member's error, so users can see why),
 the clusters' mean indicators, and a compact sample of the probe from which the solvers are
-re-selected and fitted for whatever schedule a later run uses (`for_run`, see `run_maps`).
+re-selected and fitted for whatever schedule a later run uses (`run_maps.run_map`).
 
 `SolverMap.validate` bounds every array by what calibration can make for the model the map claims
 to fit (its widths, probe steps, clusters, series per cluster, solver histories) and is applied on
@@ -20,16 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import defaults, map_file, tuning
+from . import map_file, tuning
 from .indicators import INDICATOR_NAMES
 from .map_file import MapError, read_metadata
-from .run_maps import AdaptiveRunMap, FixedRunMap, run_map
 from .schedule import Schedule
 from .selection import SERIES_PER_CLUSTER
 from .solvers import POOL, POOL_VERSION, TIME_VARIABLES, solver, warmup_pool
 
-__all__ = ["MIN_PROBE_STEPS", "AdaptiveRunMap", "BlockMap", "FixedRunMap", "MapError", "SolverMap",
-           "read_metadata"]
+__all__ = ["MIN_PROBE_STEPS", "BlockMap", "MapError", "SolverMap", "read_metadata"]
 
 MAX_BLOCKS = 4096
 MAX_CHANNELS = 1 << 16
@@ -207,12 +205,6 @@ class SolverMap:
             return solver_map
 
     # --- inference -----------------------------------------------------------------------------
-
-    def for_run(self, step_sigmas: np.ndarray, schedule: Schedule, fitted: bool = defaults.FITTED,
-                per_position: bool = True, budget: int | None = None,
-                single_solver: tuple[str, str] | None = None) -> FixedRunMap:
-        """This map re-selected and fitted for one run: `run_maps.run_map`."""
-        return run_map(self, step_sigmas, schedule, fitted, per_position, budget, single_solver)
 
 
 def _read(f) -> SolverMap:

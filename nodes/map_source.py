@@ -10,7 +10,9 @@ import numpy as np
 
 from ..hyca_core import tuning
 from ..hyca_core.schedule import RunSchedule, speedup
-from ..hyca_core.solver_map import MIN_PROBE_STEPS, AdaptiveRunMap, FixedRunMap, MapError, SolverMap
+from ..hyca_core import run_maps
+from ..hyca_core.run_maps import AdaptiveRunMap, FixedRunMap
+from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
 from . import map_store, ui_text
@@ -95,8 +97,9 @@ class MapSource:
             placement = self.placement(schedule.interval)
             calibrated = placement == "calibrated"
             budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
-            run_map = self.solver_map.for_run(np.array(step_sigmas), schedule, fitted=self.options.fitted,
-                                              single_solver=self.options.single_solver, budget=budget)
+            run_map = run_maps.run_map(self.solver_map, np.array(step_sigmas), schedule,
+                                       fitted=self.options.fitted, single_solver=self.options.single_solver,
+                                       budget=budget)
             mask = run_map.mask
             logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),

@@ -99,7 +99,8 @@ def test_default_knobs_change_nothing(pack, flux, solver_map, conditioning, fini
     explicit, _ = _run(_apply(pack, flux, solver_map, target_speedup=0.0, start_percent=0.0, end_percent=1.0),
                        conditioning, finished, steps)
     _, sigmas = _step_sigmas(flux, steps)
-    before = solver_map.for_run(sigmas, pack.hyca_core.schedule.Schedule(N, WARMUP), fitted=True)  # as _apply
+    schedule = pack.hyca_core.schedule.Schedule(N, WARMUP)
+    before = pack.hyca_core.run_maps.run_map(solver_map, sigmas, schedule, fitted=True)  # as _apply
     assert np.array_equal(computed, before.mask) and np.array_equal(run_map.mask, before.mask)
     assert run_map.tables.keys() == before.tables.keys()
     for key, table in before.tables.items():

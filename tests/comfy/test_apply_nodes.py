@@ -204,16 +204,16 @@ def test_node_search_finds_the_plain_node(pack):
 
 
 def test_one_set_of_defaults_everywhere(pack, flux, finished, conditioning, tmp_path, monkeypatch):
-    """The nodes' widgets, apply_hyca, Schedule() and SolverMap.for_run share hyca_core.defaults (the Python
+    """The nodes' widgets, apply_hyca, Schedule() and run_maps.run_map share hyca_core.defaults (the Python
     API once ran fitted weights and a warm-up of 3 where the nodes said off and 2)."""
     import inspect
 
     defaults, schedule = pack.hyca_core.defaults, pack.hyca_core.schedule.Schedule()
     assert (schedule.interval, schedule.warmup, schedule.final) == (defaults.INTERVAL, defaults.WARMUP,
                                                                     defaults.FINAL_STEPS)
-    for_run_parameters = inspect.signature(pack.hyca_core.solver_map.SolverMap.for_run).parameters
-    for_run_fitted = for_run_parameters["fitted"].default
-    assert for_run_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
+    run_map_parameters = inspect.signature(pack.hyca_core.run_maps.run_map).parameters
+    run_map_fitted = run_map_parameters["fitted"].default
+    assert run_map_fitted == pack.nodes.apply_options.ApplyOptions().fitted == defaults.FITTED is False
     widgets = {i.id: i.default for i in pack.nodes.apply_node.HyCaApply.define_schema().inputs
                if i.id in ("interval", "fitted", "final_steps")}
     assert widgets == {"interval": defaults.INTERVAL, "fitted": defaults.FITTED,

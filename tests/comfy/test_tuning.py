@@ -97,7 +97,8 @@ def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_wi
 
     sigmas = comfy.samplers.calculate_sigmas(flux.get_model_object("model_sampling"), "simple", 12).numpy()
     fixed = Schedule(interval=3, warmup=1).mask(12)
-    expected = tuned_map.for_run(sigmas[:-1], Schedule(interval=3, warmup=1), budget=int(fixed.sum())).mask
+    expected = pack.hyca_core.run_maps.run_map(tuned_map, sigmas[:-1], Schedule(interval=3, warmup=1),
+                                               budget=int(fixed.sum())).mask
     assert np.array_equal(state.run_map.mask, expected) and not np.array_equal(expected, fixed)
     assert "tuned for N=4 (the nearest tuned N to N=3): warm-up 1, calibrated placement" in caplog.text
     assert "4 plain steps of dpmpp_2m gave a closer image than HyCa in calibration (32.5 dB vs 30.0 dB)" \

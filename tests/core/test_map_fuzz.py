@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 
 from hyca_core import solver_map as sm
 from hyca_core.calibration import calibrate
+from hyca_core.run_maps import run_map
 from hyca_core.schedule import Schedule
 from hyca_core.solvers import POOL, TIME_VARIABLES
 from hyca_core.trajectories import Trajectory
@@ -207,8 +208,8 @@ def load_or_refuse(path: Path, data: bytes) -> None:
     except sm.MapError as error:
         assert str(error).startswith(f"{path}: ") and len(str(error)) < 1000
         return
-    run_map = loaded.for_run(flow_sigmas(6, 3.0), Schedule(interval=2, warmup=2))  # a loaded map is usable
-    assert run_map.mask.any()
+    prepared = run_map(loaded, flow_sigmas(6, 3.0), Schedule(interval=2, warmup=2))  # a loaded map is usable
+    assert prepared.mask.any()
 
 
 def test_the_valid_map_loads(path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hyca_core.calibration import calibrate
-from hyca_core.run_maps import MAX_WEIGHT_NORM, AdaptiveRunMap
+from hyca_core.run_maps import MAX_WEIGHT_NORM, AdaptiveRunMap, run_map
 from hyca_core.schedule import Schedule
 from hyca_core.solvers import TIME_VARIABLES, solver
 from hyca_core.trajectories import Trajectory
@@ -39,11 +39,11 @@ def _line(sigmas):
 @pytest.mark.parametrize("d", [1e-4, 1e-8])
 def test_a_fixed_step_with_unstable_weights_computes(solver_map, d):
     sigmas = _near_repeat(d)
-    run_map = solver_map.for_run(sigmas, SCHEDULE, single_solver=("ab2", "sigma"))
-    assert np.flatnonzero(run_map.mask != SCHEDULE.mask(20)).tolist() == [3]  # step 3 only
-    for table in run_map.tables.values():
+    prepared = run_map(solver_map, sigmas, SCHEDULE, single_solver=("ab2", "sigma"))
+    assert np.flatnonzero(prepared.mask != SCHEDULE.mask(20)).tolist() == [3]  # step 3 only
+    for table in prepared.tables.values():
         for step, weights in table.items():
-            history = np.flatnonzero(run_map.mask[:step])[-len(weights):]
+            history = np.flatnonzero(prepared.mask[:step])[-len(weights):]
             assert np.abs(weights).sum(axis=0).max() <= MAX_WEIGHT_NORM
             np.testing.assert_allclose(_line(sigmas[history]) @ weights, _line(sigmas[step]), atol=1e-4)
 
@@ -59,3 +59,17 @@ def test_an_adaptive_step_with_unstable_weights_computes(solver_map, d):
     assert adaptive.can_predict(5, (2, 3, 4))
     weights = adaptive.coefficients("double_block.0.img", 5, (2, 3, 4), tuple(sigmas[[2, 3, 4]]), sigmas[5])
     np.testing.assert_allclose(_line(sigmas[[2, 3, 4]]) @ weights, _line(sigmas[5]), atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_a_single_solver_computes_until_its_history_is_there(solver_map, budget):
+    """A single solver of a longer history than the warm-up (taylor1 at warm-up 1, as on a 4-step run)
+    once raised KeyError: the warm-up's pool did not hold it. It now computes its first steps instead."""
+    sigmas = flow_sigmas(4, 3.0)
+    schedule = Schedule(interval=2, warmup=1)
+    prepared = run_map(solver_map, sigmas, schedule, single_solver=("taylor1", "sigma"), budget=budget)
+    assert prepared.mask[:2].all() and not prepared.mask.all()
+    for table in prepared.tables.values():
+        for step, weights in table.items():
+            history = np.flatnonzero(prepared.mask[:step])[-len(weights):]
+            np.testing.assert_allclose(_line(sigmas[history]) @ weights, _line(sigmas[step]), atol=1e-4)

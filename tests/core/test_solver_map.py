@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 from hyca_core import solver_map as sm
 from hyca_core.calibration import calibrate
+from hyca_core.run_maps import run_map
 from hyca_core.schedule import RunSchedule, Schedule
 from hyca_core.trajectories import Trajectory
 from harness.synthetic import flow_sigmas, mixture
@@ -193,10 +194,10 @@ def test_load_checks_the_fit_and_names_the_file(saved):
 @pytest.mark.parametrize("steps", [20, 30, 50])
 @pytest.mark.parametrize("fitted", [False, True])
 def test_a_50_step_map_serves_runs_of_other_step_counts(solver_map, steps, fitted):
-    run_map = solver_map.for_run(flow_sigmas(steps, 3.0), Schedule(interval=4, warmup=3), fitted=fitted)
-    predicted = np.flatnonzero(~run_map.mask)
-    assert len(predicted) > 0 and run_map.mask[:3].all()
-    for table in run_map.tables.values():
+    prepared = run_map(solver_map, flow_sigmas(steps, 3.0), Schedule(interval=4, warmup=3), fitted=fitted)
+    predicted = np.flatnonzero(~prepared.mask)
+    assert len(predicted) > 0 and prepared.mask[:3].all()
+    for table in prepared.tables.values():
         assert sorted(table) == predicted.tolist()
         for coefficients in table.values():
             assert coefficients.shape[1] == 64 and np.isfinite(coefficients).all()
@@ -208,18 +209,18 @@ def test_calibrated_budget_places_full_steps_where_prediction_errs_most(solver_m
     sigmas = flow_sigmas(30, 3.0)
     uniform = Schedule(interval=4, warmup=3)
     budget = int(uniform.mask(30).sum())
-    run_map = solver_map.for_run(sigmas, uniform, budget=budget)
-    assert run_map.mask.sum() <= budget and run_map.mask[:3].all()
-    assert not np.array_equal(run_map.mask, uniform.mask(30))
+    prepared = run_map(solver_map, sigmas, uniform, budget=budget)
+    assert prepared.mask.sum() <= budget and prepared.mask[:3].all()
+    assert not np.array_equal(prepared.mask, uniform.mask(30))
 
 
 def test_calibrated_budget_keeps_the_steps_the_schedule_forces(solver_map):
     sigmas = flow_sigmas(30, 3.0)
     schedule = RunSchedule(interval=4, warmup=3, final=2, opens=5)  # 5 steps before the window, 2 after
     budget = int(schedule.mask(30).sum())
-    run_map = solver_map.for_run(sigmas, schedule, budget=budget)
-    assert run_map.mask[:5].all() and run_map.mask[-2:].all()
-    assert run_map.mask.sum() <= budget and not run_map.mask.all()
+    prepared = run_map(solver_map, sigmas, schedule, budget=budget)
+    assert prepared.mask[:5].all() and prepared.mask[-2:].all()
+    assert prepared.mask.sum() <= budget and not prepared.mask.all()
 
 
 def _with_block(solver_map, **arrays):

@@ -68,7 +68,8 @@ def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_
                              *conditioning, latent, steps=steps, seed=5)
     assert not torch.equal(fora, taylor) and not torch.equal(fora, full)
     step_sigmas = solver_map.probe_sigmas
-    reuse = solver_map.for_run(step_sigmas, schedule, single_solver=("reuse", "step"))
+    run_map = pack.hyca_core.run_maps.run_map
+    reuse = run_map(solver_map, step_sigmas, schedule, single_solver=("reuse", "step"))
     for table in reuse.tables.values():
         for weights in table.values():
             assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()
