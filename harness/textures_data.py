@@ -11,8 +11,9 @@ image ``index`` of a data set is the same whatever the data set's size):
 
 1. Two colours drawn uniformly from RGB until their luminances differ by at least 70 (of 255).
 2. A field ``f(x, y)`` of the class on a 128x128 grid (2x), in coordinates rotated by -10 to +10
-   degrees, with a period of 16 to 28 px (at 64x64: 4 to 7 image tokens) and a random phase; the mask ``f > 0`` is
-   box-averaged to 64x64 (anti-aliased edges).
+   degrees, with a period of 16 to 28 px (at 64x64: 4 to 7 image tokens; recipe 1's 10 to 16 px, under
+   3 tokens, trained into blocky noise) and a random phase; the mask ``f > 0`` is box-averaged to 64x64
+   (anti-aliased edges).
 3. The colours composited by the mask, plus a linear light gradient of up to +-20 per channel
    across the image (a colour field under the texture).
 """

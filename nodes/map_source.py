@@ -23,6 +23,9 @@ from .patching import model_architecture, unit_widths
 # counts, a hires pass), bounded so that a long session of ever-new schedules (img2img denoise values)
 # holds no more.
 RUN_MAPS_KEPT = 8
+# Runs this short (few-step distilled models, 8-step schedules) take steps too far apart for cached
+# residuals: on every model the benchmarks measure, plain sampling with as many full steps came closer.
+FEW_STEPS = 8
 # A probe covers the schedules a map serves when it starts at the model's largest sigma (flow samplers may
 # offset it by 1e-4) and ends at 0.
 COVER_RTOL = 1e-3
@@ -105,11 +108,23 @@ class MapSource:
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),
                          (~mask).sum(), speedup(mask), schedule.interval, placement,
                          schedule.widened().warmup, schedule.final)
+            self.report_few_steps(mask)
             self.report_tuning(schedule.interval)
         self._run_maps[key] = run_map  # now the most recent
         while len(self._run_maps) > RUN_MAPS_KEPT:
             del self._run_maps[next(iter(self._run_maps))]
         return run_map
+
+    def report_few_steps(self, mask: np.ndarray) -> None:
+        """Say, for a short run that predicts, that fewer plain steps came closer wherever it was measured."""
+        if len(mask) > FEW_STEPS or mask.all():
+            return
+        text = (f"HyCa: a {len(mask)}-step run takes steps too far apart for cached residuals: on every "
+                f"model measured, plain sampling with as many full steps ({int(mask.sum())} here) gave the "
+                "closer image (README, few-step models). Lower the sampler's steps instead, or set "
+                "interval 1")
+        logging.warning("%s", text)
+        ui_text.show(self.options.node_id, text + ".")
 
     def report_tuning(self, interval: int) -> None:
         """Log which tuning a run follows, and where plain sampling with fewer steps came closer in it."""

@@ -105,6 +105,24 @@ def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_wi
         in caplog.text
 
 
+@pytest.mark.parametrize("steps", [4, 8, 9])
+def test_a_few_step_run_is_told_that_fewer_plain_steps_came_closer(pack, flux, solver_map, conditioning,
+                                                                   caplog, steps):
+    """The verdict of benchmarks/bench_few_step.py (and the 8-step rows of bench_quality.py) in the log of
+    the run it concerns: for runs of 8 steps or fewer, not for longer ones, nor where nothing is predicted."""
+    schedule = pack.hyca_core.schedule.Schedule(interval=2, warmup=2)
+    apply = pack.nodes.apply_hyca.apply_hyca
+    for interval in (2, 1):
+        caplog.clear()
+        patched = apply(flux, solver_map, pack.hyca_core.schedule.Schedule(interval=interval, warmup=2))
+        with caplog.at_level(logging.INFO):
+            sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=steps)
+        computed = int(schedule.mask(steps).sum())
+        told = f"a {steps}-step run takes steps too far apart" in caplog.text
+        assert told == (interval == 2 and steps <= pack.nodes.map_source.FEW_STEPS), (interval, steps)
+        assert not told or f"as many full steps ({computed} here)" in caplog.text
+
+
 def test_explicit_advanced_settings_override_the_tuning(pack, flux, solver_map, conditioning, finished):
     tuned_map = _tuned_as(solver_map, **{"3": (1, "calibrated", 40.0, 30.0)})
     advanced = pack.nodes.apply_node.HyCaApply
