@@ -186,7 +186,7 @@ def _poison(pack, patched, where):
     """Make the patched model's run maps give inf weights for every (unit, step) that ``where`` accepts."""
     source = patched.model_options["transformer_options"][pack.nodes.run_state.OPTIONS_KEY].source
     for_run = source.for_run
-    FixedRunMap = pack.hyca_core.solver_map.FixedRunMap
+    FixedRunMap = pack.hyca_core.run_maps.FixedRunMap
 
     def poisoned(step_sigmas):
         run_map = for_run(step_sigmas)
