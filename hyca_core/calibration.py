@@ -74,7 +74,8 @@ def calibrate(
     blocks = {}
     # Blocks are independent, so each CPU core takes one at a time (numpy's and BLAS's loops release
     # the GIL). Within a block the linear algebra is many small products and eigendecompositions,
-    # which BLAS threads slow down (8x for the batched 50x50 eigh) instead of speeding up.
+    # which BLAS threads slow down instead of speeding up (how much for the batched 50x50 eigh: the
+    # README, "The algorithm's own costs").
     workers = min(os.cpu_count() or 1, len(keys))
     with single_threaded("blas"), ThreadPoolExecutor(workers) as executor:
         try:

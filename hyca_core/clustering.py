@@ -17,9 +17,10 @@ from .threads import single_threaded
 DEFAULT_CLUSTERS = 8
 
 # Restarts from different seeded k-means++ initializations; the best inertia wins. Two do as
-# well as four at half the cost (four took a quarter of a FLUX calibration): on synthetic
-# probes both recovered the known dynamics families in all 48 cases tried (6 grids x 8 seeds;
-# one start: 42), and the maps selected on 8 clusters erred alike (12 probes: 0.986-1.000x).
+# well as four at half the cost (four took a large share of a FLUX calibration): on synthetic
+# probes both recovered the known dynamics families in every case tried, where one start missed
+# some, and the maps selected on 8 clusters erred alike. The counts and error ratios are in the
+# README ("The algorithm's own costs").
 _N_INIT = 2
 # KMeans takes a random_state of 0..2**32 - 1, a ComfyUI seed widget gives up to 2**64 - 1: seeds are
 # folded into that range (those already in it unchanged).
@@ -39,8 +40,9 @@ def cluster_channels(descriptors: np.ndarray, clusters: int = DEFAULT_CLUSTERS,
         raise ValueError(f"descriptors must be a non-empty (channels, k) matrix, got {x.shape}")
     if clusters < 1:
         raise ValueError(f"clusters must be >= 1, got {clusters}")
-    # Rows with distinct sums are distinct rows: the exact count (a sort of whole rows, 2-3 ms
-    # for FLUX width) is only needed when there are fewer distinct sums than clusters.
+    # Rows with distinct sums are distinct rows: the exact count (a sort of whole rows rather than
+    # of one sum per row; its time is in the README) is only needed when there are fewer distinct
+    # sums than clusters.
     if len(np.unique(x.sum(axis=1))) < clusters:
         clusters = min(clusters, len(np.unique(x, axis=0)))
     if clusters == 1:

@@ -2,14 +2,13 @@
 
 Eager torch has no single kernel for a per-channel weighted sum of m tensors, so it makes one
 pass per term (see predict.py); the code inductor generates for these sums reads each term once
-and writes the output once, accumulating half precision in fp32 registers.  bench_predict.py on
-the 2-core dev CPU at FLUX size (ratio to torch.add of the same dtype, two runs): fp32 m=3/4
-1.40/1.71-1.75, bf16 m=2/3/4 1.08-1.13/1.47/1.70-1.82, against the eager ops' 1.84-1.94/2.62-2.64
-and 1.76/2.49-2.65/3.17-3.58 (two fp32 terms keep the eager lerp: 1.04-1.13 either way).
-Compiling costs 2-3 s per history length and dtype on first use (23 s for the first kernel with a
-cold inductor cache, under 1 s with its disk cache warm) and needs a working torch.compile (a C++
-compiler on the CPU); where that fails, `weighted_sum` logs why once per device type and returns
-None, and the caller takes the eager ops.
+and writes the output once, accumulating half precision in fp32 registers, so at FLUX size it costs
+less than the eager ops for three or four terms in fp32 and two to four in bf16 (two fp32 terms keep
+the eager lerp, which reads both at once).  Compiling takes seconds per history length and dtype on
+first use (more for the first kernel with a cold inductor cache, less with its disk cache warm) and
+needs a working torch.compile (a C++ compiler on the CPU).  benchmarks/bench_predict.py measures
+both; the figures are in the README ("The algorithm's own costs").  Where compiling fails,
+`weighted_sum` logs why once per device type and returns None, and the caller takes the eager ops.
 """
 from __future__ import annotations
 
@@ -38,8 +37,8 @@ def _sum5(out, w, h0, h1, h2, h3, h4):
 
 
 # Below about this many elements per residual the eager ops win on the dev CPU: a compiled call
-# carries 0.1-0.2 ms of guards and Python wrappers (bench_predict.py --crossover, two runs: the
-# kernel wins from 0.4-0.75 M elements in bf16 and from 0.75-1.5 M in fp32, m=2-4).
+# carries a fixed cost of guards and Python wrappers, which smaller residuals do not earn back
+# (benchmarks/bench_predict.py --crossover; the crossover figures are in the README).
 MIN_ELEMENTS = 1 << 20
 # one term needs no fusing (a single mul is one pass); five are a base and four history terms
 _SUMS = {2: _sum2, 3: _sum3, 4: _sum4, 5: _sum5}

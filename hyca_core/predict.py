@@ -4,20 +4,18 @@ Prediction is memory-bound, and torch offers no single kernel for a per-channel 
 of m tensors, so the cost is the number of full passes.  Counting the write-allocate read of a
 fresh output, torch.add costs 4 units; a mul + addcmul_ chain costs 3m; a chain of lerps (for
 the affine weights every pool solver produces) costs 4 + 3(m-2), because its first op reads two
-history terms at once; 10 units (2.5x) is thus the floor for m=4 with unchunked eager ops.  Measured on
-the 2-core dev CPU, FLUX size 4096 x 3072, ratio to torch.add of the same dtype (medians; the
-machine is shared, contended runs read ~0.2 higher):
-    fp32 m=2: lerp 1.05, addcmul chain 1.49      m=3: lerp 1.83, chain 2.21
-    fp32 m=4: lerp 2.67, chain 3.05, chunked variants keeping the accumulator in L2 2.9-4.7
-      (per-op overhead and the in-cache speed of eager ops eat the saved traffic), depthwise
-      conv2d over a channels_last view 3.7-6, einsum 135 (bmm with permuted copies); nor do
-      forms reading each term once: linalg.vecdot over a (T, C, m)-interleaved history 19,
-      numpy.einsum (one thread) 3.0 (two threads 2.9-3.3), numexpr 5.7-9, a torch.compile'd sum
-      returning a new tensor 3.4-4.3 (allocating 48 MB faults its pages in on every call), or a
-      compiled sum over dim 0 of the stacked history 4-8 (inductor's reduction loop)
-    bf16: chain in bf16 1.7-1.9 / 2.75 / 4.0-4.3 for m=2/3/4, but weights rounded to bf16 no
-      longer sum to 1 and bias every channel; fp32 accumulation through full-size mixed-dtype
-      ops 7-29 (the CPU casts each operand into a temporary first; over cached row chunks far less).
+history terms at once; 10 units against torch.add's 4 is thus the floor for m=4 with unchunked
+eager ops.  Measured at FLUX size, no other form beat the lerp chain for m=4 in fp32: not chunked
+variants keeping the accumulator in L2 (per-op overhead and the in-cache speed of eager ops eat the saved
+traffic), a depthwise conv2d over a channels_last view, or einsum (bmm with permuted copies); nor
+forms reading each term once: linalg.vecdot over a (T, C, m)-interleaved history, numpy.einsum,
+numexpr, a torch.compile'd sum returning a new tensor (allocating 48 MB faults its pages in on
+every call), or a compiled sum over dim 0 of the stacked history (inductor's reduction loop).  In
+bf16 a chain in bf16 rounds the weights, which then no longer sum to 1 and bias every channel, and
+fp32 accumulation through full-size mixed-dtype ops costs far more (the CPU casts each operand
+into a temporary first; over cached row chunks far less).  Each form's cost relative to torch.add
+is in the README ("The algorithm's own costs"); benchmarks/bench_predict.py times the chains the
+hot path takes.
 Hence: weights and sums in fp32 at least whatever the history's dtype, rounded once into the
 result; lerp chain on CPU for fp32/fp64 when exact and well conditioned, addcmul chain otherwise,
 over row chunks where dtypes mix on the CPU; or, on request, the single-pass kernels
@@ -44,9 +42,10 @@ def _lerp_weights(coeffs: torch.Tensor) -> torch.Tensor | None:
 
     The chain carries prefix-normalised partial sums (sum_{i<=j} c_i h_i) / P_j, P_j = sum_{i<=j}
     c_i, so w_{j-1} = c_j / P_j and it needs sum_j c_j = 1 (every pool solver is consistent).
-    A prefix that nearly cancels or a large |w| amplifies rounding: with the limits below the
-    error stays within ~2e-6 of sum_j |c_j h_j| in fp32 (10x the addcmul chain's) over the pool
-    on random grids up to 5 steps ahead, and 88% of those cases qualify.
+    A prefix that nearly cancels or a large |w| amplifies rounding, so the limits below refuse
+    both: what passes errs more than the addcmul chain but stays small in fp32 over the pool on
+    random grids up to 5 steps ahead, where most cases qualify (the measured error and share are
+    in the README, "The algorithm's own costs").
     """
     c = coeffs.double()
     prefix = c.cumsum(0)
@@ -88,8 +87,8 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     loop prepares each set of weights once.  ``fused``: on the CPU, predict residuals of
     `fused.MIN_ELEMENTS` or more with torch.compile's single-pass kernel where it beats the eager
     ops (not for two terms that one lerp reads at once).  Elsewhere the eager ops stay: a compiled
-    call costs 0.1-0.2 ms of guards and Python wrappers (dev CPU), several times what a GPU takes
-    for a pass over a FLUX-size residual.
+    call's guards and Python wrappers cost several times what a GPU takes for a pass over a
+    FLUX-size residual (benchmarks/bench_predict.py --crossover; the figure is in the README).
     """
     device = torch.device(device)
     used = coeffs.ne(0).any(dim=1).nonzero().flatten().tolist() or [len(coeffs) - 1]
@@ -146,11 +145,11 @@ def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tenso
 
 
 # On the CPU an eager op whose operands differ in dtype first casts each into a full-size temporary of
-# the computing dtype (accelerators cast inside their kernels): 5-15x a plain add at FLUX size on the
-# dev CPU.  Over row chunks of this many elements per thread the temporaries stay in each core's L2
-# (one thread: faster than the bf16 chain was).  The price is more ops: on a machine whose cores are
-# oversubscribed their thread barriers stall (bench_block_overhead.py --passes); the fused
-# kernels sum in one kernel there.
+# the computing dtype (accelerators cast inside their kernels), which costs many plain adds at FLUX
+# size (the README's "The algorithm's own costs" keeps the figure).  Over row chunks of this many
+# elements per thread the temporaries stay in each core's L2 (one thread: faster than the bf16 chain
+# was).  The price is more ops: on a machine whose cores are oversubscribed their thread barriers
+# stall (bench_block_overhead.py --passes); the fused kernels sum in one kernel there.
 _CHUNK_ELEMENTS = 1 << 16
 
 

@@ -84,9 +84,10 @@ class RunMap(Protocol):
 
 def finite(residual: torch.Tensor) -> torch.Tensor:
     """Whether every value is finite, as a device scalar (no sync): a NaN or inf makes the sum NaN or inf.
-    One reduction pass, 5-15% of a prediction's cost, where isfinite().all() writes and reads a bool
-    tensor (2-7x a prediction on CPU). fp16 sums overflow at 65504, so they accumulate in fp32; the
-    other float types hold any real residual's sum."""
+    One reduction pass, a small part of a prediction's cost, where isfinite().all() writes and reads
+    a bool tensor, which costs more than a prediction on CPU (both measured, in the README's "The
+    algorithm's own costs"). fp16 sums overflow at 65504, so they accumulate in fp32; the other
+    float types hold any real residual's sum."""
     total = residual.sum(dtype=torch.float32) if residual.dtype == torch.float16 else residual.sum()
     return torch.isfinite(total)
 
