@@ -135,13 +135,23 @@ class MapSource:
         nearest = "" if n == interval else f" (the nearest tuned N to N={interval})"
         logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
                      result.candidate.label(), result.psnr)
-        if result.plain_wins:
+        # HyCa's lead shrinks as N grows: a loss at a tuned N up to this one is a loss here too
+        losing = sorted(k for k, t in tuning.from_info(self.solver_map.info).items() if t.plain_wins)
+        below = [k for k in losing if k <= interval]
+        if below:
+            n, result = below[-1], tuning.from_info(self.solver_map.info)[below[-1]]
             probe_steps = len(self.solver_map.probe_sigmas)
+            where = "" if n == interval else f" at N={n}, and a larger N strays further"
             text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain "
                     f"steps of {result.plain_sampler} gave a closer image than HyCa in calibration "
-                    f"({result.plain_psnr:.1f} dB vs {result.psnr:.1f} dB)")
+                    f"({result.plain_psnr:.1f} dB vs {result.psnr:.1f} dB{where})")
             logging.warning("%s", text)
             ui_text.show(self.options.node_id, text + ".")
+        elif losing:
+            winning = [k for k in tuning.from_info(self.solver_map.info) if k <= interval]
+            closer = f"HyCa came closer at N={max(winning)} and " if winning else ""
+            logging.info("HyCa: N=%d is not measured against plain sampling: %splain sampling at N=%d",
+                         interval, closer, losing[0])
 
     def covers(self, run_sigmas: np.ndarray) -> bool:
         """Whether a run denoises fully (from the model's largest sigma to 0), as the runs a map serves do;

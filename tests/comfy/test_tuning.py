@@ -101,8 +101,24 @@ def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_wi
                                                budget=int(fixed.sum())).mask
     assert np.array_equal(state.run_map.mask, expected) and not np.array_equal(expected, fixed)
     assert "tuned for N=4 (the nearest tuned N to N=3): warm-up 1, calibrated placement" in caplog.text
-    assert "4 plain steps of dpmpp_2m gave a closer image than HyCa in calibration (32.5 dB vs 30.0 dB)" \
-        in caplog.text
+    # plain sampling won at N=4, which says nothing of the smaller N=3 run
+    assert "closer image than HyCa" not in caplog.text
+    assert "N=3 is not measured against plain sampling: plain sampling at N=4" in caplog.text
+
+
+def test_a_loss_at_a_smaller_tuned_n_is_reported_for_a_larger_one(pack, flux, solver_map, conditioning,
+                                                                  caplog):
+    tuned_map = _tuned_as(solver_map, **{"3": (2, "fixed", 40.0, 30.0), "4": (1, "calibrated", 30.0, 32.5)})
+    apply = pack.nodes.apply_hyca.apply_hyca
+    for interval, says in ((4, "(32.5 dB vs 30.0 dB)"), (6, "(32.5 dB vs 30.0 dB at N=4, and a larger N"),
+                           (3, None)):
+        caplog.clear()
+        patched = apply(flux, tuned_map, pack.hyca_core.schedule.Schedule(interval=interval, warmup=2))
+        with caplog.at_level(logging.INFO):
+            sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
+        assert (says is None) == ("closer image than HyCa" not in caplog.text), interval
+        expected = f"4 plain steps of dpmpp_2m gave a closer image than HyCa in calibration {says}"
+        assert says is None or expected in caplog.text, interval
 
 
 @pytest.mark.parametrize("steps", [4, 8, 9])
