@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import reference_flux, reference_model, reference_qwen
+from harness import reference_flux, reference_model
 
 
 @dataclass(frozen=True)
@@ -84,10 +84,4 @@ FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/refe
                                        *model.model.diffusion_model.single_blocks],
                  entry=lambda model: model.model.diffusion_model.img_in, frames=False)
 
-# Qwen-Image's joint blocks (an image and a text stream, one attention); real CFG against a negative.
-QWEN = reference(reference_qwen, "reference Qwen-Image-layout DiT, cfg 4 (harness/reference_qwen.py)",
-                 blocks=lambda model: list(model.model.diffusion_model.transformer_blocks),
-                 entry=lambda model: model.model.diffusion_model.img_in, frames=True,
-                 main_cfg=reference_qwen.CFG)
-
-MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX, "qwen": QWEN}
+MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX}
