@@ -136,10 +136,11 @@ class MapSource:
         logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
                      result.candidate.label(), result.psnr)
         # HyCa's lead shrinks as N grows: a loss at a tuned N up to this one is a loss here too
-        losing = sorted(k for k, t in tuning.from_info(self.solver_map.info).items() if t.plain_wins)
+        every = tuning.from_info(self.solver_map.info)
+        losing = sorted(k for k, t in every.items() if t.plain_wins)
         below = [k for k in losing if k <= interval]
         if below:
-            n, result = below[-1], tuning.from_info(self.solver_map.info)[below[-1]]
+            n, result = below[-1], every[below[-1]]
             probe_steps = len(self.solver_map.probe_sigmas)
             where = "" if n == interval else f" at N={n}, and a larger N strays further"
             text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain "
@@ -148,7 +149,7 @@ class MapSource:
             logging.warning("%s", text)
             ui_text.show(self.options.node_id, text + ".")
         elif losing:
-            winning = [k for k in tuning.from_info(self.solver_map.info) if k <= interval]
+            winning = [k for k in every if k <= interval]
             closer = f"HyCa came closer at N={max(winning)} and " if winning else ""
             logging.info("HyCa: N=%d is not measured against plain sampling: %splain sampling at N=%d",
                          interval, closer, losing[0])
