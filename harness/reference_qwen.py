@@ -32,6 +32,7 @@ import torch
 from . import model_files, sampling
 from . import reference_model as wan_reference
 from . import textures_data
+from .class_prompts import ClassPrompts
 from .reference_model import Classifier
 from .textures_data import NUM_CLASSES
 
@@ -79,29 +80,14 @@ def empty_latent(batch: int) -> torch.Tensor:
 # conditioning
 
 
-@functools.lru_cache(maxsize=None)
-def _contexts() -> torch.Tensor:
-    generator = torch.Generator().manual_seed(CONTEXT_SEED)
-    return torch.randn(NUM_CLASSES + 1, CONTEXT_TOKENS, CONTEXT_DIM, generator=generator)
+PROMPTS = ClassPrompts(NUM_CLASSES, CONTEXT_TOKENS, CONTEXT_DIM, 0, CONTEXT_SEED)
+conditioning = PROMPTS.conditioning
+unconditional = PROMPTS.unconditional
 
 
 def context_batch(labels) -> torch.Tensor:
     """(B, CONTEXT_TOKENS, CONTEXT_DIM) for class labels; label NUM_CLASSES (or -1) is the negative."""
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    labels = torch.where(labels < 0, torch.full_like(labels, NUM_CLASSES), labels)
-    if (labels > NUM_CLASSES).any():
-        raise ValueError(f"class labels must be in [0, {NUM_CLASSES})")
-    return _contexts()[labels]
-
-
-def conditioning(class_id) -> list:
-    """ComfyUI conditioning for one class (int) or one class per batch item (sequence of ints)."""
-    return [[context_batch(class_id), {}]]
-
-
-def unconditional(batch: int = 1) -> list:
-    """The negative prompt."""
-    return conditioning([NUM_CLASSES] * batch)
+    return PROMPTS.tensors(labels)[0]
 
 
 # ----------------------------------------------------------------------------------------------

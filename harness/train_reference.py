@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN_SEED, TEST_SEED = 0, 1
 # --model -> the module holding that model's specifics (see the module docstring)
 MODELS = {"wan": "harness.reference_model", "flux": "harness.reference_flux",
-          "qwen": "harness.reference_qwen"}
+          "qwen": "harness.reference_qwen", "sd3": "harness.reference_sd3"}
 # every shipped reference model's module, the distilled student too (its weights come from
 # harness/distill_student.py)
 REFERENCE_MODULES = [*MODELS.values(), "harness.reference_student"]
