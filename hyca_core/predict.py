@@ -78,7 +78,7 @@ class Weights(NamedTuple):
 
 
 def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
-            fused: bool = False) -> Weights:
+            fused: bool = False, with_base: bool = False) -> Weights:
     """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
 
     Weights and sums are in fp32 at least, whatever the history's dtype: half-precision weights
@@ -89,6 +89,8 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     ops (not for two terms that one lerp reads at once).  Elsewhere the eager ops stay: a compiled
     call's guards and Python wrappers cost several times what a GPU takes for a pass over a
     FLUX-size residual (benchmarks/bench_predict.py --crossover; the figure is in the README).
+    ``with_base``: the weights will sum onto a base (`predict(base=)`), which the lerp chain does
+    not serve: its weights are not derived.
     """
     device = torch.device(device)
     used = coeffs.ne(0).any(dim=1).nonzero().flatten().tolist() or [len(coeffs) - 1]
@@ -96,7 +98,7 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     accumulate = torch.promote_types(dtype, torch.float32)
     on_cpu = device.type == "cpu"
     # a lerp chain can only be as precise as its weights, held in the history's dtype
-    lerp = _lerp_weights(kept) if on_cpu and len(kept) > 1 and dtype == accumulate else None
+    lerp = _lerp_weights(kept) if on_cpu and not with_base and len(kept) > 1 and dtype == accumulate else None
     kept = kept.to(accumulate)
     single = kept if fused and on_cpu and fused_kernels.supports(len(kept) + 1) else None
     return Weights(dtype, len(coeffs), tuple(used), kept, None if lerp is None else lerp.to(dtype), single)
@@ -297,9 +299,9 @@ class ResidualHistory:
         """The stored residuals oldest first, as views of the storage (no copies)."""
         return [self._buffer[s] for s in self.slots()]
 
-    def prepare(self, coeffs: torch.Tensor, fused: bool = False) -> Weights:
+    def prepare(self, coeffs: torch.Tensor, fused: bool = False, with_base: bool = False) -> Weights:
         """`prepare` for this history's storage (after the first push)."""
-        return prepare(coeffs, self._buffer.dtype, self._buffer.device, fused)
+        return prepare(coeffs, self._buffer.dtype, self._buffer.device, fused, with_base)
 
     def predict(self, weights: torch.Tensor | Weights, out: torch.Tensor | None = None,
                 base: torch.Tensor | None = None) -> torch.Tensor:

@@ -270,7 +270,10 @@ class RunState:
         if weights is None:
             table = self.run_map.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
                                            call.sigma)
-            weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused)
+            # with_base: the block patch adds predictions onto the block's input (the adaptive gate's
+            # one residual per step without a base takes the addcmul chain)
+            weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused,
+                                                                with_base=True)
         return weights
 
     def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:

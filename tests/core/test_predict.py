@@ -228,6 +228,19 @@ def test_prepared_weights_predict_the_same(dtype):
         predict(history.to(other), prepared)
 
 
+def test_weights_for_a_base_skip_the_lerp_form_and_predict_the_same():
+    """The block patch always sums onto the block's input, which the lerp chain does not serve: weights
+    prepared for a base leave its weights out, and the sums onto a base are the same bits."""
+    g = torch.Generator().manual_seed(6)
+    history, base = torch.randn(3, 4, 8, generator=g), torch.randn(4, 8, generator=g)
+    coeffs = pool_coefficients(3, 8, seed=4)
+    ordinary = prepare(coeffs, torch.float32, "cpu")
+    for_base = prepare(coeffs, torch.float32, "cpu", with_base=True)
+    assert ordinary.lerp is not None and for_base.lerp is None
+    assert torch.equal(predict(history, for_base, base=base), predict(history, ordinary, base=base))
+    assert torch.allclose(predict(history, for_base), predict(history, ordinary), rtol=1e-5, atol=1e-6)
+
+
 needs_compiler = pytest.mark.skipif(not compiler, reason="torch.compile needs a C++ compiler on CPU")
 
 
