@@ -259,8 +259,8 @@ def ship_map(ref, weights: Path) -> Path:
 
     solver_map = probe_map(probe["label"], probe["seed"])
     # earlier weights' maps go; the other reference models' (a student shares its teacher's family) stay
-    others = {map_store.fingerprint(importlib.import_module(name).load())
-              for name in REFERENCE_MODULES if importlib.import_module(name).WEIGHTS.is_file()}
+    modules = [importlib.import_module(name) for name in REFERENCE_MODULES]
+    others = {map_store.fingerprint(module.load()) for module in modules if module.WEIGHTS.is_file()}
     for old in map_store.SHIPPED.glob(f"{solver_map.architecture.rsplit('.', 1)[-1]}-*.hyca.safetensors"):
         if not any(fingerprint in old.name for fingerprint in others):
             old.unlink()
