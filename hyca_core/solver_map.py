@@ -60,6 +60,11 @@ class BlockMap:
     def clusters(self) -> int:
         return self.series.shape[0]
 
+    def channel_choices(self) -> np.ndarray:
+        """(D,) the predictor each channel gets, one code per (pool solver, time variable) pair: what two
+        maps must share for one to serve the other's model, whatever their clusters' numbering."""
+        return (self.solver * len(TIME_VARIABLES) + self.variable)[self.labels]
+
     def stored(self) -> "BlockMap":
         """This block with every array in its file dtype; MapError if an id does not fit int32 (it would
         wrap around, maybe into range)."""

@@ -82,10 +82,14 @@ def summary(solver_map: SolverMap, other: SolverMap | None = None) -> str:
     if other is not None:
         common = _common_blocks(solver_map, other)
         scores = [adjusted_rand(solver_map.blocks[k].labels, other.blocks[k].labels) for k in common]
+        agree = [np.mean(solver_map.blocks[k].channel_choices() == other.blocks[k].channel_choices())
+                 for k in common]
         if scores:
             lines.append(f"adjusted Rand index vs the second map over {len(common)} block streams: "
                          f"mean {np.mean(scores):.3f}, min {np.min(scores):.3f} "
-                         "(above 0.8: the map still fits)")
+                         "(above 0.8: the clusters hold)")
+            lines.append(f"channels given the same predictor by both maps: mean {np.mean(agree):.1%}, "
+                         f"min {np.min(agree):.1%} (the choices can hold where the clusters do not)")
         else:
             lines.append("the second map shares no block streams with this one")
     return "\n".join(lines)
