@@ -137,7 +137,7 @@ def pass_seconds(then, now, inputs, run_map, step: int, dtype, fused: bool, reps
     histories = {}
     for version, module in enumerate((then, now)):
         for s, x in streams.items():
-            table = torch.from_numpy(run_map.coefficients(f"double_block.0.{s}", step, (), (), 0.0))
+            table = torch.from_numpy(run_map.coefficients(f"double_block.0.{s}", step))
             history = module.ResidualHistory(len(table))
             for _ in range(len(table)):
                 history.push(torch.randn(x.shape, generator=generator).to(dtype))

@@ -5,8 +5,8 @@ One process, the same (class, seed) pairs for every method, per model:
 - calibration: HyCa Calibrate's ``probe`` on ONE (class, seed) pair, 50 steps euler / simple, cfg 1;
 - evaluation: one batch of (class, seed) pairs sampled at once (each latent gets the noise a
   batch-1 KSampler run with its own seed would get), at the trained size and a larger one;
-- methods: full compute, HyCa (fixed and fitted solvers, calibrated placement, adaptive, the earlier
-  warm-up), FORA / Taylor / TaylorSeer and every single pool solver, fewer steps (euler, dpmpp_2m,
+- methods: full compute, HyCa (fixed and fitted solvers, calibrated placement, the earlier warm-up),
+  FORA / Taylor / TaylorSeer and every single pool solver, fewer steps (euler, dpmpp_2m,
   res_multistep) at HyCa's compute and at HyCa's measured time, ComfyUI's EasyCache and LazyCache,
   an 8-step schedule; then HyCa under euler, dpmpp_2m, res_multistep and uni_pc at cfg 1 and the
   model's cfg at two sizes, against each sampler with fewer steps and the best stock sampler;

@@ -1,9 +1,8 @@
 """Run maps: a solver map made ready for one sampling run.
 
-Both kinds answer a run's three questions: must this step compute, can it be predicted from the
-history this run holds, and with which weights per channel. `FixedRunMap` fixes every answer before
-the run (`run_map`: solvers re-selected and fitted for the run's schedule); `AdaptiveRunMap` answers
-as the run goes, for the error-adaptive schedule.
+A `FixedRunMap` answers a run's three questions before the run starts (`run_map`: solvers re-selected
+and fitted for the run's schedule): must this step compute, can it be predicted from the history this
+run holds, and with which weights per channel.
 
 A step is predicted only with weights whose sum of magnitudes stays within MAX_WEIGHT_NORM; other
 steps compute (`stable`).
@@ -20,7 +19,7 @@ from . import defaults
 from .schedule import Schedule, calibrated_mask
 from .selection import (FIT_LAMBDA, CompactSample, coefficients, gap_costs, refit, resample, single,
                         step_weights_for)
-from .solvers import MAX_HISTORY, TIME_VARIABLES, solver, warmup_pool
+from .solvers import MAX_HISTORY, solver, warmup_pool
 
 if TYPE_CHECKING:
     from .solver_map import SolverMap
@@ -62,7 +61,8 @@ class FixedRunMap:
         length = min(MAX_HISTORY, len(computed))
         return length > 0 and tuple(history_steps[-length:]) == computed[-length:]
 
-    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
+    def coefficients(self, key: str, step: int) -> np.ndarray:
+        """(m, D) weights of block stream `key` at a predicted `step`, for the history `can_predict` wants."""
         return self.tables[key][step]
 
 
@@ -148,61 +148,3 @@ def _leading(mask: np.ndarray) -> int:
     """Length of the run of True at the start of `mask`."""
     return int(np.argmin(mask)) if not mask.all() else len(mask)
 
-
-class AdaptiveRunMap:
-    """The map's per-cluster pool solvers (paper eq. 5 choice) on whatever history a run holds.
-
-    Serves the error-adaptive schedule, where the computed steps are only known as the run goes:
-    weights come from each cluster's solver at the run's actual history times. step_sigmas: the
-    sigma of each sampler step; a step is predicted only if every solver's weights on the steps'
-    times are `stable`.
-    """
-
-    def __init__(self, solver_map: SolverMap, schedule: Schedule, step_sigmas):
-        self.solver_map = solver_map
-        self.step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
-        self.first_predictable = max(schedule.warmup, 1)
-        self.last_predictable = len(self.step_sigmas) - schedule.final - 1
-        # the same few (solver, time variable) pairs serve every block and cluster
-        self._members = sorted({(int(s), int(v)) for block in solver_map.blocks.values()
-                                for s, v in zip(block.solver, block.variable)})
-        self._weights: dict[tuple, np.ndarray] = {}
-
-    def history(self, key: str) -> int:
-        block = self.solver_map.blocks[key]
-        return max(solver(int(s)).history for s in block.solver)
-
-    def forced(self, step: int) -> bool:
-        return not self.first_predictable <= step <= self.last_predictable
-
-    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool:
-        if self.forced(step) or not history_steps:
-            return False
-        sigmas = tuple(self.step_sigmas[list(history_steps)])
-        return all(stable(self._member_weights(s, v, history_steps, sigmas, self.step_sigmas[step], step)[1])
-                   for s, v in self._members)
-
-    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray:
-        block = self.solver_map.blocks[key]
-        m = min(self.history(key), len(history_steps))
-        cluster_weights = np.zeros((block.clusters, m))
-        for c, (solver_id, variable) in enumerate(zip(block.solver, block.variable)):
-            length, weights = self._member_weights(int(solver_id), int(variable), history_steps[-m:],
-                                                   history_sigmas[-m:], sigma, step)
-            cluster_weights[c, m - length :] = weights
-        return np.ascontiguousarray(cluster_weights[block.labels].T, dtype=np.float32)
-
-    def _member_weights(self, solver_id: int, variable: int, history_steps, history_sigmas, sigma,
-                        step: int) -> tuple[int, np.ndarray]:
-        """(history length, weights) of one pool member on this history; reuse where the history is
-        shorter than the member needs."""
-        rule = solver(solver_id)
-        if rule.history > len(history_steps):
-            rule = solver("reuse")
-        times, target = ((history_steps, step) if TIME_VARIABLES[variable] == "step"
-                         else (history_sigmas, sigma))
-        times = tuple(float(t) for t in times[-rule.history :])
-        key = (rule.id, times, float(target))
-        if key not in self._weights:
-            self._weights[key] = rule.weights(times, target)
-        return rule.history, self._weights[key]

@@ -1,12 +1,11 @@
 """Which sampler steps run the full model ("all-time solving") and which are predicted.
 
-Three ways to decide, all pure:
+Two ways to decide, both pure:
 - `Schedule`: the fixed pattern of the paper (warm-up, then one full step every N), fixed for one run's
   steps by `Schedule.within` (a window of sigmas outside which every step computes) and
   `Schedule.for_speedup` (the N of a target speed-up).
 - `calibrated_mask`: the same budget of full steps, placed where a probe says prediction is hardest
   (early steps change fastest, so gaps should grow along the trajectory).
-- `AdaptiveGate`: decided at run time from the measured error of the map's own prediction.
 """
 
 from __future__ import annotations
@@ -143,34 +142,3 @@ def speedup(mask: np.ndarray) -> float:
     """Steps per full computation: the model-time speedup, ignoring the cost of prediction."""
     return len(mask) / max(int(np.count_nonzero(mask)), 1)
 
-
-class AdaptiveGate:
-    """Compute or predict, decided by the map's measured error on a cheap probe quantity.
-
-    The node layer computes the first block fully at every step and measures the relative error
-    of what the map predicted for it. As in TeaCache/EasyCache the errors of the predicted steps
-    since the last full step add up (each feeds a drifting latent); a step is predicted only while
-    that sum stays within `tolerance`, and never more than `max_skip` steps in a row.
-    """
-
-    def __init__(self, tolerance: float, max_skip: int):
-        if tolerance < 0 or max_skip < 0:
-            raise ValueError("tolerance and max_skip must be non-negative")
-        self.tolerance = tolerance
-        self.max_skip = max_skip
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the run: the next step computes."""
-        self.accumulated = 0.0
-        self.skipped = 0
-
-    def decide(self, error: float | None, forced: bool = False) -> bool:
-        """True = compute this step fully. `error` None: no prediction possible (too little
-        history); `forced`: the schedule demands a full step (warm-up, final steps)."""
-        total = self.accumulated + (error if error is not None else np.inf)
-        if forced or self.skipped >= self.max_skip or not total <= self.tolerance:
-            self.accumulated, self.skipped = 0.0, 0
-            return True
-        self.accumulated, self.skipped = total, self.skipped + 1
-        return False

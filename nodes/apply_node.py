@@ -1,9 +1,12 @@
 """The HyCa Apply nodes: a plain one with the widgets most users touch, and the advanced one with every knob.
 
 The advanced node keeps the node id "HyCaApply" and its widget order, so that workflows and API prompts
-saved before the split load and run unchanged (the frontend restores widgets by position). The plain
-node's id carries the words people search for ("cache", "speed up"): ComfyUI's node search matches the
-node id and the display name only.
+saved before the split load and run (the frontend restores widgets by position). The error-adaptive
+mode's two widgets, `adaptive` and `adaptive_tolerance`, were removed from the middle of that order: API
+prompts naming them still run (ComfyUI drops an input the node does not declare), and
+web/js/hyca_migrate.js drops their values from a saved workflow before the frontend restores the rest.
+The plain node's id carries the words people search for ("cache", "speed up"): ComfyUI's node search
+matches the node id and the display name only.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ class HyCaCacheSpeedUp(io.ComfyNode):
 
 
 def _advanced_widgets() -> list[io.Input]:
-    """The pre-split HyCa Apply's widgets, in their order; the ones added later are optional and last, so
-    that saved workflows and API prompts without them still load."""
+    """The pre-split HyCa Apply's widgets in their order, less the adaptive mode's (see the module
+    docstring); the ones added later are optional and last, so that saved workflows and API prompts
+    without them still load."""
     return [
         io.Int.Input(
             "interval", default=defaults.INTERVAL, min=1, max=20,
@@ -96,13 +100,6 @@ def _advanced_widgets() -> list[io.Input]:
         io.Int.Input(
             "final_steps", default=defaults.FINAL_STEPS, min=0, max=100,
             tooltip="Last steps always computed, for crisper fine detail."),
-        io.Boolean.Input(
-            "adaptive", default=False,
-            tooltip="Decide each step from the map's measured error instead of every N-th step; N then caps "
-                    "the steps predicted in a row at 2N-1."),
-        io.Float.Input(
-            "adaptive_tolerance", default=0.15, min=0.0, max=5.0, step=0.01,
-            tooltip="Adaptive only: the summed relative error allowed before a full step."),
         io.Boolean.Input(
             "fitted", default=defaults.FITTED,
             tooltip="Predictor weights fitted to this model, instead of the paper's fixed solvers."),
@@ -118,8 +115,7 @@ def _advanced_widgets() -> list[io.Input]:
             tooltip="Keep the cached outputs in CPU RAM instead of on the GPU."),
         io.Float.Input(
             "target_speedup", default=0.0, min=0.0, max=20.0, step=0.1, optional=True,
-            tooltip="Instead of N: the speed-up to aim for on each run's step count (not with adaptive). "
-                    "0 uses interval."),
+            tooltip="Instead of N: the speed-up to aim for on each run's step count. 0 uses interval."),
         *_window_inputs(),
         io.Combo.Input(
             "placement", options=[AUTO, *PLACEMENTS], default=AUTO, optional=True,
@@ -135,8 +131,8 @@ def _advanced_widgets() -> list[io.Input]:
 
 
 class HyCaApply(io.ComfyNode):
-    """HyCa Apply (Advanced), every knob. Node id and widget order are the pre-split HyCa Apply's: old
-    workflows keep working."""
+    """HyCa Apply (Advanced), every knob. Node id and widget order are the pre-split HyCa Apply's (less the
+    adaptive mode's): old workflows keep working."""
 
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -144,15 +140,14 @@ class HyCaApply(io.ComfyNode):
         return _schema("HyCaApply", "HyCa Apply (Advanced)", description, _advanced_widgets())
 
     @classmethod
-    def execute(cls, model, interval, warmup, final_steps, adaptive, adaptive_tolerance, fitted, granularity,
-                history_dtype, offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0,
-                placement=AUTO, fused=False, solver_map=None) -> io.NodeOutput:
+    def execute(cls, model, interval, warmup, final_steps, fitted, granularity, history_dtype,
+                offload_history, target_speedup=0.0, start_percent=0.0, end_percent=1.0, placement=AUTO,
+                fused=False, solver_map=None) -> io.NodeOutput:
         schedule = Schedule(interval=interval, warmup=warmup or map_warmup(solver_map), final=final_steps)
         options = ApplyOptions(
             schedule=schedule, fitted=fitted, history_dtype=HISTORY_DTYPES[history_dtype],
-            offload=offload_history, adaptive_tolerance=adaptive_tolerance if adaptive else None,
-            granularity=None if granularity == AUTO else granularity, target_speedup=target_speedup,
-            window=(start_percent, end_percent), placement=placement, tuned_warmup=warmup == 0,
-            fused=fused,
+            offload=offload_history, granularity=None if granularity == AUTO else granularity,
+            target_speedup=target_speedup, window=(start_percent, end_percent), placement=placement,
+            tuned_warmup=warmup == 0, fused=fused,
         )
         return _patched(cls, model, solver_map, options)

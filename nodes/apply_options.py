@@ -20,8 +20,7 @@ HISTORY_DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "
 
 @dataclass(frozen=True)
 class ApplyOptions:
-    """HyCa Apply's knobs. ``granularity`` None: the connected map's, else per block. ``adaptive_tolerance``:
-    decide each step from the map's measured error instead of the every-N pattern. ``target_speedup`` > 0
+    """HyCa Apply's knobs. ``granularity`` None: the connected map's, else per block. ``target_speedup`` > 0
     replaces N by the interval whose speed-up on each run's step count reaches it. Steps outside
     ``window`` (fractions of the denoising) always compute. ``single_solver`` = (solver, time variable):
     one pool solver for every channel (the benchmark's single-solver baselines). ``placement`` AUTO and
@@ -35,7 +34,6 @@ class ApplyOptions:
     fitted: bool = defaults.FITTED
     history_dtype: torch.dtype | None = None
     offload: bool = False
-    adaptive_tolerance: float | None = None
     single_solver: tuple[str, str] | None = None
     granularity: str | None = None
     target_speedup: float = 0.0
@@ -50,16 +48,9 @@ class ApplyOptions:
     def __post_init__(self):
         if self.placement not in (AUTO, *PLACEMENTS):
             raise ValueError(f"placement must be one of {(AUTO, *PLACEMENTS)}, got {self.placement!r}")
-        if self.adaptive and self.target_speedup:
-            raise ValueError("adaptive mode decides each step by the measured error: it takes no target "
-                             "speed-up")
         start, end = self.window
         if not 0.0 <= start <= end <= 1.0:
             raise ValueError(f"the window {start}..{end} must lie within 0..1, start before end")
-
-    @property
-    def adaptive(self) -> bool:
-        return self.adaptive_tolerance is not None
 
 
 def map_granularity(solver_map: SolverMap) -> str:
@@ -79,8 +70,6 @@ def granularity_for(options: ApplyOptions, solver_map: SolverMap | None) -> str:
         granularity = map_granularity(solver_map)
         if options.granularity not in (None, granularity):
             raise ValueError(mismatch_message(granularity, options.granularity))
-    if options.adaptive and granularity != "block":
-        raise ValueError("adaptive mode measures the first block's error, so it needs block granularity")
     return granularity
 
 

@@ -7,7 +7,6 @@ import time
 
 import torch
 
-from ..hyca_core.schedule import AdaptiveGate
 from ..hyca_core.trajectories import TrajectoryRecorder
 from . import ui_text
 from .run_state import RunState
@@ -23,14 +22,11 @@ class ApplyRunState(RunState):
         options = source.options
         calibrated = source.solver_map is not None
         recording = not calibrated and not source.calibration_failed
-        gate = None
-        if calibrated and options.adaptive:
-            gate = AdaptiveGate(options.adaptive_tolerance, max_skip=2 * options.schedule.interval - 1)
         super().__init__(
             make_run_map=source.for_run if calibrated else None,
             recorder=TrajectoryRecorder() if recording else None,
             history_dtype=options.history_dtype, offload_device=spare_device if options.offload else None,
-            gate=gate, fused=options.fused,
+            fused=options.fused,
         )
         self.source = source
         self.spare_device = torch.device(spare_device)  # the model's offload device: a history fallback

@@ -70,14 +70,9 @@ class BlockPatch:
         state.computed += 1
         if not self.last:
             return out
-        befores = {s: before for s, before in call.unit_inputs.items()
-                   if isinstance(out.get(s), torch.Tensor)}
-        if call.decision is Decision.MEASURE:  # adaptive: the first unit's true residual decides the call
-            state.decide(call, self.unit.key("img"), out["img"] - befores["img"])
-            if call.predict:
-                return out  # exact for this block; the others will be predicted
-        for s, before in befores.items():
-            state.store(call, self.unit.key(s), out[s], before)
+        for s, before in call.unit_inputs.items():
+            if isinstance(out.get(s), torch.Tensor):
+                state.store(call, self.unit.key(s), out[s], before)
         return out
 
     def _predicted(self, state: RunState, call: Call, x: torch.Tensor, stream: str) -> torch.Tensor | None:

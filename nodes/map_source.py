@@ -11,7 +11,7 @@ import numpy as np
 from ..hyca_core import tuning
 from ..hyca_core.schedule import RunSchedule, speedup
 from ..hyca_core import run_maps
-from ..hyca_core.run_maps import AdaptiveRunMap, FixedRunMap
+from ..hyca_core.run_maps import FixedRunMap
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
@@ -59,12 +59,9 @@ class MapSource:
         self.solver_map = solver_map
         self._run_maps.clear()
 
-    def for_run(self, step_sigmas) -> FixedRunMap | AdaptiveRunMap:
+    def for_run(self, step_sigmas) -> FixedRunMap:
         """What a run with these step sigmas predicts with."""
-        schedule = self.schedule_for(step_sigmas)
-        if self.options.adaptive:  # history length from the map: the warm-up may take in the window's lead
-            return AdaptiveRunMap(self.solver_map, schedule.widened(), step_sigmas)
-        return self.run_map(tuple(float(s) for s in step_sigmas), schedule)
+        return self.run_map(tuple(float(s) for s in step_sigmas), self.schedule_for(step_sigmas))
 
     def schedule_for(self, step_sigmas) -> RunSchedule:
         """The schedule of a run with these step sigmas: predicting only inside the window of the
@@ -75,7 +72,7 @@ class MapSource:
         if self.options.target_speedup:
             schedule = schedule.for_speedup(len(step_sigmas), self.options.target_speedup)
         tuned = self.tuned(schedule.interval)
-        if tuned is not None and self.options.tuned_warmup and not self.options.adaptive:
+        if tuned is not None and self.options.tuned_warmup:
             schedule = replace(schedule, warmup=tuned[1].candidate.warmup)
         return schedule
 

@@ -8,17 +8,16 @@ keyed by conditioning branch and input shape, never kept on the model.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 
 from ..hyca_core.predict import ResidualHistory
-from ..hyca_core.schedule import AdaptiveGate
+from ..hyca_core.run_maps import FixedRunMap
 from ..hyca_core.solvers import MAX_HISTORY
 from ..hyca_core.timeline import first_rise, step_position
 from ..hyca_core.trajectories import TrajectoryRecorder
@@ -31,7 +30,6 @@ class Decision(Enum):
     """What one model call does; every block patch of the call follows it."""
 
     PREDICT = "predict"  # every unit's residual predicted from the branch's history
-    MEASURE = "measure"  # adaptive: the first unit computes, and the map's error on it decides the rest
     CACHE = "cache"  # compute; the residuals are the step's first computation: the history keeps them
     REPLACE = "replace"  # compute the history's newest step again (Heun's correction): replace that entry
     COMPUTE = "compute"  # compute, keep nothing: off-grid, an older step again, a stack cut by another node
@@ -47,9 +45,7 @@ class Branch:
     """Cached residuals of one conditioning branch and input shape."""
 
     steps: list[int] = field(default_factory=list)  # steps of the cached computations
-    sigmas: list[float] = field(default_factory=list)  # and their sigmas
     histories: dict[str, ResidualHistory] = field(default_factory=dict)
-    gate: AdaptiveGate | None = None
     decided: dict[int, bool] = field(default_factory=dict)  # step -> predicted: later calls there do the same
 
     def nbytes(self) -> int:
@@ -74,14 +70,6 @@ class Call:
         return self.decision is Decision.PREDICT
 
 
-class RunMap(Protocol):
-    """A solver map made ready for one run: hyca_core's FixedRunMap or AdaptiveRunMap."""
-
-    def history(self, key: str) -> int: ...
-    def can_predict(self, step: int, history_steps: tuple[int, ...]) -> bool: ...
-    def coefficients(self, key: str, step: int, history_steps, history_sigmas, sigma) -> np.ndarray: ...
-
-
 def finite(residual: torch.Tensor) -> torch.Tensor:
     """Whether every value is finite, as a device scalar (no sync): a NaN or inf makes the sum NaN or inf.
     One reduction pass, a small part of a prediction's cost, where isfinite().all() writes and reads
@@ -95,25 +83,21 @@ def finite(residual: torch.Tensor) -> torch.Tensor:
 class RunState:
     """HyCa's memory for one sampling run, cloned from the template Apply/Calibrate puts on the model.
 
-    ``make_run_map(step_sigmas)`` gives the run's map; with ``gate`` (an AdaptiveGate template) every
-    predictable step first computes its first block and predicts the rest only if the map's error
-    on that block is within the gate's tolerance. ``recorder`` (calibration) receives the residuals
+    ``make_run_map(step_sigmas)`` gives the run's map. ``recorder`` (calibration) receives the residuals
     of every block at every step of the first branch. ``fused``: predict with hyca_core's compiled
     single-pass kernels.
     """
 
-    def __init__(self, make_run_map: Callable[[np.ndarray], RunMap] | None = None,
+    def __init__(self, make_run_map: Callable[[np.ndarray], FixedRunMap] | None = None,
                  recorder: TrajectoryRecorder | None = None, history_dtype: torch.dtype | None = None,
-                 offload_device: torch.device | None = None, gate: AdaptiveGate | None = None,
-                 fused: bool = False):
+                 offload_device: torch.device | None = None, fused: bool = False):
         self.make_run_map = make_run_map
         self.recorder = recorder
         self.history_dtype = history_dtype
         self.offload_device = offload_device
-        self.gate = gate
         self.fused = fused
         self.started = False  # the run's first model call came: its sigmas are checked, its run map made
-        self.run_map: RunMap | None = None
+        self.run_map: FixedRunMap | None = None
         self.branches: dict[tuple, Branch] = {}
         self.computed = 0
         self.predicted = 0
@@ -121,13 +105,12 @@ class RunState:
         self.faults_logged = False
         self.extra_calls = 0  # model calls with other nodes' patches (Skip Layer Guidance ...)
         self.peak_bytes = 0
-        self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, history steps, device)
+        self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, device)
         self.patches: dict[tuple, object] = {}  # the patches the sampler's own calls run with, by place
         self.recorded: Branch | None = None  # the branch a calibration records: the run's first
 
     def clone(self) -> "RunState":
-        return RunState(self.make_run_map, self.recorder, self.history_dtype, self.offload_device, self.gate,
-                        self.fused)
+        return RunState(self.make_run_map, self.recorder, self.history_dtype, self.offload_device, self.fused)
 
     def __deepcopy__(self, memo) -> "RunState":
         # ModelPatcher.clone deep-copies model_options; a template holds no run data to copy
@@ -160,8 +143,7 @@ class RunState:
                variant)
         branch = self.branches.get(key)
         if branch is None:
-            gate = copy.copy(self.gate) if self.gate else None
-            branch = self.branches[key] = Branch(gate=gate)
+            branch = self.branches[key] = Branch()
             if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
                 self.recorded = branch
         return Call(self._decide_step(branch, step), step, sigma, branch)
@@ -190,21 +172,9 @@ class RunState:
             if earlier:
                 return Decision.PREDICT
             return Decision.REPLACE if branch.steps and branch.steps[-1] == step else Decision.COMPUTE
-        candidate = self.run_map is not None and self.run_map.can_predict(int(step), tuple(branch.steps))
-        if branch.gate is not None and self.run_map is not None and not candidate:
-            branch.gate.decide(None, forced=True)  # a full step: the gate starts counting anew
-        if candidate and branch.gate is not None:
-            return Decision.MEASURE  # decided by `decide` once the first block has run
-        branch.decided[int(step)] = candidate
-        return Decision.PREDICT if candidate else Decision.CACHE
-
-    def decide(self, call: Call, key: str, computed: torch.Tensor) -> None:
-        """Adaptive: measure the map's error on the first block's true residual, then decide."""
-        predicted = self.predicted_residual(call, key, computed)
-        error = float((predicted - computed).float().norm() / computed.float().norm().clamp_min(1e-12))
-        predict = not call.branch.gate.decide(error)
-        call.decision = Decision.PREDICT if predict else Decision.CACHE
-        call.branch.decided[int(call.step)] = predict
+        predict = self.run_map is not None and self.run_map.can_predict(int(step), tuple(branch.steps))
+        branch.decided[int(step)] = predict
+        return Decision.PREDICT if predict else Decision.CACHE
 
     def store(self, call: Call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
         """Keep a computed unit's residual, ``after - before``, where the call's decision keeps it: written
@@ -227,11 +197,10 @@ class RunState:
             return
         branch = call.branch
         if call.decision is Decision.REPLACE:
-            branch.steps[-1], branch.sigmas[-1] = int(call.step), call.sigma
+            branch.steps[-1] = int(call.step)
         else:
             branch.steps.append(int(call.step))
-            branch.sigmas.append(call.sigma)
-            del branch.steps[:-MAX_HISTORY], branch.sigmas[:-MAX_HISTORY]
+            del branch.steps[:-MAX_HISTORY]
         self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
     def check(self, call: Call, unit: str, out: torch.Tensor, x: torch.Tensor) -> None:
@@ -264,22 +233,17 @@ class RunState:
                             ", ".join(sorted(call.fallback)[:4]), int(call.step))
 
     def _weights(self, call: Call, key: str, history: ResidualHistory):
-        branch = call.branch
-        cache_key = (key, int(call.step), tuple(branch.steps), history.device)
+        # a step is predicted only on the history its weights were fitted for (`can_predict`): the step
+        # names them
+        cache_key = (key, int(call.step), history.device)
         weights = self.weights.get(cache_key)
         if weights is None:
-            table = self.run_map.coefficients(key, int(call.step), tuple(branch.steps), tuple(branch.sigmas),
-                                           call.sigma)
-            # with_base: the block patch adds predictions onto the block's input (the adaptive gate's
-            # one residual per step without a base takes the addcmul chain)
+            table = self.run_map.coefficients(key, int(call.step))
+            # with_base: every prediction is added onto the block's input, so the lerp form, which sums
+            # without a base, is not derived
             weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused,
                                                                 with_base=True)
         return weights
-
-    def predicted_residual(self, call: Call, key: str, like: torch.Tensor) -> torch.Tensor:
-        """The unit's predicted residual, in ``like``'s dtype and device."""
-        history = call.branch.histories[key]
-        return history.predict(self._weights(call, key, history)).to(like.device, like.dtype)
 
     def predicted_output(self, call: Call, key: str, x: torch.Tensor) -> torch.Tensor:
         """The unit's input plus its predicted residual, formed in the same passes (a new tensor)."""

@@ -65,11 +65,11 @@ class Methods:
         self.solver_map = solver_map
         self.Schedule = pack.hyca_core.schedule.Schedule
 
-    def hyca(self, n: int, fitted: bool = True, single_solver=None, tolerance=None, warmup: int = WARMUP,
+    def hyca(self, n: int, fitted: bool = True, single_solver=None, warmup: int = WARMUP,
              placement: str = "fixed"):
         return self.pack.nodes.apply_hyca.apply_hyca(
             self.model, self.solver_map, self.Schedule(interval=n, warmup=warmup), fitted=fitted,
-            adaptive_tolerance=tolerance, single_solver=single_solver, placement=placement)
+            single_solver=single_solver, placement=placement)
 
     def computed_steps(self, n: int, steps: int = STEPS) -> int:
         """The full steps HyCa computes at interval n (Apply's warm-up): fewer steps' equal compute."""
@@ -103,11 +103,6 @@ class Methods:
                            self.hyca(n, False, warmup=PAPER_WARMUP, placement=place), n=n,
                            key=(f"{place} warm-up {PAPER_WARMUP}", n)) for place in ("fixed", "calibrated")]
         return methods
-
-    def adaptive(self, n: int, tolerances) -> list[Method]:
-        return [Method(f"HyCa adaptive tol={tol} (N<={2 * n - 1})", "HyCa adaptive",
-                       self.hyca(n, tolerance=tol), key=("adaptive", tol)) for tol in tolerances]
-
 
     def single_solvers(self, n: int, variables, skip) -> list[Method]:
         """Every pool member alone (the paper's ablation); members that need 4 residuals get a

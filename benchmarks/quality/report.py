@@ -15,8 +15,8 @@ from .methods import ABLATION_N, FEWER_STEP_SAMPLERS, STEPS
 
 CACHE_FAMILIES = ("EasyCache", "EasyCache (input copied)", "LazyCache")
 SINGLE_FAMILIES = ("FORA", "Taylor", "TaylorSeer", "TaylorSeer calibrated", "single solver")
-ORDER = ["HyCa fixed", "HyCa fitted", "HyCa calibrated", "HyCa warm-up 3", "HyCa adaptive", "FORA", "Taylor",
-         "TaylorSeer", "TaylorSeer calibrated", "single solver",
+ORDER = ["HyCa fixed", "HyCa fitted", "HyCa calibrated", "HyCa warm-up 3", "FORA", "Taylor", "TaylorSeer",
+         "TaylorSeer calibrated", "single solver",
          *(f"fewer steps {s}" for s in FEWER_STEP_SAMPLERS), "equal time HyCa", "equal time euler",
          "equal time dpmpp_2m", *CACHE_FAMILIES]
 
@@ -358,7 +358,6 @@ FAMILY_STYLE = {
     "HyCa fitted": ("tab:red", "o", "-"),
     "HyCa calibrated": ("tab:green", "o", "-"),
     "TaylorSeer calibrated": ("tab:blue", "^", ":"),
-    "HyCa adaptive": ("darkred", "*", "-"),
 }
 
 

@@ -22,7 +22,6 @@ from .models import ModelSpec, classify
 
 CALIBRATION = {"label": 0, "seed": 0}
 EVAL_SEED0 = 100  # evaluation seeds EVAL_SEED0 + i, class i % classes: none is the calibration pair
-ADAPTIVE_N = 6
 EQUAL_TIME_SAMPLERS = ("euler", "dpmpp_2m")
 
 
@@ -36,7 +35,6 @@ class Plan:
     intervals: tuple[int, ...]
     extra_intervals: tuple[int, ...]  # more HyCa points on the curves, so peers' speed-ups fall inside them
     rounds: int  # timed runs per method (median)
-    adaptive_tolerances: tuple[float, ...]
     cache_thresholds: tuple[float, ...]
     stock_easycache_thresholds: tuple[float, ...]  # broken in fp32 (see copying_input), so fewer points
     ablation_variables: tuple[str, ...]  # single-solver ablation's time variables (() skips it)
@@ -47,11 +45,11 @@ class Plan:
 
 def plan(quick: bool, sizes: tuple[int, ...], pairs: int | None, rounds: int | None) -> Plan:
     if quick:
-        return Plan(True, pairs or 16, sizes[:1], (3, 6, 8), (), rounds or 3, (0.5,), (0.2,), (), (),
-                    False, (ABLATION_N,), sizes[:2])
+        return Plan(True, pairs or 16, sizes[:1], (3, 6, 8), (), rounds or 3, (0.2,), (), (), False,
+                    (ABLATION_N,), sizes[:2])
     return Plan(False, pairs or 32, sizes, (3, 4, 5, 6, 8), (2, 10), rounds or 3,
-                (0.05, 0.1, 0.25, 0.5, 1.0, 4.0), (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), (0.05, 0.2, 1.0),
-                ("step", "sigma"), True, (3, 6), sizes[:2])
+                (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), (0.05, 0.2, 1.0), ("step", "sigma"), True, (3, 6),
+                sizes[:2])
 
 
 @dataclass(frozen=True)
@@ -220,8 +218,6 @@ def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan,
         if n in plan.intervals:
             group += methods.peers(n) + (methods.placements(n) if plan.placements else [])
         add(bench.measure(group, reference))
-    add(bench.measure(methods.adaptive(ADAPTIVE_N, plan.adaptive_tolerances if trained
-                                       else plan.adaptive_tolerances[1::2]), reference))
     if trained and plan.ablation_variables:
         add(bench.measure(methods.single_solvers(ABLATION_N, plan.ablation_variables, section.single),
                           reference))

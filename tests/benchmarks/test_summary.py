@@ -19,7 +19,6 @@ def section():
     s = report.Section(32, 16, 0.875, full=full)
     s.add([result("HyCa fixed N=6", "HyCa fixed", 41.06, n=6),
            result("HyCa fixed N=8", "HyCa fixed", 35.5, n=8, blocks=48),
-           result("HyCa adaptive tol=0.5 (N<=11)", "HyCa adaptive", 32.87),
            result("FORA (reuse/step) N=6", "FORA", 27.47, n=6),
            result("Taylor (taylor1/step) N=6", "Taylor", 38.04, n=6),
            result("TaylorSeer on HyCa's calibrated schedule, N=6 budget", "TaylorSeer calibrated", 39.9, n=6),

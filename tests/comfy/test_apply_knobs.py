@@ -19,8 +19,8 @@ N, WARMUP = 2, 2  # as the conftest's solver_map
 
 def _apply(pack, model, solver_map, **knobs):
     """Through HyCa Apply's node. The knobs not given are left out, as an older workflow leaves them."""
-    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
-                  fitted=True, granularity="block", history_dtype="auto", offload_history=False)
+    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, fitted=True, granularity="block",
+                  history_dtype="auto", offload_history=False)
     node = pack.nodes.apply_node.HyCaApply
     (patched,) = node.execute(model, **{**inputs, **knobs}, solver_map=solver_map).result
     return patched
@@ -66,13 +66,10 @@ def test_window_computes_every_step_before_start_and_after_end(pack, flux, solve
     outside = (sigmas > start) | (sigmas < end)
     assert outside[WARMUP:].any() and outside[-1] and not outside.all()  # the window matters here
     window = dict(start_percent=0.2, end_percent=0.8)
-    _, fixed = _run(_apply(pack, flux, solver_map, **window), conditioning, finished, steps)
+    _, computed = _run(_apply(pack, flux, solver_map, **window), conditioning, finished, steps)
     # the every-N pattern starts where the window opens
-    assert np.array_equal(fixed, Schedule(N, WARMUP).within(sigmas, start, end).mask(steps))
-    _, adaptive = _run(_apply(pack, flux, solver_map, adaptive=True, adaptive_tolerance=5.0, **window),
-                       conditioning, finished, steps)
-    for computed in (fixed, adaptive):
-        assert computed[outside].all() and not computed[~outside].all(), (computed, outside)
+    assert np.array_equal(computed, Schedule(N, WARMUP).within(sigmas, start, end).mask(steps))
+    assert computed[outside].all() and not computed[~outside].all(), (computed, outside)
 
 
 def test_window_uses_the_model_sampling_of_the_run(pack, flux, solver_map, conditioning, finished):
@@ -115,8 +112,6 @@ def test_new_inputs_are_optional_with_tooltips_and_checked(pack, flux, solver_ma
     assert all(i.tooltip for i in inputs.values())
     assert all(inputs[name].optional
                for name in ("target_speedup", "start_percent", "end_percent", "fused"))
-    with pytest.raises(ValueError, match="target speed-up"):
-        _apply(pack, flux, solver_map, adaptive=True, target_speedup=2.0)
     with pytest.raises(ValueError, match="window"):
         _apply(pack, flux, solver_map, start_percent=0.6, end_percent=0.4)
 

@@ -1,7 +1,7 @@
 """The two HyCa Apply nodes as ComfyUI serves and runs them: the plain one takes granularity and warm-up
-from the map, the advanced one keeps the pre-split node id and widgets so that old API prompts still
-validate and run, mismatches read as sentences, and the UI hears what a run did (ComfyUI's own
-PromptServer, never started: its messages queue up).
+from the map, the advanced one keeps the pre-split node id and widgets (less the removed adaptive mode's)
+so that old API prompts still validate and run, mismatches read as sentences, and the UI hears what a run
+did (ComfyUI's own PromptServer, never started: its messages queue up).
 """
 
 import asyncio
@@ -20,13 +20,15 @@ from harness import sampling, tiny_models
 LATENT = (1, 16, 16, 16)
 STEPS = 12
 # HyCa Apply's inputs as API prompts name them: the first release's; those saved before the split (the
-# fused widget's id was compile_predict until later: ComfyUI drops an input the node does not declare);
-# today's
-FIRST_RELEASE = dict(interval=2, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
-                     fitted=False, granularity="block", history_dtype="auto", offload_history=False)
+# fused widget's id was compile_predict until later); one saved with the adaptive mode on, before it was
+# removed; today's. ComfyUI drops an input the node does not declare: the old ones run on the fixed schedule.
+KEPT = dict(interval=2, warmup=2, final_steps=0, fitted=False, granularity="block", history_dtype="auto",
+            offload_history=False)  # the first release's inputs that the node still declares
+FIRST_RELEASE = dict(KEPT, adaptive=False, adaptive_tolerance=0.15)
 LATER_KNOBS = dict(target_speedup=0.0, start_percent=0.0, end_percent=1.0, placement="fixed")
 BEFORE_SPLIT = dict(FIRST_RELEASE, **LATER_KNOBS, compile_predict=False)
-CURRENT = dict(FIRST_RELEASE, **LATER_KNOBS, fused=False)
+ADAPTIVE_ON = dict(FIRST_RELEASE, **LATER_KNOBS, fused=False, adaptive=True, adaptive_tolerance=0.5)
+CURRENT = dict(KEPT, **LATER_KNOBS, fused=False)
 
 
 @pytest.fixture
@@ -97,8 +99,8 @@ class _TestModel:
         return self.model, positive, negative, {"samples": torch.zeros(LATENT)}
 
 
-@pytest.mark.parametrize("settings", [FIRST_RELEASE, BEFORE_SPLIT, CURRENT],
-                         ids=["first_release", "before_split", "current"])
+@pytest.mark.parametrize("settings", [FIRST_RELEASE, BEFORE_SPLIT, ADAPTIVE_ON, CURRENT],
+                         ids=["first_release", "before_split", "adaptive_on", "current"])
 def test_an_old_api_prompt_validates_and_runs(pack, flux, solver_map, prompt_server, monkeypatch, settings,
                                               caplog):
     import execution
@@ -128,7 +130,18 @@ def test_an_old_api_prompt_validates_and_runs(pack, flux, solver_map, prompt_ser
     with caplog.at_level(logging.INFO):
         executor.execute(prompt, prompt_id, {"client_id": "hyca-test"}, outputs)
     assert executor.success
+    assert "(N=2, fixed placement;" in caplog.text  # the fixed schedule, whatever adaptive said
     assert re.search(r"HyCa: \d+ block calls computed, [1-9]\d* predicted", caplog.text)
+
+
+def test_the_advanced_widgets_are_the_pre_split_ones_less_the_adaptive_mode(pack):
+    """web/js/hyca_migrate.js tells a workflow saved with the adaptive mode by the values at positions 3 and
+    4 (a boolean and a number), where today's widgets are fitted and granularity."""
+    inputs = pack.nodes.apply_node.HyCaApply.define_schema().inputs
+    assert [i.id for i in inputs] == [
+        "model", "interval", "warmup", "final_steps", "fitted", "granularity", "history_dtype",
+        "offload_history", "target_speedup", "start_percent", "end_percent", "placement", "fused",
+        "solver_map"]
 
 
 def test_the_plain_node_takes_granularity_and_warmup_from_the_map(pack, flux, conditioning, finished):

@@ -24,8 +24,8 @@ MODEL_NAME = "tiny-wan.safetensors"
 LORA_NAME = "tiny-lora.safetensors"
 LATENT = (1, 16, 1, 8, 8)
 STEPS = 8
-SETTINGS = dict(interval=2, warmup=2, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=True,
-                granularity="block", history_dtype="auto", offload_history=False)
+SETTINGS = dict(interval=2, warmup=2, final_steps=0, fitted=True, granularity="block", history_dtype="auto",
+                offload_history=False)
 
 
 @pytest.fixture

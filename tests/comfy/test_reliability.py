@@ -133,8 +133,8 @@ def test_a_map_that_does_not_fit_passed_explicitly_stops_apply_with_the_reason(p
                                                  {"samples": torch.zeros(1, 16, 1, 8, 8)},
                                                  pack.hyca_core.schedule.Schedule(N, WARMUP))
     node = pack.nodes.apply_node.HyCaApply
-    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, adaptive=False, adaptive_tolerance=0.15,
-                  fitted=True, granularity="block", history_dtype="auto", offload_history=False)
+    inputs = dict(interval=N, warmup=WARMUP, final_steps=0, fitted=True, granularity="block",
+                  history_dtype="auto", offload_history=False)
     MapError = pack.hyca_core.solver_map.MapError
     message = "map is for comfy.ldm.wan.model.WanModel, model is comfy.ldm.flux.model.Flux: calibrate one"
     with pytest.raises(MapError, match=message):

@@ -142,8 +142,8 @@ def test_a_few_step_run_is_told_that_fewer_plain_steps_came_closer(pack, flux, s
 def test_explicit_advanced_settings_override_the_tuning(pack, flux, solver_map, conditioning, finished):
     tuned_map = _tuned_as(solver_map, **{"3": (1, "calibrated", 40.0, 30.0)})
     advanced = pack.nodes.apply_node.HyCaApply
-    settings = dict(interval=3, final_steps=0, adaptive=False, adaptive_tolerance=0.15, fitted=False,
-                    granularity="auto", history_dtype="auto", offload_history=False)
+    settings = dict(interval=3, final_steps=0, fitted=False, granularity="auto", history_dtype="auto",
+                    offload_history=False)
     masks = []
     for warmup, placement in ((0, "auto"), (2, "fixed")):
         (patched,) = advanced.execute(flux, **settings, warmup=warmup, placement=placement,

@@ -1,15 +1,12 @@
 """Run maps on grids with near-repeated times: a step whose weights would amplify the history's errors
-past MAX_WEIGHT_NORM computes instead, whichever run map would predict it."""
-
-import dataclasses
+past MAX_WEIGHT_NORM computes instead."""
 
 import numpy as np
 import pytest
 
 from hyca_core.calibration import calibrate
-from hyca_core.run_maps import MAX_WEIGHT_NORM, AdaptiveRunMap, run_map
+from hyca_core.run_maps import MAX_WEIGHT_NORM, run_map
 from hyca_core.schedule import Schedule
-from hyca_core.solvers import TIME_VARIABLES, solver
 from hyca_core.trajectories import Trajectory
 from harness.synthetic import flow_sigmas, mixture
 
@@ -46,19 +43,6 @@ def test_a_fixed_step_with_unstable_weights_computes(solver_map, d):
             history = np.flatnonzero(prepared.mask[:step])[-len(weights):]
             assert np.abs(weights).sum(axis=0).max() <= MAX_WEIGHT_NORM
             np.testing.assert_allclose(_line(sigmas[history]) @ weights, _line(sigmas[step]), atol=1e-4)
-
-
-@pytest.mark.parametrize("d", [1e-4, 1e-8])
-def test_an_adaptive_step_with_unstable_weights_computes(solver_map, d):
-    sigmas = _near_repeat(d)
-    ab2 = {key: dataclasses.replace(block, solver=np.full(block.clusters, solver("ab2").id, np.int32),
-                                    variable=np.full(block.clusters, TIME_VARIABLES.index("sigma"), np.int32))
-           for key, block in solver_map.blocks.items()}
-    adaptive = AdaptiveRunMap(dataclasses.replace(solver_map, blocks=ab2), SCHEDULE, sigmas)
-    assert not adaptive.can_predict(3, (0, 1, 2))
-    assert adaptive.can_predict(5, (2, 3, 4))
-    weights = adaptive.coefficients("double_block.0.img", 5, (2, 3, 4), tuple(sigmas[[2, 3, 4]]), sigmas[5])
-    np.testing.assert_allclose(_line(sigmas[[2, 3, 4]]) @ weights, _line(sigmas[5]), atol=1e-5)
 
 
 @pytest.mark.parametrize("budget", [None, 3])

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from hyca_core import selection
-from hyca_core.schedule import AdaptiveGate, RunSchedule, Schedule, calibrated_mask, speedup
+from hyca_core.schedule import RunSchedule, Schedule, calibrated_mask, speedup
 from hyca_core.solvers import MAX_HISTORY
 
 
@@ -163,25 +163,3 @@ def test_calibrated_mask_beats_the_uniform_one_where_early_steps_change_fast():
     half = len(sigmas) // 2
     assert calibrated[:half].sum() > uniform[:half].sum()
 
-
-def test_gate_predicts_while_the_accumulated_error_stays_within_tolerance():
-    gate = AdaptiveGate(tolerance=0.1, max_skip=10)
-    decisions = [gate.decide(e) for e in (0.04, 0.04, 0.04, 0.01, 0.05)]
-    # 0.04, 0.08 pass; 0.12 computes and resets; then 0.01, 0.06 pass
-    assert decisions == [False, False, True, False, False]
-
-
-def test_gate_never_skips_more_than_max_skip_in_a_row():
-    gate = AdaptiveGate(tolerance=1.0, max_skip=2)
-    assert [gate.decide(0.0) for _ in range(7)] == [False, False, True, False, False, True, False]
-
-
-def test_gate_computes_without_a_prediction_or_when_forced_and_then_restarts():
-    gate = AdaptiveGate(tolerance=0.1, max_skip=5)
-    assert gate.decide(None)
-    assert not gate.decide(0.09)
-    assert gate.decide(0.0, forced=True)
-    assert not gate.decide(0.09)  # the forced step reset the accumulated error
-    assert gate.decide(float("nan"))
-    gate.reset()
-    assert not gate.decide(0.09)

@@ -3,8 +3,9 @@
 Chromium is driven over the DevTools protocol (a small client on aiohttp, which ComfyUI already
 requires) with real input events where an artist would use the mouse or keyboard. The tests look
 for the HyCa nodes in the node search, load every example workflow from the template browser
-(ComfyUI's "Extensions" section) and check that no node is missing, and open a node's documentation
-from the node library. Screenshots go to artifacts/browser/ (or $HYCA_TEST_ARTIFACTS).
+(ComfyUI's "Extensions" section) and check that no node is missing, load a workflow saved with HyCa
+Apply (Advanced)'s removed adaptive mode, and open a node's documentation from the node library.
+Screenshots go to artifacts/browser/ (or $HYCA_TEST_ARTIFACTS).
 
 Needs a Chromium binary (Debian: ``apt-get install -y chromium``); skipped with that reason if none.
 """
@@ -375,6 +376,34 @@ def test_a_missing_node_is_reported(page):
         what="the missing-nodes dialog",
     )
     assert "HyCaNoSuchNode" in dialogs
+    _close_dialogs(page)
+
+
+def test_a_workflow_saved_with_the_adaptive_mode_loads_its_other_widgets(page):
+    """HyCa Apply (Advanced) as saved before its adaptive mode was removed: the mode's two values in the
+    middle of the widget values, and their unlinked input slots as the frontend saves them. The frontend
+    restores values by position; web/js/hyca_migrate.js drops the two first, so every other widget holds
+    its saved value, and the node saves the current layout."""
+    _close_dialogs(page)
+    workflow = json.loads((EXAMPLES / "FLUX.1 schnell - four steps.json").read_text())
+    (node,) = [n for n in workflow["nodes"] if n["type"] == "HyCaApply"]
+    saved = {"interval": 3, "warmup": 1, "final_steps": 2, "fitted": True, "granularity": "stack",
+             "history_dtype": "bf16", "offload_history": True, "target_speedup": 0.0, "start_percent": 0.1,
+             "end_percent": 0.9, "placement": "calibrated", "fused": False}
+    values = list(saved.values())
+    node["widgets_values"] = values[:3] + [True, 0.5] + values[3:]  # adaptive on, tolerance 0.5
+    node["inputs"] += [{"name": name, "type": kind, "widget": {"name": name}, "link": None}
+                       for name, kind in (("adaptive", "BOOLEAN"), ("adaptive_tolerance", "FLOAT"))]
+    page.eval(f"app.loadGraphData({json.dumps(workflow)}).then(() => true)")
+    loaded = page.wait_for(
+        "(() => { const n = app.graph._nodes.find(n => n.type === 'HyCaApply');"
+        " return n && {widgets: Object.fromEntries(n.widgets.map(w => [w.name, w.value])),"
+        " inputs: n.inputs.map(i => i.name), saved: n.serialize().widgets_values}; })()",
+        what="HyCa Apply (Advanced) to load",
+    )
+    assert loaded["widgets"] == saved, loaded
+    assert not {"adaptive", "adaptive_tolerance"} & set(loaded["inputs"]), loaded["inputs"]
+    assert loaded["saved"] == values
     _close_dialogs(page)
 
 

@@ -89,6 +89,7 @@ def test_archive_holds_the_package_and_drops_development_files(published_files):
         assert sources <= files, sources - files
     documented = ("HyCaCalibrate", "HyCaCacheSpeedUp", "HyCaApply", "HyCaSolverInspector")
     assert {f"web/docs/{node}.md" for node in documented} <= files
+    assert "web/js/hyca_migrate.js" in files  # old HyCaApply workflows' widget values
     assert any(path.startswith("example_workflows/") and path.endswith(".json") for path in files)
     dropped = (
         "tests/",

@@ -6,7 +6,6 @@ import torch
 
 from harness import sampling, tiny_models
 from harness.metrics import latent_psnr
-from harness.run_log import block_counts
 
 
 def test_map_covers_every_block_stream(solver_map, flux):
@@ -74,22 +73,3 @@ def test_single_solver_baselines_predict_every_channel_alike(pack, flux, solver_
         for weights in table.values():
             assert (weights[:-1] == 0).all() and (weights[-1] == 1).all()
 
-
-def test_adaptive_mode_predicts_where_the_measured_error_allows(pack, flux, solver_map, conditioning, latent,
-                                                               full, caplog, steps):
-    schedule = pack.hyca_core.schedule.Schedule(interval=4, warmup=3)
-    apply = pack.nodes.apply_hyca.apply_hyca
-    blocks = tiny_models.FLUX["depth"] + tiny_models.FLUX["depth_single_blocks"]
-    with caplog.at_level(logging.INFO):
-        strict = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.0), *conditioning,
-                                 latent, steps=steps, seed=5)
-    # zero tolerance: nothing predicted
-    assert torch.equal(strict, full) and block_counts(caplog.text) is None
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        loose = sampling.sample(apply(flux, solver_map, schedule, adaptive_tolerance=0.5), *conditioning,
-                                latent, steps=steps, seed=5)
-    computed, predicted = block_counts(caplog.text)
-    assert computed + predicted == steps * blocks and predicted > 0
-    assert predicted % (blocks - 1) == 0  # a predicted step still computes its first block
-    assert latent_psnr(loose, full) > 30
