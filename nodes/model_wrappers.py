@@ -17,6 +17,7 @@ from collections import Counter
 
 import torch
 
+from . import prompt_layers
 from .block_patch import BlockPatch
 from .run_state import OPTIONS_KEY, Call, RunState, call_scope
 
@@ -159,6 +160,7 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         completed = True
         return out
     finally:
+        prompt_layers.forget(guider.model_patcher)
         state.finish(completed)
         summary = state.summary()
         if summary:
