@@ -1,4 +1,4 @@
-"""Closed-loop tuning on a trained reference model (issue 13): the Wan-, FLUX- or Qwen-Image-layout one.
+"""Closed-loop tuning on a trained reference model (issue 13): the Wan-, FLUX- or SD3-layout one.
 
 Calibrates on one (class, seed) pair through HyCa Calibrate's `probe`, tunes as Calibrate does (within 3x
 the probe's model compute, scored against one more full run with the next seed), then evaluates on
@@ -9,7 +9,7 @@ fewer steps (the better of euler and dpmpp_2m) at the compute of the every-N sch
 Spearman rank correlation of the candidates' scores between the held-out pairs and (a) a replay of the
 probe's own pair, (b) the tuning's single held-out seed.
 
-    python benchmarks/bench_tuning.py [--model wan|flux|qwen] [--pairs 12] [--cfg 2]
+    python benchmarks/bench_tuning.py [--model wan|flux|sd3] [--pairs 12] [--cfg 2]
                                       [--out benchmarks/results/tuning-wan.txt]
 """
 

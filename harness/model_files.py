@@ -1,10 +1,9 @@
 """Loading a diffusion-model file whose sizes ComfyUI's detection cannot all read.
 
-``comfy.model_detection.detect_unet_config`` reads most of a FLUX or Qwen-Image file's sizes from
-its weights, but fixes the rest at the released models' values (FLUX.1's 24 heads of 128,
-Qwen-Image's 24 heads of 128 and 3584-wide text tokens), so a small model of either layout would be
-built with the wrong shapes. :func:`load_diffusion_model` takes ComfyUI's detection, overrides just
-those ``undetected`` entries, and then builds, loads and wraps the model exactly as
+``comfy.model_detection.detect_unet_config`` reads most of a FLUX file's sizes from its weights, but
+fixes the rest at FLUX.1's values (24 heads of 128), so a small FLUX would be built with the wrong
+shapes (Qwen-Image files are read the same way). :func:`load_diffusion_model` takes ComfyUI's
+detection, overrides just those ``undetected`` entries, and then builds, loads and wraps the model as
 ``comfy.sd.load_diffusion_model_state_dict`` does (the UNETLoader node's path).
 """
 

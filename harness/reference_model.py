@@ -90,7 +90,7 @@ def _latent_stats(device, dtype):
 
 def image_to_model_space(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> model-space latent z (B, 16, 1, 16, 16); another
-    model's ``size`` (the Qwen-layout model's 64) gives a latent of half that size."""
+    model's ``size`` (the SD3-layout model's 64) gives a latent of half that size."""
     if images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"expected images of shape (B, {size}, {size}, 3), "
                          f"got {tuple(images.shape)}")

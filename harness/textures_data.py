@@ -1,4 +1,4 @@
-"""Offline image data set for the Qwen-Image-layout reference model: two-colour textures at 64x64.
+"""Offline image data set for the SD3-layout reference model: two-colour textures at 64x64.
 
 Ten classes of periodic and organic patterns (:data:`CLASS_NAMES`) filling the whole image, drawn
 with numpy and Pillow only. It differs on purpose from the digits (:mod:`harness.reference_data`:
