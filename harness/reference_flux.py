@@ -144,12 +144,7 @@ def build_untrained(seed: int = 0):
     return wan_reference.build_untrained(seed, UNET_CONFIG, init_weights)
 
 
-def param_groups(flux: torch.nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases and norm scales."""
-    decay = [p for p in flux.parameters() if p.ndim >= 2]
-    other = [p for p in flux.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": 0.01, "name": "decay", "lr_scale": 1.0},
-            {"params": other, "weight_decay": 0.0, "name": "other", "lr_scale": 1.0}]
+param_groups = wan_reference.weight_decay_groups
 
 
 @contextlib.contextmanager
@@ -171,9 +166,7 @@ def training_forward(flux: torch.nn.Module):
     flux_training.check_matches_comfy(flux, x.to(device), timestep, context, pooled)
 
 
-def state_dict_for_file(flux: torch.nn.Module, dtype=torch.float16) -> dict:
-    """The weights file's contents: ComfyUI's prefix-free FLUX key names."""
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in flux.state_dict().items()}
+state_dict_for_file = wan_reference.state_dict_for_file
 
 
 with_shift = functools.partial(wan_reference.with_shift, multiplier=TIMESTEP_SCALE)

@@ -240,27 +240,44 @@ def param_groups(wan: torch.nn.Module) -> list[dict]:
             {"params": groups["other"], "weight_decay": 0.0, "name": "other", "lr_scale": 1.0}]
 
 
+def weight_decay_groups(net: torch.nn.Module) -> list[dict]:
+    """AdamW groups of the adaLN-zero models (FLUX, SD3 layouts): weight decay on matrices, none on
+    biases and norm scales."""
+    decay = [p for p in net.parameters() if p.ndim >= 2]
+    other = [p for p in net.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": 0.01, "name": "decay", "lr_scale": 1.0},
+            {"params": other, "weight_decay": 0.0, "name": "other", "lr_scale": 1.0}]
+
+
+@contextlib.contextmanager
+def pytorch_attention(module):
+    """ComfyUI's model ``module`` attends with PyTorch's SDPA while this lasts (ComfyUI picks
+    sub-quadratic attention on CPU; same math, faster there for training)."""
+    import comfy.ldm.modules.attention as attention
+
+    original = module.optimized_attention
+    module.optimized_attention = attention.attention_pytorch
+    try:
+        yield
+    finally:
+        module.optimized_attention = original
+
+
 @contextlib.contextmanager
 def training_forward(wan: torch.nn.Module):
-    """Yields ``velocity(z_t, sigma, labels)``, Wan's forward with PyTorch's SDPA for attention while
-    it lasts (ComfyUI picks sub-quadratic attention on CPU; same math, faster there)."""
-    import comfy.ldm.modules.attention as attention
+    """Yields ``velocity(z_t, sigma, labels)``, Wan's forward with PyTorch's SDPA for attention."""
     import comfy.ldm.wan.model as wan_module
 
     def velocity(z_t, sigma, labels):
         return wan(z_t, sigma * 1000, context_batch(labels).to(z_t.device))
 
-    original_attention = wan_module.optimized_attention
-    wan_module.optimized_attention = attention.attention_pytorch
-    try:
+    with pytorch_attention(wan_module):
         yield velocity
-    finally:
-        wan_module.optimized_attention = original_attention
 
 
-def state_dict_for_file(wan: torch.nn.Module, dtype=torch.float16) -> dict:
-    """The weights file's contents: ComfyUI's prefix-free Wan key names."""
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in wan.state_dict().items()}
+def state_dict_for_file(net: torch.nn.Module, dtype=torch.float16) -> dict:
+    """The weights file's contents: ComfyUI's prefix-free key names, buffers the file carries included."""
+    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in net.state_dict().items()}
 
 
 def with_shift(model, shift: float, multiplier: float = 1000):

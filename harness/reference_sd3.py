@@ -137,38 +137,24 @@ def build_untrained(seed: int = 0):
     return wan_reference.build_untrained(seed, UNET_CONFIG, init_weights)
 
 
-def param_groups(mmdit: torch.nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases (the position table is a buffer)."""
-    decay = [p for p in mmdit.parameters() if p.ndim >= 2]
-    other = [p for p in mmdit.parameters() if p.ndim < 2]
-    return [{"params": decay, "weight_decay": 0.01, "name": "decay", "lr_scale": 1.0},
-            {"params": other, "weight_decay": 0.0, "name": "other", "lr_scale": 1.0}]
+param_groups = wan_reference.weight_decay_groups  # the position table is a buffer: no group of its own
 
 
 @contextlib.contextmanager
 def training_forward(mmdit: torch.nn.Module):
     """Yields ``velocity(z_t, sigma, labels)``: ComfyUI's own forward (MMDiT's blocks add their
-    residuals out of place, so autograd runs through it), with PyTorch's SDPA for attention while it
-    lasts (ComfyUI picks sub-quadratic attention on CPU; same math, faster there)."""
-    import comfy.ldm.modules.attention as attention
+    residuals out of place, so autograd runs through it), with PyTorch's SDPA for attention."""
     import comfy.ldm.modules.diffusionmodules.mmdit as mmdit_module
 
     def velocity(z_t, sigma, labels):
         context, pooled = (t.to(z_t.device) for t in PROMPTS.tensors(labels))
         return mmdit(z_t, sigma * TIMESTEP_SCALE, context=context, y=pooled)
 
-    original = mmdit_module.optimized_attention
-    mmdit_module.optimized_attention = attention.attention_pytorch
-    try:
+    with wan_reference.pytorch_attention(mmdit_module):
         yield velocity
-    finally:
-        mmdit_module.optimized_attention = original
 
 
-def state_dict_for_file(mmdit: torch.nn.Module, dtype=torch.float16) -> dict:
-    """The weights file's contents: ComfyUI's prefix-free SD3 key names, the position table included."""
-    return {k: v.detach().to("cpu", dtype).contiguous() for k, v in mmdit.state_dict().items()}
-
+state_dict_for_file = wan_reference.state_dict_for_file  # the position table included
 
 with_shift = functools.partial(wan_reference.with_shift, multiplier=TIMESTEP_SCALE)
 
