@@ -66,8 +66,9 @@ def main(argv=None) -> None:
                                                             positive, negative, latent, Schedule())
     probe_cpu = time.process_time() - start
     start = time.process_time()
-    tuned_map, result = pack.nodes.tuning_runs.tune(model, solver_map, PROBE_SEED, steps, cfg, "euler",
-                                                    "simple", positive, negative, latent)
+    tuned_map, result = pack.nodes.tuning_runs.tune(
+        pack.nodes.calibrate_node.KSamplerRuns(model, PROBE_SEED, steps, cfg, "euler", "simple", positive,
+                                               negative, latent), solver_map)
     tune_cpu = time.process_time() - start
 
     labels = [i % reference.DATA.NUM_CLASSES for i in range(args.pairs)]
@@ -91,7 +92,8 @@ def main(argv=None) -> None:
              f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
              f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'rho probe':>10} "
              f"{'rho 1 seed':>11} {'miss probe':>11} {'miss 1 seed':>12} "
-             f"{'lead probe/1 seed/held':>23}"]
+             f"{'lead probe/1 seed/held':>23} {'verdict':>19} {'right':>5}"]
+    right = []
     for n in INTERVALS:
         computed = tuning.computed_steps(steps, n)
         held, probe_scores, seed_scores = {}, {}, {}
@@ -127,11 +129,17 @@ def main(argv=None) -> None:
         leads = [probe_scores[default] - best_plain(PROBE_SEED, probe_out["samples"]),
                  seed_scores[default] - best_plain(PROBE_SEED + 1, tuning_ref), fixed - plain[sampler]]
         best_label = f"{best.label()} ({tuning.computed_steps(steps, n, best.warmup)}) {held[best]:.2f}"
+        # the map's verdict against what the held-out pairs say: is HyCa LEAD dB ahead of plain sampling?
+        found = tuning.verdict(result.tuned, n, steps)
+        said = "-" if found is None else f"{found.lead:+.2f} {found.kind}"
+        if found is not None:
+            right.append(found.recommended == (tuned_score - plain[sampler] >= tuning.LEAD))
         lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
                      f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
                      f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f} {miss_probe:>11.2f} "
-                     f"{miss_seed:>12.2f} {'/'.join(f'{x:+.2f}' for x in leads):>23}")
-    lines.append("")
+                     f"{miss_seed:>12.2f} {'/'.join(f'{x:+.2f}' for x in leads):>23} {said:>19} "
+                     f"{('-' if found is None else 'yes' if right[-1] else 'NO'):>5}")
+    lines += ["", f"verdicts: {len(right)} of {len(INTERVALS)} N have one; {sum(right)} of them right"]
     lines += ["full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
               "many steps.",
               "as: the tuning the run followed (nearest tuned N, warm-up, placement).",
@@ -140,7 +148,10 @@ def main(argv=None) -> None:
               "miss: held-out dB lost by the candidate the probe's replay / the one seed ranks first, among "
               "those at no more full steps than the every-N schedule.",
               "lead: the fixed default's dB over the best plain sampler on the probe's replay / the one "
-              "seed / the held-out pairs."]
+              "seed / the held-out pairs.",
+              "verdict: the map's lead of HyCa over plain sampling at this N (hyca_core.tuning.verdict); "
+              f"right: whether it recommends HyCa (lead >= {tuning.LEAD:g} dB) exactly where the held-out "
+              "pairs show the tuned HyCa that far ahead."]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -27,8 +27,8 @@ def patch_model(model, solver_map: SolverMap | None, options: ApplyOptions):
             logging.info("HyCa: no solver map for this model yet; the first full run computes every step and "
                          "calibrates")
             ui_text.show(options.node_id, "HyCa: no solver map for this model yet. The next full run "
-                                          "computes every step (normal speed) and calibrates one; the runs "
-                                          "after it are faster.")
+                                          "computes every step (normal speed), then calibrates and tunes "
+                                          "one (about three more runs); the runs after it are faster.")
     source = MapSource(model, solver_map, options, granularity)
     return with_hyca(model, ApplyRunState(source, model.offload_device), granularity)
 

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..hyca_core.trajectories import TrajectoryRecorder
-from . import ui_text
+from . import tuning_runs, ui_text
 from .run_state import RunState
 from .history_memory import HistoryMemory, Placement, log_fallback, moved
 from .map_source import MapSource
@@ -36,6 +36,13 @@ class ApplyRunState(RunState):
 
     def clone(self) -> "ApplyRunState":
         return ApplyRunState(self.source, self.spare_device)
+
+    def replay_state(self, solver_map, options) -> RunState:
+        """The state of a tuning replay of this run: predicting with ``solver_map`` and ``options``, or, with
+        no map, computing every step."""
+        if solver_map is None:
+            return RunState()
+        return ApplyRunState(self.source.for_replay(solver_map, options), self.spare_device)
 
     def begin_call(self, x, transformer_options, variant=frozenset()):
         if self.run_sigmas is None:
@@ -67,9 +74,10 @@ class ApplyRunState(RunState):
         for branch in self.branches.values():
             branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
 
-    def finish(self, completed: bool) -> None:
+    def finish(self, completed: bool, rerun=None) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None and len(self.recorder):
-            self.source.calibrate_from(self.recorder, self.run_sigmas)
+            runs = None if rerun is None else tuning_runs.ReplayRuns(rerun, self.replay_state)
+            self.source.calibrate_from(self.recorder, self.run_sigmas, runs)
         if completed and self.predicted:
             total = self.computed + self.predicted
             text = (f"HyCa: {total / max(self.computed, 1):.2f}x fewer block computations; sampling took "

@@ -4,7 +4,11 @@ for this model, reused unless the node is asked to recalibrate."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import torch
+
+import comfy.sample
 import comfy.samplers
 import comfy.utils
 import nodes as comfy_nodes  # ComfyUI's nodes.py: common_ksampler is KSampler's own path
@@ -43,6 +47,43 @@ def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, 
         progress=lambda done, total: progress.update_absolute(done, total),
     )
     return solver_map, out
+
+@dataclass
+class KSamplerRuns:
+    """HyCa Calibrate's runs: KSampler's sampling (`nodes.common_ksampler`) without its per-run progress bar,
+    on clones of the unpatched model."""
+
+    model: object
+    seed: int  # the probe's
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    positive: list
+    negative: list
+    latent: dict
+
+    @property
+    def reference_seed(self) -> int:
+        return (self.seed + 1) % tuning_runs.SEED_RANGE
+
+    def sample(self, model, sampler_name: str, steps: int) -> torch.Tensor:
+        latent_image = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
+        noise = comfy.sample.prepare_noise(latent_image, self.reference_seed, self.latent.get("batch_index"))
+        return comfy.sample.sample(model, noise, steps, self.cfg, sampler_name, self.scheduler, self.positive,
+                                   self.negative, latent_image, noise_mask=self.latent.get("noise_mask"),
+                                   disable_pbar=True, seed=self.reference_seed)
+
+    def full(self) -> torch.Tensor:
+        return self.sample(self.model, self.sampler_name, self.steps)
+
+    def replay(self, candidate, interval, solver_map) -> torch.Tensor:
+        patched = patch_model(self.model, solver_map, tuning_runs.candidate_options(candidate, interval))
+        return self.sample(patched, self.sampler_name, self.steps)
+
+    def plain(self, sampler_name, steps) -> torch.Tensor:
+        return self.sample(self.model, sampler_name, steps)
+
 
 
 def check_consumers(node_cls, granularity: str) -> None:
@@ -151,8 +192,9 @@ class HyCaCalibrate(io.ComfyNode):
                                    granularity=granularity)
         if tune:
             try:
-                solver_map, _ = tuning_runs.tune(model, solver_map, seed, steps, cfg, sampler_name, scheduler,
-                                                 positive, negative, latent_image)
+                runs = KSamplerRuns(model, seed, steps, cfg, sampler_name, scheduler, positive,
+                                    negative, latent_image)
+                solver_map, _ = tuning_runs.tune(runs, solver_map)
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: the probe is paid for, keep it
                 logging.warning("HyCa Calibrate: tuning failed (%s); the map is kept untuned", error)
         where = "not saved"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from dataclasses import replace
@@ -15,7 +16,7 @@ from ..hyca_core.run_maps import FixedRunMap
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
-from . import map_store, ui_text
+from . import map_store, tuning_runs, ui_text
 from .apply_options import AUTO, ApplyOptions
 from .patching import model_architecture, unit_widths
 
@@ -106,7 +107,7 @@ class MapSource:
                          (~mask).sum(), speedup(mask), schedule.interval, placement,
                          schedule.widened().warmup, schedule.final)
             self.report_few_steps(mask)
-            self.report_tuning(schedule.interval)
+            self.report_tuning(schedule.interval, int(mask.sum()))
         self._run_maps[key] = run_map  # now the most recent
         while len(self._run_maps) > RUN_MAPS_KEPT:
             del self._run_maps[next(iter(self._run_maps))]
@@ -123,8 +124,9 @@ class MapSource:
         logging.warning("%s", text)
         ui_text.show(self.options.node_id, text + ".")
 
-    def report_tuning(self, interval: int) -> None:
-        """Log which tuning a run follows, and where plain sampling with fewer steps came closer in it."""
+    def report_tuning(self, interval: int, computed: int) -> None:
+        """Log which tuning a run follows, and HyCa's lead over plain sampling with as many full steps
+        (``computed``) at its N; warn where that lead is under `tuning.LEAD`."""
         tuned = self.tuned(interval)
         if tuned is None:
             return
@@ -132,24 +134,26 @@ class MapSource:
         nearest = "" if n == interval else f" (the nearest tuned N to N={interval})"
         logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
                      result.candidate.label(), result.psnr)
-        # HyCa's lead shrinks as N grows: a loss at a tuned N up to this one is a loss here too
         every = tuning.from_info(self.solver_map.info)
-        losing = sorted(k for k, t in every.items() if t.plain_wins)
-        below = [k for k in losing if k <= interval]
-        if below:
-            n, result = below[-1], every[below[-1]]
-            probe_steps = len(self.solver_map.probe_sigmas)
-            where = "" if n == interval else f" at N={n}, and a larger N strays further"
-            text = (f"HyCa: at {probe_steps / result.computed:.2f}x on this model, {result.computed} plain "
-                    f"steps of {result.plain_sampler} gave a closer image than HyCa in calibration "
-                    f"({result.plain_psnr:.1f} dB vs {result.psnr:.1f} dB{where})")
-            logging.warning("%s", text)
-            ui_text.show(self.options.node_id, text + ".")
-        elif losing:
-            winning = [k for k in every if k <= interval]
-            closer = f"HyCa came closer at N={max(winning)} and " if winning else ""
-            logging.info("HyCa: N=%d is not measured against plain sampling: %splain sampling at N=%d",
-                         interval, closer, losing[0])
+        found = tuning.verdict(every, interval, len(self.solver_map.probe_sigmas))
+        if found is None:
+            logging.info("HyCa: N=%d is not measured against plain sampling (tuned: %s)", interval,
+                         ", ".join(f"N={k} {t.lead:+.1f} dB" for k, t in sorted(every.items())))
+            return
+        basis = " and ".join(f"N={k}'s {every[k].lead:+.1f} dB" for k in found.basis)
+        how = {"measured": "", "interpolated": f", interpolated between {basis}",
+               "at most": f" at most ({basis}; a larger N strays further)",
+               "at least": f" at least ({basis})"}[found.kind]
+        lead = f"HyCa leads plain sampling with as many full steps ({computed}) by {found.lead:+.1f} dB{how}"
+        if found.recommended:
+            logging.info("HyCa: at N=%d on this model %s in calibration", interval, lead)
+            return
+        sampler = every[min(found.basis, key=lambda k: every[k].lead)].plain_sampler
+        text = (f"HyCa: at N={interval} on this model {lead} in calibration, under the {tuning.LEAD:g} dB it "
+                f"needs: {computed} plain steps of {sampler} give about as close an image. Lower the "
+                "sampler's steps instead, or lower N")
+        logging.warning("%s", text)
+        ui_text.show(self.options.node_id, text + ".")
 
     def covers(self, run_sigmas: np.ndarray) -> bool:
         """Whether a run denoises fully (from the model's largest sigma to 0), as the runs a map serves do;
@@ -158,11 +162,13 @@ class MapSource:
         return (len(run_sigmas) > 1 and run_sigmas[-1] == 0
                 and math.isclose(run_sigmas[0], top, rel_tol=COVER_RTOL))
 
-    def calibrate_from(self, recorder: TrajectoryRecorder, run_sigmas: np.ndarray) -> None:
+    def calibrate_from(self, recorder: TrajectoryRecorder, run_sigmas: np.ndarray, runs=None) -> None:
         """Calibrate from a recorded full-compute run with these sigmas (the final 0 included), for the
-        schedule it would have predicted with. A run that does not denoise fully, is too short to choose
-        solvers on, or whose schedule predicts no step is passed over; the next run tries again. Never
-        raises: it runs in the sampler's ``finally``, where an error would lose the run's image."""
+        schedule it would have predicted with, then tune the map on ``runs`` (`tuning_runs.ReplayRuns` of the
+        run) as HyCa Calibrate does. A run that does not denoise fully, is too short to choose solvers on, or
+        whose schedule predicts no step is passed over; the next run tries again. Raises only what stops
+        the tuning's sampling (a cancel): it runs in the sampler's ``finally``, where an error would lose the
+        run's image."""
         sigmas = recorder[next(iter(recorder))].sigmas
         schedule = self.schedule_for(sigmas).widened()  # a plain Schedule with the run's mask
         steps = len(sigmas)
@@ -195,14 +201,34 @@ class MapSource:
                                                "step. Use HyCa Calibrate to make a map.")
             return
         self.use(solver_map)
-        try:
-            saved = map_store.save_for(solver_map, self.options.checkpoint)
-            where = "saved to " + " and ".join(map(str, saved))
-        except MapError as error:
-            where = "kept in memory only"
-            logging.warning("HyCa: calibrated map kept in memory only: %s", error)
-        logging.info("HyCa: calibrated from this run; map %s", where)
-        logging.info("HyCa: a map calibrated from a run is not tuned (its run cannot be replayed from inside "
-                     "it); HyCa Calibrate tunes one")
-        ui_text.show(self.options.node_id, f"HyCa: calibrated a solver map from this run ({where}). The next "
+        where = self.save()  # before tuning: a cancelled tuning keeps the probe's map
+        done = "calibrated"
+        if runs is not None:
+            ui_text.show(self.options.node_id, f"HyCa: calibrated a solver map from this run ({where}); now "
+                                               "tuning it on replays of this run (about three more runs).")
+            try:
+                solver_map, _ = tuning_runs.tune(runs, solver_map)
+            except (RuntimeError, ValueError) as error:  # e.g. out of memory: the untuned map serves
+                logging.warning("HyCa: tuning failed (%s); the map is kept untuned", error)
+            else:
+                self.use(solver_map)
+                done, where = "calibrated and tuned", self.save()
+        logging.info("HyCa: %s from this run; map %s", done, where)
+        ui_text.show(self.options.node_id, f"HyCa: {done} a solver map from this run ({where}). The next "
                                            "runs compute only some steps and predict the rest.")
+
+    def save(self) -> str:
+        """Save the map for later runs and sessions; where it went, in words."""
+        try:
+            saved = map_store.save_for(self.solver_map, self.options.checkpoint)
+            return "saved to " + " and ".join(map(str, saved))
+        except MapError as error:
+            logging.warning("HyCa: calibrated map kept in memory only: %s", error)
+            return "kept in memory only"
+
+    def for_replay(self, solver_map: SolverMap, options: ApplyOptions) -> MapSource:
+        """A source for a tuning replay: this model's, with that map and those options and no run map yet."""
+        source = copy.copy(self)
+        source.options, source._run_maps = options, {}
+        source.use(solver_map)
+        return source

@@ -145,6 +145,38 @@ def whole_model_wrapper(executor, *args, **kwargs):
     return out
 
 
+class Rerun:
+    """A finished sampling run, to sample again through the same ``OUTER_SAMPLE`` chain (guider, conditioning,
+    loaded model) with another run state and some of ``outer_sample``'s arguments changed: what auto mode
+    tunes with. Arguments keep the places ComfyUI gave them (other wrappers read them by position)."""
+
+    NAMES = ("noise", "latent_image", "sampler", "sigmas", "denoise_mask", "callback", "disable_pbar", "seed")
+
+    def __init__(self, executor, args: tuple, kwargs: dict, transformer_options: dict):
+        self.executor, self.args, self.kwargs = executor, args, kwargs
+        self.transformer_options = transformer_options
+
+    def argument(self, name: str):
+        index = self.NAMES.index(name)
+        return self.args[index] if index < len(self.args) else self.kwargs.get(name)
+
+    @property
+    def model_sampling(self):
+        return self.executor.class_obj.model_patcher.get_model_object("model_sampling")
+
+    def __call__(self, state: RunState, **changes) -> torch.Tensor:
+        """The final latent of the run sampled again with ``state``, without preview or progress bar."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for name, value in {"callback": None, "disable_pbar": True, **changes}.items():
+            index = self.NAMES.index(name)
+            if index < len(args):
+                args[index] = value
+            else:
+                kwargs[name] = value
+        self.transformer_options[OPTIONS_KEY] = state
+        return self.executor(*args, **kwargs)
+
+
 def outer_sample_wrapper(executor, *args, **kwargs):
     """Give this sampling run its own state and release it however the run ends."""
     import comfy.model_patcher
@@ -160,9 +192,11 @@ def outer_sample_wrapper(executor, *args, **kwargs):
         completed = True
         return out
     finally:
-        prompt_layers.forget(guider.model_patcher)
-        state.finish(completed)
-        summary = state.summary()
-        if summary:
-            logging.info(summary)
-        guider.model_options = original_options
+        try:
+            state.finish(completed, Rerun(executor, args, kwargs, transformer_options))
+            summary = state.summary()
+            if summary:
+                logging.info(summary)
+        finally:
+            prompt_layers.forget(guider.model_patcher)
+            guider.model_options = original_options

@@ -121,8 +121,9 @@ class RunState:
         return bool(self.started or self.branches or self.weights or self.patches or self.peak_bytes
                     or self.computed or self.predicted or self.fallbacks or self.extra_calls)
 
-    def finish(self, completed: bool) -> None:
-        """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed."""
+    def finish(self, completed: bool, rerun=None) -> None:
+        """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed.
+        ``rerun`` (`model_wrappers.Rerun`) samples the run again, e.g. to tune a map calibrated from it."""
 
     def begin_call(self, x: torch.Tensor, transformer_options: dict,
                    variant: frozenset | None = frozenset()) -> Call:

@@ -59,9 +59,9 @@ def finished(pack, monkeypatch):
     run_state = pack.nodes.apply_run.ApplyRunState
     finish = run_state.finish
 
-    def keep(self, completed):
+    def keep(self, completed, rerun=None):
         states.append(self)
-        finish(self, completed)
+        finish(self, completed, rerun)
 
     monkeypatch.setattr(run_state, "finish", keep)
     return states

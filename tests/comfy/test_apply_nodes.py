@@ -174,7 +174,7 @@ def test_a_granularity_mismatch_is_a_sentence(pack, flux, conditioning, solver_m
 def test_the_ui_hears_what_a_run_did(pack, flux, conditioning, solver_map, prompt_server, monkeypatch,
                                      caplog):
     """A run with a map: its ratio and wall-clock time, on the Apply node. Without a map: that the first run
-    calibrates, then that it did and what the next runs do."""
+    calibrates, then that it tunes, then that it did and what the next runs do."""
     _, messages = prompt_server
     monkeypatch.setattr(pack.nodes.map_store, "find", lambda *a, **k: None)
     monkeypatch.setattr(pack.nodes.map_store, "load_for", lambda *a, **k: None)
@@ -191,8 +191,9 @@ def test_the_ui_hears_what_a_run_did(pack, flux, conditioning, solver_map, promp
     (first,) = _texts(messages(), "7")
     assert "next full run computes every step" in first and "calibrates" in first
     sampling.sample(auto, *conditioning, torch.zeros(LATENT), steps=STEPS)
-    (done,) = _texts(messages(), "7")
-    assert "calibrated a solver map from this run" in done and "next runs compute only some steps" in done
+    tuning, done = _texts(messages(), "7")
+    assert "now tuning it on replays of this run" in tuning
+    assert "calibrated and tuned a solver map from this run" in done and "next runs compute only some" in done
 
 
 def test_tooltips_and_descriptions_are_short_and_plain(pack):

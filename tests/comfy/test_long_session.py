@@ -63,10 +63,10 @@ class Tracker:
 
         finish = apply_run.ApplyRunState.finish
 
-        def finishing(state, completed):
+        def finishing(state, completed, rerun=None):
             self.states.append(weakref.ref(state))
             self.peak_run = max(self.peak_run, state.peak_bytes)
-            finish(state, completed)
+            finish(state, completed, rerun)
 
         monkeypatch.setattr(run_state, "ResidualHistory", History)
         monkeypatch.setattr(apply_run.ApplyRunState, "finish", finishing)

@@ -32,8 +32,9 @@ def tuned(pack, wan):
     calls = []
     hook = wan.model.diffusion_model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
     try:
-        tuned_map, result = pack.nodes.tuning_runs.tune(wan, solver_map, SEED, STEPS, CFG, "euler", "simple",
-                                                        *conditioning, latent)
+        runs = pack.nodes.calibrate_node.KSamplerRuns(wan, SEED, STEPS, CFG, "euler", "simple", *conditioning,
+                                                      latent)
+        tuned_map, result = pack.nodes.tuning_runs.tune(runs, solver_map)
     finally:
         hook.remove()
     return tuned_map, result, len(calls), conditioning
@@ -61,6 +62,39 @@ def test_tuning_keeps_the_candidate_closest_to_a_held_out_run_within_budget(pack
         plain = sampling.sample(wan, *conditioning, reference_model.empty_latent(1), steps=chosen.computed,
                                 cfg=CFG, seed=SEED + 1, sampler=chosen.plain_sampler)
         assert latent_psnr(plain, reference) == pytest.approx(chosen.plain_psnr, abs=1e-3)
+
+
+def test_auto_mode_tunes_on_replays_of_the_users_run_as_calibrate_does(pack, wan, tuned, tmp_path,
+                                                                         monkeypatch, caplog):
+    """HyCa Apply without a map: the first full run's image is full compute's; its map is tuned on replays of
+    that run from the next seed, which sample exactly what Calibrate's own runs sample (the same reference
+    and plain runs score the same), within the same budget."""
+    tuned_map, result, _, conditioning = tuned
+    map_store = pack.nodes.map_store
+    monkeypatch.setattr(map_store, "search_folders", lambda: [tmp_path / "hyca", tmp_path / "none"])
+    patched = pack.nodes.apply_hyca.apply_hyca(wan, None, pack.hyca_core.schedule.Schedule(interval=4))
+    calls = []
+    hook = wan.model.diffusion_model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with caplog.at_level(logging.INFO):
+            first = sampling.sample(patched, *conditioning, reference_model.empty_latent(1), steps=STEPS,
+                                    cfg=CFG, seed=SEED)
+    finally:
+        hook.remove()
+    full = sampling.sample(wan, *conditioning, reference_model.empty_latent(1), steps=STEPS, cfg=CFG,
+                           seed=SEED)
+    torch.testing.assert_close(first, full, rtol=0, atol=0)
+    (path,) = (tmp_path / "hyca").glob("*")
+    saved = pack.hyca_core.solver_map.SolverMap.load(path)
+    assert saved.info["auto"] and saved.info["tuned_seed"] == SEED + 1
+    auto = pack.hyca_core.tuning.from_info(saved.info)
+    assert auto.keys() == result.tuned.keys()
+    for n, entry in auto.items():
+        assert (entry.plain_sampler, entry.plain_psnr) == pytest.approx(
+            (result.tuned[n].plain_sampler, result.tuned[n].plain_psnr), abs=1e-3)
+    assert len(calls) <= STEPS + 3 * STEPS  # the user's run, then the tuning's budget
+    assert "HyCa: tuned N=4" in caplog.text
+    assert "calibrated and tuned from this run; map saved to" in caplog.text
 
 
 def test_a_tuned_map_round_trips_and_a_malformed_tuning_is_refused(pack, tuned, tmp_path):
@@ -102,23 +136,27 @@ def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_wi
     assert np.array_equal(state.run_map.mask, expected) and not np.array_equal(expected, fixed)
     assert "tuned for N=4 (the nearest tuned N to N=3): warm-up 1, calibrated placement" in caplog.text
     # plain sampling won at N=4, which says nothing of the smaller N=3 run
-    assert "closer image than HyCa" not in caplog.text
-    assert "N=3 is not measured against plain sampling: plain sampling at N=4" in caplog.text
+    assert "Lower the sampler's steps" not in caplog.text
+    assert "N=3 is not measured against plain sampling (tuned: N=4 -2.5 dB)" in caplog.text
 
 
-def test_a_loss_at_a_smaller_tuned_n_is_reported_for_a_larger_one(pack, flux, solver_map, conditioning,
-                                                                  caplog):
-    tuned_map = _tuned_as(solver_map, **{"3": (2, "fixed", 40.0, 30.0), "4": (1, "calibrated", 30.0, 32.5)})
+def test_apply_warns_where_the_tuning_puts_hycas_lead_under_a_db(pack, flux, solver_map, conditioning,
+                                                                 caplog):
+    """The verdicts of `tuning.verdict` reach the log (and the node) with their figures: a 12-step probe,
+    N=3 (5 full steps) +10 dB, N=6 (3 full steps) -2.5 dB; N=4 (4 full steps) lies halfway."""
+    tuned_map = _tuned_as(solver_map, **{"3": (2, "fixed", 40.0, 30.0), "6": (2, "fixed", 30.0, 32.5)})
     apply = pack.nodes.apply_hyca.apply_hyca
-    for interval, says in ((4, "(32.5 dB vs 30.0 dB)"), (6, "(32.5 dB vs 30.0 dB at N=4, and a larger N"),
-                           (3, None)):
+    for interval, says, warns in (
+            (3, "HyCa leads plain sampling with as many full steps (5) by +10.0 dB in calibration", False),
+            (4, "by +3.8 dB, interpolated between N=3's +10.0 dB and N=6's -2.5 dB", False),
+            (6, "(3) by -2.5 dB in calibration, under the 1 dB it needs: 3 plain steps of dpmpp_2m", True),
+            (8, "by -2.5 dB at most (N=6's -2.5 dB; a larger N strays further)", True)):
         caplog.clear()
         patched = apply(flux, tuned_map, pack.hyca_core.schedule.Schedule(interval=interval, warmup=2))
         with caplog.at_level(logging.INFO):
             sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
-        assert (says is None) == ("closer image than HyCa" not in caplog.text), interval
-        expected = f"4 plain steps of dpmpp_2m gave a closer image than HyCa in calibration {says}"
-        assert says is None or expected in caplog.text, interval
+        assert says in caplog.text, interval
+        assert warns == ("Lower the sampler's steps instead" in caplog.text), interval
 
 
 @pytest.mark.parametrize("steps", [4, 8, 9])
