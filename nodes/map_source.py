@@ -60,6 +60,11 @@ class MapSource:
         self.solver_map = solver_map
         self._run_maps.clear()
 
+    @property
+    def run_maps(self) -> list[FixedRunMap]:
+        """The run maps kept, least recently used first."""
+        return list(self._run_maps.values())
+
     def for_run(self, step_sigmas) -> FixedRunMap:
         """What a run with these step sigmas predicts with."""
         return self.run_map(tuple(float(s) for s in step_sigmas), self.schedule_for(step_sigmas))

@@ -175,13 +175,13 @@ def test_a_long_session_of_mixed_runs(pack, tmp_path, monkeypatch):
                 counts["calibrated"] += 1
                 assert interval == N and steps >= pack.hyca_core.solver_map.MIN_PROBE_STEPS, what
         tracker.check_released(templates)
-        assert all(len(s._run_maps) <= pack.nodes.map_source.RUN_MAPS_KEPT for s in sources), what
+        assert all(len(s.run_maps) <= pack.nodes.map_source.RUN_MAPS_KEPT for s in sources), what
 
     assert counts["calibrated"] == 2  # the two Wan Applies at N=2, each from its own first run long enough
     assert counts["cancelled"] > 10 and counts["predicting"] > 50, counts
     # the bound was reached
-    assert any(len(s._run_maps) == pack.nodes.map_source.RUN_MAPS_KEPT for s in sources)
-    run_maps = sum(t.nbytes for s in sources for c in s._run_maps.values() for table in c.tables.values()
+    assert any(len(s.run_maps) == pack.nodes.map_source.RUN_MAPS_KEPT for s in sources)
+    run_maps = sum(t.nbytes for s in sources for c in s.run_maps for table in c.tables.values()
                    for t in table.values())
     logging.getLogger(__name__).warning(
         "measured: %d runs (%s), %d references; residual histories at most %.1f KB in one run, "

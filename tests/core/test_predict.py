@@ -57,12 +57,12 @@ def test_predict_equals_naive_sum_fp32(m, shape, kind):
 
 def test_lerp_chain_is_used_only_where_accurate():
     for m in (2, 3, 4):
-        assert predict_module._lerp_weights(pool_coefficients(m, 16)) is not None
-    assert predict_module._lerp_weights(torch.randn(3, 4)) is None  # not affine
-    assert predict_module._lerp_weights(torch.tensor([[1.0], [-1.0], [1.0]])) is None  # P_1 = 0
-    assert predict_module._lerp_weights(torch.tensor([[-20.0], [21.0]])) is None  # |w| = 21
+        assert predict_module.lerp_weights(pool_coefficients(m, 16)) is not None
+    assert predict_module.lerp_weights(torch.randn(3, 4)) is None  # not affine
+    assert predict_module.lerp_weights(torch.tensor([[1.0], [-1.0], [1.0]])) is None  # P_1 = 0
+    assert predict_module.lerp_weights(torch.tensor([[-20.0], [21.0]])) is None  # |w| = 21
     zero_padded = torch.tensor([[0.0], [0.0], [-1.0], [2.0]])  # taylor1 in a 4-slot history
-    torch.testing.assert_close(predict_module._lerp_weights(zero_padded),
+    torch.testing.assert_close(predict_module.lerp_weights(zero_padded),
                                torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64))
 
 
