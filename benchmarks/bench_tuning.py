@@ -32,6 +32,7 @@ from harness.train_reference import MODELS  # noqa: E402
 
 PROBE_CLASS, PROBE_SEED, HELD_OUT_SEED = 4, 3, 1000
 INTERVALS = (3, 4, 5, 6, 8)
+TARGET_LEAD = 1.0  # dB over plain sampling at equal compute that HyCa is asked for on held-out prompts
 
 
 def mean_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
         found = tuning.verdict(result.tuned, n, steps)
         said = "-" if found is None else f"{found.lead:+.2f} {found.kind}"
         if found is not None:
-            right.append(found.recommended == (tuned_score - plain[sampler] >= tuning.LEAD))
+            right.append(found.recommended == (tuned_score - plain[sampler] >= TARGET_LEAD))
         lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
                      f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
                      f"{best_label:>36} {rho_probe:>10.2f} {rho_seed:>11.2f} {miss_probe:>11.2f} "
@@ -151,7 +152,7 @@ def main(argv=None) -> None:
               "seed / the held-out pairs.",
               "verdict: the map's lead of HyCa over plain sampling at this N (hyca_core.tuning.verdict); "
               f"right: whether it recommends HyCa (lead >= {tuning.LEAD:g} dB) exactly where the held-out "
-              "pairs show the tuned HyCa that far ahead."]
+              f"pairs show the tuned HyCa {TARGET_LEAD:g} dB or more ahead."]
     report = "\n".join(lines)
     print(report)
     if args.out:

@@ -16,6 +16,7 @@ import torch
 from comfy_api.latest import io
 from PIL import Image
 
+from ..hyca_core import tuning
 from ..hyca_core.clustering import adjusted_rand
 from ..hyca_core.indicators import INDICATOR_NAMES
 from ..hyca_core.schedule import Schedule, speedup
@@ -54,12 +55,48 @@ def plain_summary(solver_map: SolverMap) -> str:
                                      if {"sampler", "scheduler"} <= solver_map.info.keys() else "")
     return "\n".join([
         f"HyCa map for {model}, calibrated on a {probe}.",
-        f"It was tuned for {tuned.warmup} warm-up steps, then one full step every {tuned.interval}.",
+        f"It was calibrated for {tuned.warmup} warm-up steps, then one full step every {tuned.interval}.",
         f"In a {steps}-step run with that setting, {computed} steps run the model and {steps - computed} are "
         f"predicted from the steps before them: {speedup(mask):.2f}x fewer block computations.",
         "Wall-clock time falls by less: the text encoder, the VAE and the prediction itself still take time.",
         "A larger N computes fewer steps and strays further from full compute; the strip shows each N.",
     ])
+
+
+def tuning_summary(solver_map: SolverMap) -> str:
+    """Per N of the strip, HyCa's lead over plain sampling with as many full steps, from the map's tuning
+    (`tuning.verdict`), and which of the two to use."""
+    tuned = tuning.from_info(solver_map.info)
+    if not tuned:
+        return ("This map is not tuned, so nothing says where plain sampling with fewer steps would do as "
+                "well: HyCa Calibrate (tune on) or HyCa Apply's first run without a map tunes one.")
+    steps = len(solver_map.probe_sigmas)
+    lines = [f"Tuned on a {steps}-step run with seed {solver_map.info.get('tuned_seed', '?')}: HyCa against "
+             f"plain sampling with as many full steps (HyCa needs a lead of {tuning.LEAD:g} dB here):"]
+    for n in STRIP_INTERVALS[1:]:
+        found = tuning.verdict(tuned, n, steps)
+        if found is None:
+            lines.append(f"N={n}: not measured")
+            continue
+        bound = "" if found.kind == "measured" else f" ({found.kind})"
+        use = "HyCa" if found.recommended else "fewer plain steps instead"
+        lines.append(f"N={n}: {found.lead:+.1f} dB{bound}: {use}")
+    return "\n".join(lines)
+
+
+def _draw_tuning(ax, solver_map: SolverMap) -> None:
+    """Closeness to full compute against speed-up at each tuned N: HyCa's and plain sampling's."""
+    tuned = sorted(tuning.from_info(solver_map.info).items())
+    steps = len(solver_map.probe_sigmas)
+    x = [steps / t.computed for _, t in tuned]
+    ax.plot(x, [t.psnr for _, t in tuned], "o-", color=COMPUTED, label="HyCa (tuned)")
+    ax.plot(x, [t.plain_psnr for _, t in tuned], "s--", color="#c0504d",
+            label="plain sampling, as many full steps")
+    for (n, t), speed in zip(tuned, x):
+        ax.annotate(f"N={n}", (speed, t.psnr), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(title="in tuning: closeness to full compute (latent PSNR, dB) against speed-up",
+           xlabel="fewer full steps (x)", ylabel="dB")
+    ax.legend(fontsize=8)
 
 
 def summary(solver_map: SolverMap, other: SolverMap | None = None) -> str:
@@ -72,6 +109,8 @@ def summary(solver_map: SolverMap, other: SolverMap | None = None) -> str:
     total = sum(sizes.values())
     lines = [
         plain_summary(solver_map),
+        "",
+        tuning_summary(solver_map),
         "",
         f"Details: {solver_map.architecture}",
         f"probe: {len(solver_map.probe_sigmas)} steps, {solver_map.info}, "
@@ -112,8 +151,8 @@ def _draw_strip(ax, solver_map: SolverMap) -> None:
     ax.set_yticks(np.arange(-0.5, len(masks)), minor=True)
     ax.grid(which="minor", color="white", linewidth=1)
     ax.tick_params(which="minor", length=0)
-    tuned = solver_map.probe_schedule.interval
-    ax.set_yticks(range(len(masks)), [f"N={n}" + (" (tuned)" if n == tuned else "") for n in masks])
+    probed = solver_map.probe_schedule.interval
+    ax.set_yticks(range(len(masks)), [f"N={n}" + (" (probe)" if n == probed else "") for n in masks])
     for row, mask in enumerate(masks.values()):
         saving = f"{speedup(mask):.2f}x fewer" if not mask.all() else "full compute"
         ax.text(steps - 0.3, row, f" {int(mask.sum())} computed, {saving}", va="center", fontsize=8)
@@ -134,16 +173,22 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
     names = sorted({n for b in solver_map.blocks.values() for n in _choice_names(b)})
     palette = matplotlib.colormaps["tab20"]
     colors = {n: palette(i % 20) for i, n in enumerate(names)}
-    fig = Figure(figsize=(14, 13), dpi=80)
+    fig = Figure(figsize=(14, 17), dpi=80)
     FigureCanvasAgg(fig)
-    grid = fig.add_gridspec(3, 2, height_ratios=[0.75, 1, 1], width_ratios=[1.6, 1])
+    grid = fig.add_gridspec(4, 2, height_ratios=[0.75, 0.75, 1, 1], width_ratios=[1.6, 1])
     _draw_strip(fig.add_subplot(grid[0, 0]), solver_map)
-    ax = fig.add_subplot(grid[0, 1])
-    ax.axis("off")
-    text = "\n".join(textwrap.fill(line, 58) for line in plain_summary(solver_map).splitlines())
-    ax.text(0, 0.5, text, fontsize=10, va="center")
-
+    for row, text in enumerate((plain_summary(solver_map), tuning_summary(solver_map))):
+        ax = fig.add_subplot(grid[row, 1])
+        ax.axis("off")
+        ax.text(0, 0.5, "\n".join(textwrap.fill(line, 58) for line in text.splitlines()), fontsize=10,
+                va="center")
     ax = fig.add_subplot(grid[1, 0])
+    if tuning.from_info(solver_map.info):
+        _draw_tuning(ax, solver_map)
+    else:
+        ax.axis("off")
+
+    ax = fig.add_subplot(grid[2, 0])
     for x, key in enumerate(keys):
         block = solver_map.blocks[key]
         sizes = np.bincount(block.labels, minlength=block.clusters)
@@ -155,7 +200,7 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
            ylabel="channels")
     ax.legend(handles=[Patch(color=c, label=n) for n, c in colors.items()], fontsize=7)
 
-    ax = fig.add_subplot(grid[1, 1])
+    ax = fig.add_subplot(grid[2, 1])
     errors = np.stack([b.errors.min(axis=1).mean(axis=1) for b in solver_map.blocks.values()])  # (blocks, P)
     finite = np.isfinite(errors).all(axis=0)
     ax.boxplot(np.log10(np.maximum(errors[:, finite], 1e-12)),
@@ -163,14 +208,14 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
     ax.set(title="probe error per solver (blocks; best time variable)", ylabel="log10 relative MSE")
     ax.tick_params(axis="x", rotation=45)
 
-    ax = fig.add_subplot(grid[2, 0])
+    ax = fig.add_subplot(grid[3, 0])
     indicators = np.concatenate([b.indicators for b in solver_map.blocks.values()])
     image = ax.imshow(indicators.T, aspect="auto", cmap="coolwarm", vmin=-2, vmax=2, interpolation="nearest")
     ax.set(title="standardized indicators per cluster (all blocks)", xlabel="cluster")
     ax.set_yticks(range(len(INDICATOR_NAMES)), INDICATOR_NAMES, fontsize=8)
     fig.colorbar(image, ax=ax)
 
-    ax = fig.add_subplot(grid[2, 1])
+    ax = fig.add_subplot(grid[3, 1])
     if other is not None:
         common = _common_blocks(solver_map, other)
         scores = [adjusted_rand(solver_map.blocks[k].labels, other.blocks[k].labels) for k in common]
@@ -179,7 +224,7 @@ def plot(solver_map: SolverMap, other: SolverMap | None = None) -> np.ndarray:
         ax.set(title="adjusted Rand index vs second map", xlabel="block stream", ylim=(-0.1, 1.05))
     else:
         ax.axis("off")
-        details = summary(solver_map).split("\n\n", 1)[1]
+        details = summary(solver_map).rsplit("\n\n", 1)[1]
         lines = [textwrap.shorten(line, 70) for line in details.splitlines()[:24]]
         ax.text(0, 0.5, "\n".join(lines), fontsize=8, family="monospace", va="center")
     for ax in fig.axes:

@@ -154,9 +154,9 @@ class MapSource:
             logging.info("HyCa: at N=%d on this model %s in calibration", interval, lead)
             return
         sampler = every[min(found.basis, key=lambda k: every[k].lead)].plain_sampler
-        text = (f"HyCa: at N={interval} on this model {lead} in calibration, under the {tuning.LEAD:g} dB it "
-                f"needs: {computed} plain steps of {sampler} give about as close an image. Lower the "
-                "sampler's steps instead, or lower N")
+        text = (f"HyCa: at N={interval} on this model {lead} in calibration, under the {tuning.LEAD:g} dB "
+                f"that shows a real lead: {computed} plain steps of {sampler} likely give as close an image. "
+                "Lower the sampler's steps instead, or lower N")
         logging.warning("%s", text)
         ui_text.show(self.options.node_id, text + ".")
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,27 @@ def test_inspector_shows_which_steps_compute_and_the_saving(pack):
     masks = inspector.interval_masks(solver_map, steps)
     assert masks[1].all() and [int(m.sum()) for m in masks.values()] == sorted(
         (int(m.sum()) for m in masks.values()), reverse=True)  # a larger N never computes more
+
+
+def test_inspector_shows_where_the_tuning_found_fewer_plain_steps_as_good(pack):
+    """The map's tuning as a plot of closeness against speed-up (HyCa's and plain sampling's) and, per N,
+    HyCa's lead in words; an untuned map says that nothing was measured."""
+    inspector = pack.nodes.inspector_node
+    untuned = pack.hyca_core.solver_map.SolverMap.load(SHIPPED_MAP)
+    steps = len(untuned.probe_sigmas)
+    computed = {n: pack.hyca_core.tuning.computed_steps(steps, n) for n in (4, 8)}
+    entries = {"4": (40.0, 35.0), "8": (30.0, 33.0)}
+    tuned = replace(untuned, info={**untuned.info, "tuned_seed": 1, "tuned": {
+        n: {"warmup": 2, "placement": "fixed", "psnr": h, "computed": computed[int(n)],
+            "plain": {"sampler": "dpmpp_2m", "psnr": p}} for n, (h, p) in entries.items()}})
+    plain_colour = "#c0504d"
+    image, text = inspector.HyCaSolverInspector.execute(tuned).result
+    assert "N=4: +5.0 dB: HyCa" in text and "N=8: -3.0 dB: fewer plain steps instead" in text
+    assert "N=6: " in text and "(interpolated): " in text.split("N=6: ")[1].splitlines()[0]
+    assert "N=3: +5.0 dB (at least): HyCa" in text
+    assert _colour_share(image, plain_colour) > 0
+    image, text = inspector.HyCaSolverInspector.execute(untuned).result
+    assert "This map is not tuned" in text and _colour_share(image, plain_colour) == 0
 
 
 def test_loading_the_pack_leaves_matplotlib_alone():

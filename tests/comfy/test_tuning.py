@@ -149,7 +149,8 @@ def test_apply_warns_where_the_tuning_puts_hycas_lead_under_a_db(pack, flux, sol
     for interval, says, warns in (
             (3, "HyCa leads plain sampling with as many full steps (5) by +10.0 dB in calibration", False),
             (4, "by +3.8 dB, interpolated between N=3's +10.0 dB and N=6's -2.5 dB", False),
-            (6, "(3) by -2.5 dB in calibration, under the 1 dB it needs: 3 plain steps of dpmpp_2m", True),
+            (6, "(3) by -2.5 dB in calibration, under the 2 dB that shows a real lead: 3 plain steps of "
+                "dpmpp_2m", True),
             (8, "by -2.5 dB at most (N=6's -2.5 dB; a larger N strays further)", True)):
         caplog.clear()
         patched = apply(flux, tuned_map, pack.hyca_core.schedule.Schedule(interval=interval, warmup=2))
