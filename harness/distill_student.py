@@ -10,8 +10,9 @@ Steps, in order (all seeded):
    states at its points are kept (fp16) with the trajectory's end.
 2. Student: initialized from the teacher, trained so that one Euler step from the teacher's state at a
    point of the 4-step grid lands on the teacher's state at the next point (the velocity of that
-   chord as the target), AdamW, cosine decay, EMA. A first version trained the end of the trajectory
-   as the target at every point of the fine grid (any step count): 23.4 dB at 4 steps, 25.9 at 2.
+   chord as the target), AdamW, cosine decay, EMA. (A first version trained the end of the trajectory
+   as the target at every point of the fine grid, for any step count; its 4-step output strayed further
+   from the teacher's: README, few-step distilled models.)
 3. The EMA weights are saved in fp16 (ComfyUI's FLUX key names), loaded back through the student's
    loader and sampled through ``comfy.sample.sample`` at 4 and 8 steps, cfg 1: the classifier's
    accuracy on them and their PSNR to the teacher's own 50-step output through ComfyUI (held-out

@@ -67,8 +67,8 @@ LATENT_SIZE = IMAGE_SIZE // 2
 
 SHIFT = 2.0  # recommended sampling shift (ModelSamplingSD3), see module docstring
 STEPS = 30  # recommended steps, euler / simple
-# Recommended guidance: the shipped weights' full-compute samples (30 steps) are read as their class
-# 89.5% of the time at cfg 2 and 77% at cfg 1 (harness/train_reference.py's final evaluation).
+# Recommended guidance: the setting at which the classifier reads the shipped weights' full-compute
+# samples as their class most often (train_reference's final evaluation; the figures are in the README).
 CFG = 2.0
 # The trainer's defaults for this model (harness/train_reference.py): the shipped run.
 TRAINING = dict(steps=6500, minutes=58.0, batch=32, lr=1.5e-3, warmup=150, ema=0.998)

@@ -26,7 +26,7 @@ from .reference_flux import (  # noqa: F401  (the student shares its teacher's i
 
 WEIGHTS = teacher.WEIGHTS.with_name("reference_flux_student.safetensors")
 TEACHER_STEPS = 50
-TEACHER_CFG = 2.0  # the teacher's best setting (100% of its samples read as their class)
+TEACHER_CFG = 2.0  # the teacher's best setting by its classifier (README)
 STEPS = 4
 CFG = 1.0
 # The probe the shipped map comes from: the student's own field on a fine grid (a 4-step run holds
