@@ -10,12 +10,14 @@ from collections.abc import Callable
 import torch
 
 
-def amdahl_bound(share: float, blocks_fraction: float, passes_fraction: float) -> float:
+def amdahl_bound(share: float, blocks_fraction: float, passes_fraction: float, saved: float = 0.0) -> float:
     """The highest wall-clock speed-up over full compute a method can reach if what it puts in place
     of a block costs nothing: full compute's time is `share` inside the blocks and the rest outside
     (embeddings, final layer, sampler), which scales at most with the model passes kept. Fractions:
-    the method's block executions and model passes over full compute's."""
-    return 1 / ((1 - share) * passes_fraction + share * blocks_fraction)
+    the method's block executions and model passes over full compute's. ``saved``: the share of full
+    compute's time outside the blocks that the method does not spend at equal passes (HyCa computes
+    the prompt-only layers once per run)."""
+    return 1 / ((1 - share - saved) * passes_fraction + share * blocks_fraction)
 
 
 def block_share(run: Callable[[], object], blocks: list[torch.nn.Module],

@@ -60,6 +60,8 @@ def test_amdahl_bound_for_skipped_blocks_and_for_fewer_steps():
     assert timing.amdahl_bound(0.922, 1 / 2.78, 1.0) == pytest.approx(2.44, abs=0.01)
     # fewer steps keep a fraction of both: the bound is that fraction's inverse, whatever the share
     assert timing.amdahl_bound(0.6, 0.2, 0.2) == pytest.approx(5.0)
+    # a tenth of full compute's time spent outside the blocks at every pass, no longer spent: 1 / (0.3 + 0.12)
+    assert timing.amdahl_bound(0.6, 0.2, 1.0, saved=0.1) == pytest.approx(1 / 0.42)
     row = Result("HyCa fixed N=3", "HyCa fixed", 50, 108, 50, 50.0, 0.99, 1.0, "12.0", wall_x=4.28,
                  bound=2.44, noise=0.2)
     assert row.timing_fails

@@ -36,7 +36,10 @@ def test_methods_are_timed_against_their_bounds_and_a_predicted_call_splits_into
         assert row.compute_x > 1 and row.bound >= 1
         assert math.isfinite(row.wall_x) and row.wall_x > 0 and len(row.runs) == 1
     for row in rows[5:]:  # fewer steps skip the model's passes too: the bound is the compute ratio
-        assert row.passes < STEPS and row.bound == pytest.approx(row.compute_x)
+        assert row.passes < STEPS and row.bound == pytest.approx(row.compute_x) and not row.hyca
+    for row in rows[1:5]:  # HyCa's calls skip the prompt-only layers too: a bound above the blocks' alone
+        plain = bench.amdahl_bound(share, row.blocks / full.blocks, row.passes / full.passes)
+        assert row.hyca and row.bound >= plain
 
     assert split.calls > 0 and 0 < split.full and 0 < split.computed
     parts = (split.predict, split.patches, split.outside)
