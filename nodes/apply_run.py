@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 
@@ -76,7 +77,9 @@ class ApplyRunState(RunState):
 
     def finish(self, completed: bool, rerun=None) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None and len(self.recorder):
-            runs = None if rerun is None else tuning_runs.ReplayRuns(rerun, self.replay_state)
+            # the replays keep the run's memory options; only the user's run speaks on the node
+            options = replace(self.source.options, node_id=None)
+            runs = None if rerun is None else tuning_runs.ReplayRuns(rerun, self.replay_state, options)
             self.source.calibrate_from(self.recorder, self.run_sigmas, runs)
         if completed and self.predicted:
             total = self.computed + self.predicted

@@ -70,10 +70,11 @@ def fewer_sigmas(model_sampling, sigmas: torch.Tensor, steps: int) -> torch.Tens
 
 class ReplayRuns:
     """A finished run replayed (`model_wrappers.Rerun`) from the reference seed's noise, each replay with the
-    run state ``state_for(solver_map, options)`` makes (both None: a full-compute state)."""
+    run state ``state_for(solver_map, options)`` makes (both None: a full-compute state); a candidate's
+    options are ``options`` (the run's: its history precision and placement) with the candidate's schedule."""
 
-    def __init__(self, rerun, state_for):
-        self.rerun, self.state_for = rerun, state_for
+    def __init__(self, rerun, state_for, options: ApplyOptions):
+        self.rerun, self.state_for, self.options = rerun, state_for, options
         self.sigmas = rerun.argument("sigmas")
         self.steps = len(self.sigmas) - 1
         self.reference_seed = ((rerun.argument("seed") or 0) + 1) % SEED_RANGE
@@ -86,7 +87,7 @@ class ReplayRuns:
         return self.sample(self.state_for(None, None))
 
     def replay(self, candidate, interval, solver_map) -> torch.Tensor:
-        return self.sample(self.state_for(solver_map, candidate_options(candidate, interval)))
+        return self.sample(self.state_for(solver_map, candidate_options(candidate, interval, self.options)))
 
     def plain(self, sampler_name, steps) -> torch.Tensor:
         sigmas = fewer_sigmas(self.rerun.model_sampling, self.sigmas, steps)
