@@ -3,6 +3,7 @@ and what a predicted step still costs.
 
 Usage: python benchmarks/bench_wall_clock.py [--double 2] [--single 4] [--latent 64] [--text-tokens 256]
            [--dtype float32|bfloat16] [--steps 20] [--n 2,3,4,6,8] [--one-n 6] [--reps 3] [--threads 1]
+           [--out benchmarks/results/wall-clock-flux-width.txt]
 
 ComfyUI's Flux at FLUX.1 width (3072 wide, 24 heads, rope axes [16, 56, 56], inputs 4096/768 wide) at reduced
 depth, seeded weights, FluxSchnell (no guidance embedding), sampled by comfy.sample.sample: euler / simple,
@@ -285,6 +286,7 @@ def main() -> int:
     parser.add_argument("--one-n", type=int, default=6, help="the N of per-stack HyCa, FORA and the split")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
@@ -293,7 +295,7 @@ def main() -> int:
     bench, rows, share, split = measure(config, args.latent, args.text_tokens, getattr(torch, args.dtype),
                                         args.steps, intervals, args.one_n, args.reps)
     lines = report(header(args, config, bench, load), rows, share, split, args.reps)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -13,7 +13,9 @@ image ``index`` of a data set is the same whatever the data set's size):
 2. A field ``f(x, y)`` of the class on a 128x128 grid (2x), in coordinates rotated by -10 to +10
    degrees, with a period of 16 to 28 px (at 64x64: 4 to 7 image tokens; recipe 1's 10 to 16 px, under
    3 tokens, trained into blocky noise) and a random phase; the mask ``f > 0`` is box-averaged to 64x64
-   (anti-aliased edges).
+   (anti-aliased edges). The two lattices a token must line up in both directions, checkerboard and
+   grid, take a period of 32 to 44 px and the grid lines a third of it (recipe 2's 16 to 28 px and a
+   fifth: a 3-block model drew them as blocky noise).
 3. The colours composited by the mask, plus a linear light gradient of up to +-20 per channel
    across the image (a colour field under the texture).
 """
@@ -28,13 +30,14 @@ from PIL import Image
 from . import reference_data
 from .reference_data import NUM_CLASSES, grid  # noqa: F401  (the classes' count and the grid)
 
-RECIPE = 2  # bump whenever a change below alters the images (names the cached data sets)
+RECIPE = 3  # bump whenever a change below alters the images (names the cached data sets)
 IMAGE_SIZE = 64
 CLASS_NAMES = ("horizontal stripes", "vertical stripes", "diagonal stripes", "checkerboard", "dots", "rings",
                "sunburst", "waves", "grid", "spots")
 _SCALE = 2
 _RENDER = _SCALE * IMAGE_SIZE
 _PERIOD = (16.0, 28.0)
+_LATTICE_PERIOD = (32.0, 44.0)  # checkerboard and grid
 _MAX_ROTATION = 10.0
 _MIN_CONTRAST = 70.0
 _GRADIENT = 20.0
@@ -46,7 +49,8 @@ def _luminance(rgb: np.ndarray) -> float:
 
 def _field(class_id: int, rng: np.random.Generator) -> np.ndarray:
     """The class's field on the render grid; the texture's first colour where it is positive."""
-    period = float(rng.uniform(*_PERIOD)) * _SCALE
+    name = CLASS_NAMES[class_id]
+    period = float(rng.uniform(*(_LATTICE_PERIOD if name in ("checkerboard", "grid") else _PERIOD))) * _SCALE
     angle = math.radians(float(rng.uniform(-_MAX_ROTATION, _MAX_ROTATION)))
     phase = float(rng.uniform(0, 2 * math.pi))
     axis = np.arange(_RENDER) - _RENDER / 2 + 0.5
@@ -54,7 +58,6 @@ def _field(class_id: int, rng: np.random.Generator) -> np.ndarray:
     x = x0 * math.cos(angle) - y0 * math.sin(angle)
     y = x0 * math.sin(angle) + y0 * math.cos(angle)
     w = 2 * math.pi / period
-    name = CLASS_NAMES[class_id]
     if name == "horizontal stripes":
         return np.sin(w * y + phase)
     if name == "vertical stripes":
@@ -75,7 +78,7 @@ def _field(class_id: int, rng: np.random.Generator) -> np.ndarray:
         amplitude = float(rng.uniform(0.15, 0.3)) * period
         return np.sin(w * (y + amplitude * np.sin(0.5 * w * x)) + phase)
     if name == "grid":
-        return np.maximum(np.cos(w * x + phase), np.cos(w * y + phase)) - 0.75
+        return np.maximum(np.cos(w * x + phase), np.cos(w * y + phase)) - 0.5
     # spots: a smooth random field (6x6 Gaussian values, bicubically enlarged), cut at its median
     coarse = rng.normal(size=(6, 6)).astype(np.float32)
     smooth = np.asarray(Image.fromarray(coarse, "F").resize((_RENDER, _RENDER), Image.BICUBIC))

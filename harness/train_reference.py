@@ -32,22 +32,12 @@ Steps, in order (all seeded):
 5. The shipped run (``--out`` the model's default weights file) then calibrates the model on its
    ``MAP_PROBE`` and ships its solver map in ``calibrations/`` (``--map-only`` does just that).
 
-The shipped Wan weights: 6,500 steps of batch 32 in 57.9 min with 2 threads on this project's 2-core
-machine, ended by the step count; 77% of full-compute samples read as their class at cfg 1, 89.5%
-at cfg 2.
-
-The shipped FLUX weights: ``--model flux --threads 1 --eval-per-class 10``, 2,800 steps of batch 32
-in 45.8 min, ended by the step count; 95% of full-compute samples read as their class at cfg 1
-(any shift from 1 to 8, 20 to 50 steps), 100% at cfg 2. One thread, not two: with some ten
-processes runnable on the 2 cores, two threads ran 0.07 steps/s (each waits for the other at every
-parallel region) and one thread 0.8-1.0. Its classifier (100% on 2,000 held-out shapes) came
-from a first, aborted run of the same command with 2 threads, kept with ``--reuse-classifier``.
-
-The SD3-layout weights (not shipped: below the 80% bar) came from two stages with one thread:
-``--model sd3 --threads 1 --reuse-classifier harness/assets/reference_sd3_classifier.safetensors
---eval-per-class 10`` (3,520 steps in 55 min, 67% at cfg 4), then the same with ``--init`` of that
-file ``--minutes 25 --lr 5e-4 --warmup 50`` (1,695 more steps, 69% at cfg 4 and shift 3, 71% at
-shift 1; checkerboard and grid, the two textures of fine crossing lines, come out as blobs).
+The shipped runs' commands: Wan ``--threads 2`` (ended by its step count), FLUX ``--threads 1
+--eval-per-class 10`` with ``--reuse-classifier`` of the classifier from a first, aborted run (one
+thread, not two, on a busy 2-core machine: two threads wait for each other at every parallel
+region). The SD3-layout weights came from stages, each ``--init`` of the one before (the README's
+"third model" has the commands, and every stage's figures). Steps, minutes and accuracies of each
+shipped run are in the README, from this script's final log.
 """
 
 from __future__ import annotations
