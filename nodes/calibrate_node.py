@@ -156,8 +156,8 @@ class HyCaCalibrate(io.ComfyNode):
                                  tooltip="Probe again although a map for this model is saved."),
                 io.Boolean.Input("tune", default=True, optional=True,
                                  tooltip="After the probe, try HyCa's settings on one more sampling (another "
-                                         "seed) and keep what comes closest, per speed-up; takes about two "
-                                         "more full runs."),
+                                         "seed) and keep what comes closest, per speed-up; takes up to three "
+                                         "more full runs' time."),
             ],
             outputs=[
                 SolverMapType.Output(display_name="solver_map",
