@@ -39,6 +39,7 @@ from . import comfy_runtime, sampling, textures_data
 from . import reference_model as wan_reference
 from .class_prompts import ClassPrompts
 from .reference_model import ASSETS, Classifier
+from .textures_data import NUM_CLASSES
 
 WEIGHTS = ASSETS / "reference_sd3.safetensors"
 CLASSIFIER_WEIGHTS = ASSETS / "reference_sd3_classifier.safetensors"
@@ -61,7 +62,7 @@ UNET_CONFIG = dict(
                                                                      "out_features": WIDTH}},
     pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
 )
-PROMPTS = ClassPrompts(textures_data.NUM_CLASSES, CONTEXT_TOKENS, CONTEXT_DIM, POOLED_DIM, seed=4000)
+PROMPTS = ClassPrompts(NUM_CLASSES, CONTEXT_TOKENS, CONTEXT_DIM, POOLED_DIM, seed=4000)
 conditioning = PROMPTS.conditioning
 unconditional = PROMPTS.unconditional
 

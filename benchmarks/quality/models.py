@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from harness import reference_flux, reference_model
+from harness import reference_flux, reference_model, reference_sd3
 
 
 @dataclass(frozen=True)
@@ -84,4 +84,11 @@ FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/refe
                                        *model.model.diffusion_model.single_blocks],
                  entry=lambda model: model.model.diffusion_model.img_in, frames=False)
 
-MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX}
+# SD3's MMDiT: joint blocks over the image and text streams, sampled with real CFG against a negative
+# prompt; every pass starts with the image patch embedding.
+SD3 = reference(reference_sd3, "reference SD3-layout MMDiT, cfg 4 (harness/reference_sd3.py)",
+                blocks=lambda model: list(model.model.diffusion_model.joint_blocks),
+                entry=lambda model: model.model.diffusion_model.x_embedder, frames=False,
+                main_cfg=reference_sd3.CFG)
+
+MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX, "sd3": SD3}

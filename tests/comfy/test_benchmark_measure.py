@@ -18,14 +18,14 @@ def bench(pack, request):
 
 
 def test_full_compute_is_counted_and_its_block_share_measured_without_leaving_hooks(bench):
-    reference = bench.reference(run.Setting((0, 1), (100, 101), 32), steps=STEPS)
+    reference = bench.reference(run.Setting((0, 1), (100, 101), bench.spec.sizes[0]), steps=STEPS)
     assert (reference.blocks, reference.passes) == (len(bench.blocks) * STEPS, STEPS)
     assert 0 < reference.share < 1
     timing.assert_unhooked([bench.entry, *bench.blocks])
 
 
 def test_hyca_is_counted_apart_and_timed_interleaved_with_full_compute(bench, pack):
-    reference = bench.reference(run.Setting((0, 1), (100, 101), 32), steps=STEPS)
+    reference = bench.reference(run.Setting((0, 1), (100, 101), bench.spec.sizes[0]), steps=STEPS)
     methods = Methods(pack, bench.model, run.calibrate(bench))
     [hyca] = bench.measure([Method("HyCa N=2", "HyCa fixed", methods.hyca(2, False), steps=STEPS, n=2)],
                            reference)
@@ -43,8 +43,11 @@ def test_hyca_is_counted_apart_and_timed_interleaved_with_full_compute(bench, pa
 def test_a_cache_that_skips_the_whole_model_is_bounded_by_the_passes_it_kept(bench):
     from comfy_extras.nodes_easycache import EasyCacheNode
 
+    if bench.spec is MODELS["sd3"]:
+        pytest.skip("EasyCache never skips on SD3: ComfyUI's MMDiT runs no DIFFUSION_MODEL wrapper, its hook")
+
     steps = 20
-    reference = bench.reference(run.Setting((0, 1), (100, 101), 32), steps=steps)
+    reference = bench.reference(run.Setting((0, 1), (100, 101), bench.spec.sizes[0]), steps=steps)
     easycache = EasyCacheNode.execute(bench.model, 1.0, 0.15, 0.95, False)[0]
     [result] = bench.measure([Method("EasyCache", "EasyCache", easycache, steps=steps)], reference)
     assert result.passes < steps  # its skipped steps ran neither the blocks nor the embeddings
