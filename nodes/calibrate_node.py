@@ -48,6 +48,7 @@ def probe(model, seed, steps, cfg, sampler_name, scheduler, positive, negative, 
     )
     return solver_map, out
 
+
 @dataclass
 class KSamplerRuns:
     """HyCa Calibrate's runs: KSampler's sampling (`nodes.common_ksampler`) without its per-run progress bar,
@@ -65,7 +66,7 @@ class KSamplerRuns:
 
     @property
     def reference_seed(self) -> int:
-        return (self.seed + 1) % tuning_runs.SEED_RANGE
+        return tuning_runs.reference_seed(self.seed)
 
     def sample(self, model, sampler_name: str, steps: int) -> torch.Tensor:
         latent_image = comfy.sample.fix_empty_latent_channels(model, self.latent["samples"])
@@ -83,7 +84,6 @@ class KSamplerRuns:
 
     def plain(self, sampler_name, steps) -> torch.Tensor:
         return self.sample(self.model, sampler_name, steps)
-
 
 
 def check_consumers(node_cls, granularity: str) -> None:

@@ -26,6 +26,7 @@ from .types import CATEGORY, SolverMapType
 
 STRIP_INTERVALS = range(1, 9)  # the N drawn in the strip: 1 (computes every step) up to 8
 COMPUTED, PREDICTED = "#1f4e79", "#bcd7ee"
+PLAIN = "#c0504d"  # plain sampling, beside HyCa (drawn in COMPUTED) in the tuning panel
 
 
 def _choice_names(block) -> list[str]:
@@ -90,7 +91,7 @@ def _draw_tuning(ax, solver_map: SolverMap) -> None:
     steps = len(solver_map.probe_sigmas)
     x = [steps / t.computed for _, t in tuned]
     ax.plot(x, [t.psnr for _, t in tuned], "o-", color=COMPUTED, label="HyCa (tuned)")
-    ax.plot(x, [t.plain_psnr for _, t in tuned], "s--", color="#c0504d",
+    ax.plot(x, [t.plain_psnr for _, t in tuned], "s--", color=PLAIN,
             label="plain sampling, as many full steps")
     for (n, t), speed in zip(tuned, x):
         ax.annotate(f"N={n}", (speed, t.psnr), textcoords="offset points", xytext=(4, 4), fontsize=8)

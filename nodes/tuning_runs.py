@@ -28,6 +28,11 @@ from .apply_options import ApplyOptions
 SEED_RANGE = 2**64  # KSampler's seeds
 
 
+def reference_seed(probe_seed: int | None) -> int:
+    """The seed of the tuning's reference run: the probe's next, a run the map was not fitted on."""
+    return ((probe_seed or 0) + 1) % SEED_RANGE
+
+
 def candidate_options(candidate: tuning.Candidate, interval: int, options: ApplyOptions = ApplyOptions()):
     """The options a replay of ``candidate`` at this interval runs with: the candidate's schedule over the
     whole denoising, whatever the user's window or target speed-up (a map's tuning serves every graph)."""
@@ -77,7 +82,7 @@ class ReplayRuns:
         self.rerun, self.state_for, self.options = rerun, state_for, options
         self.sigmas = rerun.argument("sigmas")
         self.steps = len(self.sigmas) - 1
-        self.reference_seed = ((rerun.argument("seed") or 0) + 1) % SEED_RANGE
+        self.reference_seed = reference_seed(rerun.argument("seed"))
         self.noise = comfy.sample.prepare_noise(rerun.argument("latent_image"), self.reference_seed)
 
     def sample(self, state, **changes) -> torch.Tensor:

@@ -49,7 +49,7 @@ def test_inspector_shows_where_the_tuning_found_fewer_plain_steps_as_good(pack):
     tuned = replace(untuned, info={**untuned.info, "tuned_seed": 1, "tuned": {
         n: {"warmup": 2, "placement": "fixed", "psnr": h, "computed": computed[int(n)],
             "plain": {"sampler": "dpmpp_2m", "psnr": p}} for n, (h, p) in entries.items()}})
-    plain_colour = "#c0504d"
+    plain_colour = inspector.PLAIN
     image, text = inspector.HyCaSolverInspector.execute(tuned).result
     assert "N=4: +5.0 dB: HyCa" in text and "N=8: -3.0 dB: fewer plain steps instead" in text
     assert "N=6: " in text and "(interpolated): " in text.split("N=6: ")[1].splitlines()[0]
