@@ -73,15 +73,17 @@ def main(argv=None) -> None:
     full = held_out(model)
 
     def quality(solver_map):
-        return [mean_psnr(held_out(nodes.apply_hyca.apply_hyca(
-                    model, solver_map, core.schedule.Schedule(interval=n, warmup=warmup), placement=placement)),
-                    full)
-                for n in INTERVALS for warmup, placement in SETTINGS]
+        def patched(n, warmup, placement):
+            every_n = core.schedule.Schedule(interval=n, warmup=warmup)
+            return nodes.apply_hyca.apply_hyca(model, solver_map, every_n, placement=placement)
+        return [mean_psnr(held_out(patched(n, *setting)), full) for n in INTERVALS for setting in SETTINGS]
 
     columns = [f"N={n} w{w} {p[:3]}" for n in INTERVALS for w, p in SETTINGS]
-    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; probes (class {probe['label']}, "
-             f"seed {probe['seed']}) and (class {SECOND_PROBE['label']}, seed {SECOND_PROBE['seed']}), chosen for "
-             f"{schedule}; held-out PSNR: {args.pairs} pairs (classes 0-9, batch seed {HELD_OUT_SEED})", "",
+    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; "
+             f"probes (class {probe['label']}, seed {probe['seed']}) "
+             f"and (class {SECOND_PROBE['label']}, seed {SECOND_PROBE['seed']}), "
+             f"chosen for {schedule}; "
+             f"held-out PSNR: {args.pairs} pairs (classes 0-9, batch seed {HELD_OUT_SEED})", "",
              f"{'k':>3} {'ARI mean/min':>13} {'same predictor mean/min':>24} {'silhouette':>10}  "
              + "  ".join(f"{c:>13}" for c in columns) + "  (first probe's map / second's)"]
     for k in COUNTS:
@@ -94,12 +96,13 @@ def main(argv=None) -> None:
                                        sample_size=min(2000, len(descriptors[key])))
                       for key in maps[0].blocks]
         scores = zip(quality(maps[0]), quality(maps[1]))
-        lines.append(f"{k:>3} {np.mean(ari):>6.2f}/{np.min(ari):.2f} {np.mean(same):>16.1%}/{np.min(same):.1%} "
-                     f"{np.mean(silhouette):>10.2f}  " + "  ".join(f"{a:>6.2f}/{b:<6.2f}" for a, b in scores))
+        lines.append(f"{k:>3} {np.mean(ari):>6.2f}/{np.min(ari):.2f} "
+                     f"{np.mean(same):>16.1%}/{np.min(same):.1%} {np.mean(silhouette):>10.2f}  "
+                     + "  ".join(f"{a:>6.2f}/{b:<6.2f}" for a, b in scores))
         print(lines[-1], flush=True)
     lines += ["", "ARI: adjusted Rand index of the two probes' clusterings (1: the same groups, 0: chance); "
-              "same predictor: channels both maps give the same pool member; silhouette: of the first probe's "
-              "clustering on its ten indicators (mean over block streams)."]
+              "same predictor: channels both maps give the same pool member; "
+              "silhouette: of the first probe's clustering on its ten indicators (mean over block streams)."]
     report = "\n".join(lines)
     print(report)
     if args.out:
