@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from harness import reference_flux, reference_model, reference_student
+from harness import reference_flux, reference_model, reference_sd3, reference_student
 
-MODELS = {"wan": reference_model, "flux": reference_flux, "student": reference_student}
+MODELS = {"wan": reference_model, "flux": reference_flux, "sd3": reference_sd3, "student": reference_student}
 # The bar; each model's shipped figure is in its module (train_reference's / distill_student's log).
 MIN_SAMPLE_ACCURACY = 0.8
 SAMPLES_PER_CLASS = 5
