@@ -7,7 +7,8 @@ Blocks are calibrated in parallel, one per core, so the wall time depends on how
 free: the CPU time (all threads) and each stage's CPU time per block say what the work costs
 whatever else runs. Also prints the time to fit the map to a 28-step run (re-selection and
 fitting per block; a new schedule needs it once), every N-th and with calibrated placement, against
-a target of well under a second.
+a target of well under a second, and the fits closed-loop tuning adds beside its model runs: each
+candidate (warm-up x placement) at each tuned N of a 28-step run, as its replays fit them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import hyca_core.calibration as calibration  # noqa: E402
 import hyca_core.run_maps as run_maps  # noqa: E402
+import hyca_core.tuning as tuning  # noqa: E402
 from hyca_core.schedule import Schedule  # noqa: E402
 from hyca_core.trajectories import DEFAULT_TOKENS, Trajectory  # noqa: E402
 from harness.synthetic import flow_sigmas, mixture  # noqa: E402
@@ -69,6 +71,14 @@ def main() -> None:
         start = time.perf_counter()
         run_maps.run_map(solver_map, flow_sigmas(28, 3.0), Schedule(interval=4, warmup=3), budget=budget)
         fit_s[placement] = time.perf_counter() - start
+    candidates = [(n, warmup, placement) for n in tuning.intervals_for(28)
+                  for warmup in tuning.WARMUPS for placement in tuning.PLACEMENTS]
+    start = time.process_time()
+    for n, warmup, placement in candidates:
+        schedule = Schedule(interval=n, warmup=warmup)
+        budget = int(schedule.mask(28).sum()) if placement == "calibrated" else None  # as map_source's
+        run_maps.run_map(solver_map, flow_sigmas(28, 3.0), schedule, budget=budget)
+    tuning_cpu_s = time.process_time() - start
     verdict = "PASS" if calibration_s <= TARGET_S else "FAIL"
     print(f"calibration, {BLOCKS} blocks x {CHANNELS} channels x {STEPS} steps x {DEFAULT_TOKENS} rows: "
           f"{calibration_s:.2f} s (target <= {TARGET_S:.0f} s: {verdict}); {cpu_s:.2f} s CPU on "
@@ -77,6 +87,10 @@ def main() -> None:
         f"{label} {statistics.median(stage_seconds[label]) * 1e3:.1f} ms" for label in STAGES.values()))
     print("fitting the map to a 28-step run, N=4 (target < 1 s): " + ", ".join(
         f"{placement} {seconds:.2f} s" for placement, seconds in fit_s.items()))
+    print(f"closed-loop tuning's fits, {len(candidates)} replays "
+          f"(N in {tuning.intervals_for(28)} x warm-ups {tuning.WARMUPS} "
+          f"x {len(tuning.PLACEMENTS)} placements) "
+          f"of a 28-step run: {tuning_cpu_s:.1f} s CPU beside the replays' model compute")
 
 
 if __name__ == "__main__":

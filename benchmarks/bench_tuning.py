@@ -5,17 +5,19 @@ the probe's model compute, scored against one more full run with the next seed),
 held-out (class, seed) pairs at N = 3, 4, 5, 6, 8: HyCa following the tuning (Apply's defaults now),
 Apply's fixed defaults without tuning (warm-up 2, fixed placement), every tuning candidate, and plain
 fewer steps (the better of euler and dpmpp_2m) at the compute of the every-N schedule. Scores are
-`latent_psnr` against 30-step full compute, the mean over the held-out pairs. Also prints, per N, the
-Spearman rank correlation of the candidates' scores between the held-out pairs and (a) a replay of the
-probe's own pair, (b) the tuning's single held-out seed.
+`latent_psnr` against 30-step full compute, the mean over the held-out pairs (at the trained size, or at
+`--size`: the map and its tuning always come from the trained size, as one map serves every resolution).
+Also prints, per N, the Spearman rank correlation of the candidates' scores between the held-out pairs
+and (a) a replay of the probe's own pair, (b) the tuning's single held-out seed.
 
-    python benchmarks/bench_tuning.py [--model wan|flux|sd3] [--pairs 12] [--cfg 2]
+    python benchmarks/bench_tuning.py [--model wan|flux|sd3] [--pairs 12] [--cfg 2] [--size 40]
                                       [--out benchmarks/results/tuning-wan.txt]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import time
@@ -26,7 +28,8 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from harness import node_pack  # noqa: E402
+from benchmarks.quality.models import MODELS as SPECS  # noqa: E402
+from harness import node_pack, sampling  # noqa: E402
 from harness.metrics import latent_psnr  # noqa: E402
 from harness.train_reference import MODELS  # noqa: E402
 
@@ -46,11 +49,14 @@ def main(argv=None) -> None:
     parser.add_argument("--pairs", type=int, default=12, help="held-out (class, seed) pairs")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended)")
     parser.add_argument("--cfg", type=float, help="guidance (default: the model's recommended)")
+    parser.add_argument("--size", type=int, help="held-out image size in px (default: the trained size)")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     reference = importlib.import_module(MODELS[args.model])
     args.steps = args.steps or reference.STEPS
     args.cfg = reference.CFG if args.cfg is None else args.cfg
+    spec = SPECS[args.model]
+    args.size = args.size or spec.sizes[0]
     torch.set_num_threads(1)  # the model is too small to gain from intra-op threads (harness/demo.py)
 
     pack = node_pack.load()
@@ -73,9 +79,11 @@ def main(argv=None) -> None:
     tune_cpu = time.process_time() - start
 
     labels = [i % reference.DATA.NUM_CLASSES for i in range(args.pairs)]
+    sample_held_out = functools.partial(sampling.class_samples, reference.conditioning,
+                                        reference.unconditional, lambda batch: spec.latent(batch, args.size))
 
     def held_out(patched, sampler="euler", count=steps):
-        return reference.sample(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg, sampler=sampler)
+        return sample_held_out(patched, labels, seed=HELD_OUT_SEED, steps=count, cfg=cfg, sampler=sampler)
 
     def one(patched, seed, sampler="euler", count=steps):
         return reference.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg, sampler=sampler)
@@ -83,9 +91,9 @@ def main(argv=None) -> None:
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
     candidates = [tuning.Candidate(w, p) for w in tuning.WARMUPS for p in tuning.PLACEMENTS]
-    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; calibrated on (class "
-             f"{PROBE_CLASS}, seed {PROBE_SEED}); {args.pairs} held-out pairs (classes 0-9, batch seed "
-             f"{HELD_OUT_SEED})",
+    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; "
+             f"calibrated on (class {PROBE_CLASS}, seed {PROBE_SEED}) at {spec.sizes[0]} px; "
+             f"{args.pairs} held-out pairs (classes 0-9, batch seed {HELD_OUT_SEED}) at {args.size} px",
              f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "
              f"(budget {result.budget}); tuned N: "
              + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items())),
