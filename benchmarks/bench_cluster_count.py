@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_tuning import HELD_OUT_SEED, mean_psnr  # noqa: E402
+from bench_tuning import HELD_OUT_SEED, mean_psnr, publish  # noqa: E402
 from harness import node_pack  # noqa: E402
 from harness.train_reference import MODELS, SECOND_PROBE  # noqa: E402
 
@@ -103,10 +103,7 @@ def main(argv=None) -> None:
     lines += ["", "ARI: adjusted Rand index of the two probes' clusterings (1: the same groups, 0: chance); "
               "same predictor: channels both maps give the same pool member; "
               "silhouette: of the first probe's clustering on its ten indicators (mean over block streams)."]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.write_text(report + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":
