@@ -131,7 +131,7 @@ def benchmark(name: str, args, pack) -> bool:
         verdicts += report.targets(section, plan.intervals, [s.name for s in pack.hyca_core.solvers.POOL])
     say()
     say(f"=== HyCa under each sampler (Apply's defaults: fixed solvers, warm-up {run.WARMUP}; "
-        "map from the euler probe at cfg 1): image PSNR against "
+        f"map from the euler probe at cfg {spec.main_cfg:g}): image PSNR against "
         f"that sampler's {run.STEPS}-step full compute at the same cfg and size; "
         "fewer steps at HyCa's compute ===")
     matrix = run.sampler_matrix(bench, methods, labels, seeds, plan)

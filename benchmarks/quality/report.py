@@ -70,6 +70,7 @@ class Section:
     size: int
     batch: int
     share: float  # of a full run's time inside the blocks
+    cfg: float = 1.0  # every method's guidance in this section
     results: list[Result] = field(default_factory=list)
     full: Result | None = None
     eight: list[Result] = field(default_factory=list)
@@ -92,7 +93,8 @@ class Section:
         return next((r for r in self.family(family) if r.n == n), None)
 
     def table(self) -> list[str]:
-        lines = [f"=== {self.size} px, batch {self.batch}, {STEPS} steps euler/simple, cfg 1 ===", HEADER,
+        title = f"=== {self.size} px, batch {self.batch}, {STEPS} steps euler/simple, cfg {self.cfg:g} ==="
+        lines = [title, HEADER,
                  row(self.full),
                  (f"  (a full run spends {self.share:.1%} of its time inside the transformer blocks, "
                   f"timed by pre/post forward hooks in a run of its own; {1 - self.share:.1%} outside them)")]
@@ -110,8 +112,9 @@ class Section:
         """A section back from its :meth:`table` lines: the results with their families, full compute
         and the 8-step schedule (HyCa's keys are not in the table: :attr:`hyca` is empty)."""
         size, batch = map(int, re.match(r"=== (\d+) px, batch (\d+),", lines[0]).groups())
+        cfg = float(re.search(r"cfg ([0-9.]+) ===", lines[0]).group(1))
         share = float(re.search(r"spends ([0-9.]+)% of its time inside", lines[3]).group(1)) / 100
-        section = cls(size, batch, share, full=parse_row(lines[2], "full"))
+        section = cls(size, batch, share, cfg, full=parse_row(lines[2], "full"))
         family = None
         for line in lines[4:]:
             if line.startswith("-- "):

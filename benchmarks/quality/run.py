@@ -209,7 +209,7 @@ def size_section(bench: Bench, methods: Methods, setting: Setting, plan: Plan,
                  trained: bool) -> report.Section:
     reference = bench.reference(setting)
     accuracy = float((reference.classes == torch.tensor(setting.labels)).float().mean())
-    section = report.Section(setting.size, len(setting.labels), reference.share)
+    section = report.Section(setting.size, len(setting.labels), reference.share, setting.cfg)
     add = section.add
 
     intervals = sorted(plan.intervals + (plan.extra_intervals if trained else plan.extra_intervals[:1]))

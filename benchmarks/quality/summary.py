@@ -31,6 +31,7 @@ class Line:
 
     model: str
     size: int
+    cfg: float
     n: int
     hyca: Result  # HyCa fixed: Apply's defaults
     stock: Margin | None  # the best stock sampler with fewer steps at HyCa's block compute
@@ -53,7 +54,7 @@ def lines(model: str, section: report.Section) -> list[Line]:
     out = []
     for hyca in sorted(section.family("HyCa fixed"), key=lambda r: r.n):
         n = hyca.n
-        out.append(Line(model, section.size, n, hyca,
+        out.append(Line(model, section.size, section.cfg, n, hyca,
                         margin(hyca, best(section, [f"fewer steps {s}" for s in FEWER_STEP_SAMPLERS], n)),
                         margin(hyca, best(section, SINGLE, n)), margin(hyca, section.at("FORA", n)),
                         margin(hyca, best(section, EQUAL_TIME, n))))
@@ -82,8 +83,9 @@ def cell(m: Margin | None, label) -> str:
 def table(rows: list[Line], sources: dict[str, str]) -> list[str]:
     out = [(f"HyCa's margin (dB of image PSNR against full compute; positive: HyCa closer to full compute) "
             f"over its rivals, per model and N. HyCa = Apply's defaults (fixed solvers, warm-up {WARMUP}), "
-            f"{STEPS} steps euler/simple, cfg 1, at each model's trained size; compute: its speed-up in "
-            "block executions, wall: measured (median of interleaved runs) with its Amdahl bound. Stock "
+            f"{STEPS} steps euler/simple, at each model's main cfg and trained size; "
+            "compute: its speed-up in block executions, wall: measured (median of interleaved runs) "
+            "with its Amdahl bound. Stock "
             f"samplers: {', '.join(FEWER_STEP_SAMPLERS)} with fewer steps (the best of them; name and steps "
             "in brackets); "
             "equal measured time: euler and dpmpp_2m at the step count whose time matches HyCa's, timed in "
@@ -91,11 +93,11 @@ def table(rows: list[Line], sources: dict[str, str]) -> list[str]:
             "that N."), ""]
     cells = [[cell(get(r), label) for _, get, label in COLUMNS] for r in rows]
     widths = [max([len(title)] + [len(c[i]) for c in cells]) for i, (title, _, _) in enumerate(COLUMNS)]
-    out.append(f"{'model':<6}{'px':>4}{'N':>3}{'compute':>9}{'wall (bound)':>15}{'HyCa dB':>9}"
+    out.append(f"{'model':<6}{'px':>4}{'cfg':>4}{'N':>3}{'compute':>9}{'wall (bound)':>15}{'HyCa dB':>9}"
                + "".join(f"  {title:<{w}}" for (title, _, _), w in zip(COLUMNS, widths)))
     for r, row_cells in zip(rows, cells):
         wall = f"{r.hyca.wall_x:.2f}x ({r.hyca.bound:.2f}x)"
-        out.append((f"{r.model:<6}{r.size:>4}{r.n:>3}{r.hyca.compute_x:>8.2f}x{wall:>15}{r.hyca.psnr:>9.2f}"
+        out.append((f"{r.model:<6}{r.size:>4}{r.cfg:>4g}{r.n:>3}{r.hyca.compute_x:>8.2f}x{wall:>15}{r.hyca.psnr:>9.2f}"
                     + "".join(f"  {c:<{w}}" for c, w in zip(row_cells, widths))).rstrip())
     losses = [f"{r.model} N={r.n} vs {title} ({m.db:+.2f} dB)" for r in rows for title, get, _ in COLUMNS
               if (m := get(r)) is not None and m.db <= 0]
@@ -121,7 +123,7 @@ def plot(rows: list[Line], path: Path) -> None:
                 ax.plot(*zip(*pts), marker="o", label=f"over {title}")
         ax.axhline(0, color="black", linewidth=0.8)
         ax.set(xlabel="N (HyCa's interval)", ylabel="HyCa's margin (dB)", xticks=[r.n for r in mine],
-               title=f"{model}, {mine[0].size} px: HyCa (defaults) over its rivals")
+               title=f"{model}, {mine[0].size} px, cfg {mine[0].cfg:g}: HyCa (defaults) over its rivals")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()

@@ -16,7 +16,7 @@ def result(name, family, psnr, n=None, steps=50, blocks=60, seconds=1.5, wall_x=
 def section():
     full = result("full compute 50 steps", "full", math.inf, blocks=300, wall_x=1.0, bound=1.0,
                   note="classifier reads the asked class in 95%")
-    s = report.Section(32, 16, 0.875, full=full)
+    s = report.Section(32, 16, 0.875, cfg=4.0, full=full)
     s.add([result("HyCa fixed N=6", "HyCa fixed", 41.06, n=6),
            result("HyCa fixed N=8", "HyCa fixed", 35.5, n=8, blocks=48),
            result("FORA (reuse/step) N=6", "FORA", 27.47, n=6),
@@ -37,7 +37,7 @@ def test_a_table_reads_back_as_the_results_it_printed():
     written = section()
     text = "header line\n\n" + "\n".join(written.table()) + "\n\n=== HyCa under each sampler ===\n 1 32 euler"
     [read] = report.read_sections(text)
-    assert (read.size, read.batch, read.share) == (32, 16, pytest.approx(0.875))
+    assert (read.size, read.batch, read.share, read.cfg) == (32, 16, pytest.approx(0.875), 4.0)
     pairs = zip([written.full, *written.results, *written.eight], [read.full, *read.results, *read.eight],
                 strict=True)
     for before, after in pairs:
@@ -71,7 +71,7 @@ def test_the_summary_names_every_loss_and_every_unmeasured_cell(tmp_path):
     summary.write({"flux": path, "wan": tmp_path / "quality-wan-quick.txt"}, tmp_path / "summary-quick")
     text = (tmp_path / "summary-quick.txt").read_text()
     rows = [line.split() for line in text.splitlines() if line.startswith("flux")]
-    assert [row[:3] for row in rows] == [["flux", "32", "6"], ["flux", "32", "8"]]
+    assert [row[:4] for row in rows] == [["flux", "32", "4", "6"], ["flux", "32", "4", "8"]]
     assert rows[1][-6:] == ["-0.50", "(dpmpp_2m", "8)", "-", "-", "-"]  # only stock samplers ran at N=8
     assert "flux N=6 vs best stock sampler, equal measured time (-0.94 dB)" in text
     assert "flux N=8 vs best stock sampler, equal compute (-0.50 dB)" in text
