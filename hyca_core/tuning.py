@@ -9,7 +9,8 @@ sampling with fewer steps at the same compute is scored too: where it comes clos
 Cost is counted in model computations (sampler steps computed fully) against `BUDGET` full runs of the
 probe, the reference run included. That does not cover every interval at a typical step count: the
 default N is tuned first (what Apply runs unless asked otherwise), then the others cheapest first while
-their runs fit; an untuned interval follows the nearest tuned one. Warm-up variants take what is left.
+their runs fit; an untuned interval follows the nearest tuned one. Warm-up variants take what is left,
+except where HyCa loses: there the longest warm-up comes first (a loss bounds every larger interval).
 """
 
 from __future__ import annotations
@@ -115,8 +116,11 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
 
     First, per interval (in `intervals_for`'s order, while the budget holds): both placements at the
     default warm-up and the plain samplers at the same compute; then, with what is left, the other
-    warm-ups at the better placement, each only if it computes no more than that compute. The default
-    stays unless a candidate beats it by more than SWITCH_MARGIN."""
+    warm-ups at the better placement, each only if it computes no more than that compute. An interval
+    whose two placements do not fit gets the default alone. Where HyCa trails plain sampling by the
+    recommendation's LEAD, the longest warm-up comes at once, and if HyCa still trails, larger intervals
+    are skipped: the verdict bounds them by that loss. The default stays unless a candidate beats it by
+    more than SWITCH_MARGIN."""
     limit = int(budget * steps)
     spent = steps  # the reference run
     scores: dict[int, dict[Candidate | str, float]] = {}
@@ -130,26 +134,34 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
         if progress is not None:
             progress(min(spent, limit), limit)
 
-    todo = intervals_for(steps, intervals)
-    for n in todo:
-        cost = computed_steps(steps, n)
-        if spent + (len(BASELINES) + len(PLAIN_SAMPLERS)) * cost > limit:
-            continue
-        scores[n] = {}
-        for candidate in BASELINES:
-            score(n, candidate, replay(candidate, n), cost)
-        for sampler in PLAIN_SAMPLERS:
-            score(n, sampler, plain(sampler, cost), cost)
-    for n in scores:
+    def warmups(n: int, which=WARMUPS) -> None:  # at n's better placement, at no more compute than n's
         best = _choice(scores[n], BASELINES)
-        if best is None:
-            continue
-        for warmup in WARMUPS:
+        for warmup in which if best is not None else ():
             candidate = Candidate(warmup, best.placement)
             cost = computed_steps(steps, n, warmup)
             if candidate in scores[n] or cost > computed_steps(steps, n) or spent + cost > limit:
                 continue
             score(n, candidate, replay(candidate, n), cost)
+
+    bounded_above = math.inf  # HyCa lost at this N: `verdict` bounds every larger one without replays
+    for n in intervals_for(steps, intervals):
+        cost = computed_steps(steps, n)
+        # both placements where the budget holds them, else the default alone: a verdict needs only one
+        candidates = [c for c in BASELINES if spent + (len(BASELINES) + len(PLAIN_SAMPLERS)) * cost <= limit
+                      or c == DEFAULT]
+        if n > bounded_above or spent + (len(candidates) + len(PLAIN_SAMPLERS)) * cost > limit:
+            continue
+        scores[n] = {}
+        for candidate in candidates:
+            score(n, candidate, replay(candidate, n), cost)
+        for sampler in PLAIN_SAMPLERS:
+            score(n, sampler, plain(sampler, cost), cost)
+        if _lead(scores[n]) < LEAD:  # losing: first the longest warm-up, which lets longer histories in
+            warmups(n, WARMUPS[-1:])
+            if _lead(scores[n]) < LEAD:
+                bounded_above = min(bounded_above, n)
+    for n in scores:
+        warmups(n)
     tuned = {}
     for n, table in scores.items():
         best = _choice(table, [k for k in table if isinstance(k, Candidate)])
@@ -162,6 +174,14 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
 def _best(table: dict, keys):
     scored = [k for k in keys if k in table]
     return max(scored, key=table.__getitem__) if scored else None
+
+
+def _lead(table: dict) -> float:
+    """HyCa's chosen candidate over the best plain sampler in one interval's scores (-inf if either is
+    missing)."""
+    best = _choice(table, [k for k in table if isinstance(k, Candidate)])
+    sampler = _best(table, PLAIN_SAMPLERS)
+    return -math.inf if best is None or sampler is None else table[best] - table[sampler]
 
 
 def _choice(table: dict, candidates):
