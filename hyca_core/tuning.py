@@ -117,9 +117,9 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
     First, per interval (in `intervals_for`'s order, while the budget holds): both placements at the
     default warm-up and the plain samplers at the same compute; then, with what is left, the other
     warm-ups at the better placement, each only if it computes no more than that compute. An interval
-    whose two placements do not fit gets the default alone. Where HyCa trails plain sampling by the
-    recommendation's LEAD, the longest warm-up comes at once, and if HyCa still trails, larger intervals
-    are skipped: the verdict bounds them by that loss. The default stays unless a candidate beats it by
+    whose two placements do not fit gets the default alone. Where HyCa is not LEAD ahead of plain
+    sampling, the longest warm-up comes at once, and if HyCa is still not, larger intervals are skipped:
+    the verdict bounds them by that loss. The default stays unless a candidate beats it by
     more than SWITCH_MARGIN."""
     limit = int(budget * steps)
     spent = steps  # the reference run
@@ -156,7 +156,7 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
             score(n, candidate, replay(candidate, n), cost)
         for sampler in PLAIN_SAMPLERS:
             score(n, sampler, plain(sampler, cost), cost)
-        if _lead(scores[n]) < LEAD:  # losing: first the longest warm-up, which lets longer histories in
+        if _lead(scores[n]) < LEAD:  # not recommended: first the longest warm-up (longer histories)
             warmups(n, WARMUPS[-1:])
             if _lead(scores[n]) < LEAD:
                 bounded_above = min(bounded_above, n)
