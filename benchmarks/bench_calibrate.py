@@ -75,9 +75,9 @@ def main() -> None:
                   for warmup in tuning.WARMUPS for placement in tuning.PLACEMENTS]
     start = time.process_time()
     for n, warmup, placement in candidates:
-        schedule = Schedule(interval=n, warmup=warmup)
-        budget = int(schedule.mask(28).sum()) if placement == "calibrated" else None  # as map_source's
-        run_maps.run_map(solver_map, flow_sigmas(28, 3.0), schedule, budget=budget)
+        # calibrated placement keeps the schedule's count of full steps, as map_source asks of it
+        budget = tuning.computed_steps(28, n, warmup) if placement == "calibrated" else None
+        run_maps.run_map(solver_map, flow_sigmas(28, 3.0), Schedule(interval=n, warmup=warmup), budget=budget)
     tuning_cpu_s = time.process_time() - start
     verdict = "PASS" if calibration_s <= TARGET_S else "FAIL"
     print(f"calibration, {BLOCKS} blocks x {CHANNELS} channels x {STEPS} steps x {DEFAULT_TOKENS} rows: "

@@ -142,12 +142,12 @@ def main(argv=None) -> None:
         # the map's verdict against what the held-out pairs say: is HyCa LEAD dB ahead of plain sampling?
         found = tuning.verdict(result.tuned, n, steps)
         said = "-" if found is None else f"{found.lead:+.2f} {found.kind}"
-        behind.append(tuned_score - top)
+        behind.append(tuned_score - top)  # the tuned run's distance to the best at equal compute
         if found is not None:
             right.append(found.recommended == (tuned_score - plain[sampler] >= TARGET_LEAD))
         lines.append(f"{n:>2} {computed:>5} {tuned_score:>7.2f} {used:>14} {fixed:>14.2f} "
                      f"{plain[sampler]:>11.2f} {sampler:>8} {tuned_score - plain[sampler]:>+14.2f} "
-                     f"{best_label:>36} {tuned_score - top:>+12.2f} {rho_probe:>10.2f} {rho_seed:>11.2f} "
+                     f"{best_label:>36} {behind[-1]:>+12.2f} {rho_probe:>10.2f} {rho_seed:>11.2f} "
                      f"{miss_probe:>11.2f} "
                      f"{miss_seed:>12.2f} {'/'.join(f'{x:+.2f}' for x in leads):>23} {said:>19} "
                      f"{('-' if found is None else 'yes' if right[-1] else 'NO'):>5}")

@@ -147,8 +147,8 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
     for n in intervals_for(steps, intervals):
         cost = computed_steps(steps, n)
         # both placements where the budget holds them, else the default alone: a verdict needs only one
-        candidates = [c for c in BASELINES if spent + (len(BASELINES) + len(PLAIN_SAMPLERS)) * cost <= limit
-                      or c == DEFAULT]
+        both = spent + (len(BASELINES) + len(PLAIN_SAMPLERS)) * cost <= limit
+        candidates = BASELINES if both else (DEFAULT,)
         if n > bounded_above or spent + (len(candidates) + len(PLAIN_SAMPLERS)) * cost > limit:
             continue
         scores[n] = {}
@@ -164,8 +164,7 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
         warmups(n)
     tuned = {}
     for n, table in scores.items():
-        best = _choice(table, [k for k in table if isinstance(k, Candidate)])
-        sampler = _best(table, PLAIN_SAMPLERS)
+        best, sampler = _picks(table)
         if best is not None and sampler is not None:
             tuned[n] = Tuned(best, table[best], computed_steps(steps, n), sampler, table[sampler])
     return Tuning(tuned, scores, spent, limit)
@@ -176,11 +175,15 @@ def _best(table: dict, keys):
     return max(scored, key=table.__getitem__) if scored else None
 
 
+def _picks(table: dict):
+    """The kept candidate and the best plain sampler of one interval's scores (None where none scored)."""
+    return _choice(table, [k for k in table if isinstance(k, Candidate)]), _best(table, PLAIN_SAMPLERS)
+
+
 def _lead(table: dict) -> float:
-    """HyCa's chosen candidate over the best plain sampler in one interval's scores (-inf if either is
+    """HyCa's kept candidate over the best plain sampler in one interval's scores (-inf if either is
     missing)."""
-    best = _choice(table, [k for k in table if isinstance(k, Candidate)])
-    sampler = _best(table, PLAIN_SAMPLERS)
+    best, sampler = _picks(table)
     return -math.inf if best is None or sampler is None else table[best] - table[sampler]
 
 
