@@ -18,8 +18,8 @@ Writes ``benchmarks/results/quality-<model>.txt`` and ``.png`` (``-quick`` under
 ``summary.txt`` and ``.png`` (``summary-quick``): HyCa's margins per model and N, from every model's
 latest results file there (benchmarks/quality/summary.py).
 
-    # every model, the whole benchmark
-    .venv/bin/python benchmarks/bench_quality.py
+    # every model, the whole benchmark (two models at once on a 2-core machine)
+    .venv/bin/python benchmarks/bench_quality.py --jobs 2
     # fewer methods, 16 pairs (a few min a model)
     .venv/bin/python benchmarks/bench_quality.py --quick
     # exit 1 if a speed-up beats its bound
@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality import report, run, summary  # noqa: E402
+from benchmarks.quality import jobs, report, run, summary  # noqa: E402
 from benchmarks.quality.methods import Methods  # noqa: E402
 from benchmarks.quality.models import MODELS  # noqa: E402
 from harness import node_pack  # noqa: E402
@@ -51,17 +52,18 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def parse(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", choices=sorted(MODELS), action="append",
                         help="the model(s) to run (repeatable; default: every model)")
-    parser.add_argument("--quick", action="store_true", help="fewer methods and thresholds, 16 pairs, the "
-                        "main table at the trained size only")
+    parser.add_argument("--quick", action="store_true", help="fewer methods and thresholds, 16 pairs (at "
+                        "most), the main table at the trained size only")
     parser.add_argument("--weights", type=Path, help="the model's weights file (with a single --model)")
     parser.add_argument("--classifier", type=Path,
                         help="its classifier's weights file (with a single --model)")
-    parser.add_argument("--pairs", type=int, help="evaluation (class, seed) pairs (32; quick 16)")
-    parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px, the trained one first "
-                        "(default: the model's)")
+    parser.add_argument("--pairs", type=int, help="evaluation (class, seed) pairs (the model's: 32, SD3 12; "
+                        "quick 16 at most)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="image sizes in px, the trained one first, "
+                        "every one with its main table (default: the model's)")
     parser.add_argument("--rounds", type=int, help="timed runs per method, interleaved (median; default 3)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine one thread is faster and "
@@ -72,11 +74,17 @@ def parse(argv):
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the results files")
     parser.add_argument("--summary-only", action="store_true",
                         help="run nothing: rewrite the summary from the results files already in --out")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models benchmarked at once, each in a process of its own (2 on a 2-core "
+                             "machine)")
+    parser.add_argument("--one-of-jobs", action="store_true", help=argparse.SUPPRESS)  # a --jobs child
     parser.add_argument("--overhead", type=int, default=0, metavar="ROUNDS",
                         help="only the overhead target: HyCa (defaults) and FORA at each N, ROUNDS "
                              "back-to-back pairs (median ratio), written to overhead-<model>.txt")
     args = parser.parse_args(argv)
     args.model = args.model or sorted(MODELS)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     if (args.weights or args.classifier) and len(args.model) != 1:
         parser.error("--weights and --classifier need a single --model")
     return args
@@ -96,8 +104,9 @@ def benchmark(name: str, args, pack) -> bool:
         print(line, flush=True)
         lines.append(line)
 
-    sizes = tuple(args.sizes or spec.sizes)
-    plan = run.plan(args.quick, sizes, args.pairs, args.rounds)
+    if args.sizes:
+        spec = replace(spec, sizes=tuple(args.sizes), main_sizes=len(args.sizes))
+    plan = run.plan(args.quick, spec, args.pairs, args.rounds)
     bench = run.Bench(spec, pack, plan.rounds, say, args.weights, args.classifier)
     started, cpu, load = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     say(f"HyCa quality benchmark{' (--quick)' if plan.quick else ''}, model {name}: {spec.title}, "
@@ -118,9 +127,12 @@ def benchmark(name: str, args, pack) -> bool:
         f"{plan.rounds} timed rounds")
     say(report.COLUMNS)
     sections, verdicts, timing_ok = [], [], True
+    parts = [f"calibration {time.perf_counter() - started:.0f} s"]  # where the time goes, for planning
     for index, size in enumerate(plan.sizes):
         setting = run.Setting(labels, seeds, size, spec.main_cfg)
+        part = time.perf_counter()
         section = run.size_section(bench, methods, setting, plan, trained=index == 0)
+        parts.append(f"{size} px tables {time.perf_counter() - part:.0f} s")
         sections.append(section)
         say()
         for line in section.table():
@@ -134,7 +146,9 @@ def benchmark(name: str, args, pack) -> bool:
         f"map from the euler probe at cfg {spec.main_cfg:g}): image PSNR against "
         f"that sampler's {run.STEPS}-step full compute at the same cfg and size; "
         "fewer steps at HyCa's compute ===")
+    part = time.perf_counter()
     matrix = run.sampler_matrix(bench, methods, labels, seeds, plan)
+    parts.append(f"sampler matrix {time.perf_counter() - part:.0f} s")
     for line in matrix[:-1]:
         say(line)
     verdicts.append(matrix[-1])
@@ -142,9 +156,7 @@ def benchmark(name: str, args, pack) -> bool:
     say(f"total benchmark time for {name}: {time.perf_counter() - started:.0f} s, "
         f"{time.process_time() - cpu:.0f} s of this process's CPU time "
         f"(load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end: "
-        "other processes share these CPUs)")
-
-
+        f"other processes share these CPUs): {', '.join(parts)}")
     say()
     say("TARGETS")
     for line in verdicts:
@@ -156,10 +168,36 @@ def benchmark(name: str, args, pack) -> bool:
     return timing_ok
 
 
-def write_summary(args) -> None:
+def write_summary(args, note: str = "") -> None:
     path = stem(args, "summary")
-    summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)}, path)
+    summary.write({name: stem(args, "quality", name).with_suffix(".txt") for name in sorted(MODELS)}, path,
+                  note)
     print(f"wrote {path}.txt and .png")
+
+
+def without_models(argv: list[str]) -> list[str]:
+    """The command line less its --model and --jobs options (abbreviations are off)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--model", "--jobs"):
+            skip = True
+        elif not arg.startswith(("--model=", "--jobs=")):
+            kept.append(arg)
+    return kept
+
+
+def side_by_side(args, argv: list[str]) -> list[bool]:
+    """Every model in a process of its own, `--jobs` at once, the longest (by its last run) first;
+    whether each one's timing check holds. A model whose process fails stops the run."""
+    order = sorted(args.model, key=lambda m: -jobs.last_seconds(stem(args, "quality", m).with_suffix(".txt")))
+    base = [sys.executable, str(Path(__file__).resolve()), *without_models(argv), "--one-of-jobs"]
+    status = jobs.run_all({m: [*base, "--model", m] for m in order}, args.jobs)
+    failed = [m for m, code in status.items() if code not in (0, 1)]
+    if failed:
+        sys.exit(f"the benchmark of {', '.join(failed)} failed (its output above)")
+    return [code == 0 for code in status.values()]
 
 
 def main(argv=None) -> None:
@@ -171,10 +209,16 @@ def main(argv=None) -> None:
     logging.getLogger().handlers[0].setLevel(logging.WARNING)  # the console shows warnings only
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    pack = node_pack.load()
-    holds = [benchmark(name, args, pack) for name in args.model]  # every model runs before the verdict
-    if not args.overhead:
-        write_summary(args)
+    started = time.perf_counter()
+    if args.jobs > 1 and len(args.model) > 1:
+        holds = side_by_side(args, sys.argv[1:] if argv is None else list(argv))
+    else:
+        pack = node_pack.load()
+        holds = [benchmark(name, args, pack) for name in args.model]  # every model runs before the verdict
+    if not (args.overhead or args.one_of_jobs):
+        whole = set(args.model) == set(MODELS)  # the summary reports only a run of every model
+        write_summary(args, "" if not whole else f"the whole benchmark, {len(MODELS)} models ({args.jobs} "
+                      f"at once): {time.perf_counter() - started:.0f} s on {os.cpu_count()} CPUs")
     if args.check_timing and not all(holds):
         print("timing check FAILS: a wall-clock speed-up exceeds its Amdahl bound by more than the noise")
         sys.exit(1)

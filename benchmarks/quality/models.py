@@ -35,6 +35,10 @@ class ModelSpec:
     main_cfg: float  # the guidance of the calibration and the main sections (the matrix runs 1 and cfg)
     sizes: tuple[int, ...]  # image sizes in px, the trained one first
     classifier_size: int  # the size the classifier was trained at
+    # the whole benchmark's evaluation batch and how many of `sizes` its main tables cover (the sampler
+    # matrix always runs two): sized so that every model's run fits the benchmark's 90 minutes
+    pairs: int = 32
+    main_sizes: int = 2
 
 
 def classify(spec: ModelSpec, classifier, images: torch.Tensor) -> torch.Tensor:
@@ -46,10 +50,11 @@ def classify(spec: ModelSpec, classifier, images: torch.Tensor) -> torch.Tensor:
 
 
 def reference(module, title: str, blocks: Callable[[Any], list], entry: Callable[[Any], Any],
-              frames: bool, main_cfg: float = 1.0) -> ModelSpec:
+              frames: bool, main_cfg: float = 1.0, **plan) -> ModelSpec:
     """A trained reference model of the harness: every such module names its weights, classifier,
     loader, conditioning and latent the same way; what differs is its layout (`blocks`, `entry`, and
-    whether its latent has a frame axis, as video models' do) and the guidance of the main sections."""
+    whether its latent has a frame axis, as video models' do), the guidance of the main sections and
+    the whole benchmark's `plan` (`pairs`, `main_sizes`)."""
     frame_axis = (1,) if frames else ()
     trained = module.LATENT_SIZE * 2  # the latent is the image pixel-unshuffled by 2
     return ModelSpec(
@@ -70,6 +75,7 @@ def reference(module, title: str, blocks: Callable[[Any], list], entry: Callable
         main_cfg=main_cfg,
         sizes=(trained, trained * 5 // 4),  # a larger size whose latent still splits into 2x2 patches
         classifier_size=trained,
+        **plan,
     )
 
 
@@ -85,10 +91,12 @@ FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/refe
                  entry=lambda model: model.model.diffusion_model.img_in, frames=False)
 
 # SD3's MMDiT: joint blocks over the image and text streams, sampled with real CFG against a negative
-# prompt; every pass starts with the image patch embedding.
+# prompt; every pass starts with the image patch embedding. A run of it costs about 7 of the Wan
+# model's (64 px, a doubled batch for CFG): the whole benchmark gives it 12 pairs and its main tables
+# at the trained size only (the sampler matrix still samples both sizes).
 SD3 = reference(reference_sd3, "reference SD3-layout MMDiT, cfg 4 (harness/reference_sd3.py)",
                 blocks=lambda model: list(model.model.diffusion_model.joint_blocks),
                 entry=lambda model: model.model.diffusion_model.x_embedder, frames=False,
-                main_cfg=reference_sd3.CFG)
+                main_cfg=reference_sd3.CFG, pairs=12, main_sizes=1)
 
 MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX, "sd3": SD3}

@@ -43,11 +43,14 @@ class Plan:
     matrix_sizes: tuple[int, ...]
 
 
-def plan(quick: bool, sizes: tuple[int, ...], pairs: int | None, rounds: int | None) -> Plan:
+def plan(quick: bool, spec: ModelSpec, pairs: int | None, rounds: int | None) -> Plan:
+    """`pairs`, `rounds`: the command line's (None: the plan's own); the whole benchmark's evaluation
+    batch and main sizes are the model's (:class:`ModelSpec`)."""
+    sizes = spec.sizes
     if quick:
-        return Plan(True, pairs or 16, sizes[:1], (3, 6, 8), (), rounds or 3, (0.2,), (), (), False,
-                    (ABLATION_N,), sizes[:2])
-    return Plan(False, pairs or 32, sizes, (3, 4, 5, 6, 8), (2, 10), rounds or 3,
+        return Plan(True, pairs or min(16, spec.pairs), sizes[:1], (3, 6, 8), (), rounds or 3, (0.2,), (), (),
+                    False, (ABLATION_N,), sizes[:2])
+    return Plan(False, pairs or spec.pairs, sizes[:spec.main_sizes], (3, 4, 5, 6, 8), (2, 10), rounds or 3,
                 (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0), (0.05, 0.2, 1.0), ("step", "sigma"), True, (3, 6),
                 sizes[:2])
 

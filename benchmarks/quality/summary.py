@@ -131,9 +131,9 @@ def plot(rows: list[Line], path: Path) -> None:
     plt.close(fig)
 
 
-def write(results: dict[str, Path], stem: Path) -> None:
+def write(results: dict[str, Path], stem: Path, note: str = "") -> None:
     """The summary of the models' results files (model -> path; missing ones are left out) to
-    ``stem``.txt and .png."""
+    ``stem``.txt and .png, `note` (the whole run's time) last."""
     rows, sources = [], {}
     for model, path in results.items():
         if not path.is_file():
@@ -147,5 +147,5 @@ def write(results: dict[str, Path], stem: Path) -> None:
         sources[model] = f"{path.name}" + (f" ({total.group(0)})" if total else "")
     if not rows:
         raise ValueError("no results file to summarize: " + ", ".join(str(p) for p in results.values()))
-    stem.with_suffix(".txt").write_text("\n".join(table(rows, sources)) + "\n")
+    stem.with_suffix(".txt").write_text("\n".join(table(rows, sources) + ([note] if note else [])) + "\n")
     plot(rows, stem.with_suffix(".png"))
