@@ -175,24 +175,12 @@ def write_summary(args, note: str = "") -> None:
     print(f"wrote {path}.txt and .png")
 
 
-def without_models(argv: list[str]) -> list[str]:
-    """The command line less its --model and --jobs options (abbreviations are off)."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in ("--model", "--jobs"):
-            skip = True
-        elif not arg.startswith(("--model=", "--jobs=")):
-            kept.append(arg)
-    return kept
-
-
 def side_by_side(args, argv: list[str]) -> list[bool]:
     """Every model in a process of its own, `--jobs` at once, the longest (by its last run) first;
     whether each one's timing check holds. A model whose process fails stops the run."""
     order = sorted(args.model, key=lambda m: -jobs.last_seconds(stem(args, "quality", m).with_suffix(".txt")))
-    base = [sys.executable, str(Path(__file__).resolve()), *without_models(argv), "--one-of-jobs"]
+    base = [sys.executable, str(Path(__file__).resolve()), *jobs.without(argv, ("--model", "--jobs")),
+            "--one-of-jobs"]
     status = jobs.run_all({m: [*base, "--model", m] for m in order}, args.jobs)
     failed = [m for m, code in status.items() if code not in (0, 1)]
     if failed:

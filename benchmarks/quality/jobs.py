@@ -21,6 +21,19 @@ def last_seconds(results: Path) -> float:
     return float(found.group(1)) if found else 0.0
 
 
+def without(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """A command line less the given options and their values (the parser allows no abbreviation)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in options)):
+            kept.append(arg)
+    return kept
+
+
 def run_all(commands: dict[str, list[str]], jobs: int) -> dict[str, int]:
     """Runs each command (name -> argv), `jobs` at once in the dict's order, their output line by line
     on this process's stdout after the name; returns each exit status."""
