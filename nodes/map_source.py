@@ -79,8 +79,18 @@ class MapSource:
             schedule = schedule.for_speedup(len(step_sigmas), self.options.target_speedup)
         tuned = self.tuned(schedule.interval)
         if tuned is not None and self.options.tuned_warmup:
-            schedule = replace(schedule, warmup=tuned[1].candidate.warmup)
+            followed = replace(schedule, warmup=tuned[1].candidate.warmup)
+            # a tuned warm-up moves full steps and never adds one, as in the tuning; followed at another
+            # N a longer one could: calibrated placement keeps the count (`budget`), fixed the asked warm-up
+            if (self.placement(schedule.interval) == "calibrated"
+                    or self.budget(followed, len(step_sigmas)) == followed.mask(len(step_sigmas)).sum()):
+                schedule = followed
         return schedule
+
+    def budget(self, schedule: RunSchedule, steps: int) -> int:
+        """The full steps a run may compute: its every-N schedule's, at most the asked warm-up's."""
+        asked = replace(schedule, warmup=self.options.schedule.warmup)
+        return int(min(schedule.mask(steps).sum(), asked.mask(steps).sum()))
 
     def tuned(self, interval: int) -> tuple[int, Tuned] | None:
         """The map's tuning for this interval or the nearest tuned one, None without tuning."""
@@ -102,7 +112,7 @@ class MapSource:
             # calibrated placement: as many full steps as the every-N pattern, where the probe errs most
             placement = self.placement(schedule.interval)
             calibrated = placement == "calibrated"
-            budget = int(schedule.mask(len(step_sigmas)).sum()) if calibrated else None
+            budget = self.budget(schedule, len(step_sigmas)) if calibrated else None
             run_map = run_maps.run_map(self.solver_map, np.array(step_sigmas), schedule,
                                        fitted=self.options.fitted, single_solver=self.options.single_solver,
                                        budget=budget)
@@ -112,7 +122,7 @@ class MapSource:
                          (~mask).sum(), speedup(mask), schedule.interval, placement,
                          schedule.widened().warmup, schedule.final)
             self.report_few_steps(mask)
-            self.report_tuning(schedule.interval, int(mask.sum()))
+            self.report_tuning(schedule.interval, int(mask.sum()), schedule.warmup)
         self._run_maps[key] = run_map  # now the most recent
         while len(self._run_maps) > RUN_MAPS_KEPT:
             del self._run_maps[next(iter(self._run_maps))]
@@ -129,16 +139,18 @@ class MapSource:
         logging.warning("%s", text)
         ui_text.show(self.options.node_id, text + ".")
 
-    def report_tuning(self, interval: int, computed: int) -> None:
-        """Log which tuning a run follows, and HyCa's lead over plain sampling with as many full steps
-        (``computed``) at its N; warn where that lead is under `tuning.LEAD`."""
+    def report_tuning(self, interval: int, computed: int, warmup: int) -> None:
+        """Log which tuning a run follows (with `warmup`), and HyCa's lead over plain sampling with as many
+        full steps (``computed``) at its N; warn where that lead is under `tuning.LEAD`."""
         tuned = self.tuned(interval)
         if tuned is None:
             return
         n, result = tuned
         nearest = "" if n == interval else f" (the nearest tuned N to N={interval})"
-        logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration", n, nearest,
-                     result.candidate.label(), result.psnr)
+        kept = ("" if warmup == result.candidate.warmup or not self.options.tuned_warmup else
+                f"; warm-up {warmup} here, as the tuned one would compute one more full step")
+        logging.info("HyCa: tuned for N=%d%s: %s, %.1f dB in calibration%s", n, nearest,
+                     result.candidate.label(), result.psnr, kept)
         every = tuning.from_info(self.solver_map.info)
         found = tuning.verdict(every, interval, len(self.solver_map.probe_sigmas))
         if found is None:

@@ -194,3 +194,28 @@ def test_explicit_advanced_settings_override_the_tuning(pack, flux, solver_map, 
     tuned, explicit = masks
     assert np.array_equal(explicit, pack.hyca_core.schedule.Schedule(3, 2).mask(12))
     assert tuned[0] and not tuned[1] and not np.array_equal(tuned, explicit)  # warm-up 1, the tuned one
+
+
+@pytest.mark.parametrize("placement", ["fixed", "calibrated"])
+def test_a_tuned_warmup_followed_at_another_n_adds_no_full_step(pack, flux, solver_map, conditioning,
+                                                                 finished, caplog, placement):
+    """Tuned at N=5, warm-up 3 computes no more than warm-up 2 (12 steps: 4 full steps each); at N=4 it
+    would compute 5 where the every-N schedule computes 4: fixed placement keeps warm-up 2, calibrated
+    keeps warm-up 3 and places one step fewer."""
+    tuned_map = _tuned_as(solver_map, **{"5": (3, placement, 40.0, 30.0)})
+    Schedule = pack.hyca_core.schedule.Schedule
+    assert Schedule(5, 3).mask(12).sum() == Schedule(5, 2).mask(12).sum() == 4
+    assert Schedule(4, 3).mask(12).sum() == 5 and Schedule(4, 2).mask(12).sum() == 4
+    patched = pack.nodes.apply_hyca.apply_hyca(flux, tuned_map, Schedule(interval=4, warmup=2),
+                                               tuned_warmup=True)
+    with caplog.at_level(logging.INFO):
+        sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=12)
+    mask = finished[-1].run_map.mask
+    assert mask.sum() == 4
+    followed = f"tuned for N=5 (the nearest tuned N to N=4): warm-up 3, {placement} placement, 40.0 dB"
+    if placement == "fixed":
+        assert np.array_equal(mask, Schedule(4, 2).mask(12))
+        assert f"{followed} in calibration; warm-up 2 here" in caplog.text
+    else:
+        assert mask[:3].all()
+        assert f"{followed} in calibration\n" in caplog.text
