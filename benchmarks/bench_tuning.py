@@ -4,7 +4,8 @@ Calibrates on one (class, seed) pair through HyCa Calibrate's `probe`, tunes as 
 the probe's model compute, scored against one more full run with the next seed), then evaluates on
 held-out (class, seed) pairs at N = 3, 4, 5, 6, 8: HyCa following the tuning (Apply's defaults now),
 Apply's fixed defaults without tuning (warm-up 2, fixed placement), every tuning candidate, and plain
-fewer steps (the better of euler and dpmpp_2m) at the compute of the every-N schedule. Scores are
+fewer steps (the best of euler, dpmpp_2m and res_multistep, the stock samplers of issue 13's target; the
+tuning itself replays euler and dpmpp_2m) at the compute of the every-N schedule. Scores are
 `latent_psnr` against 30-step full compute, the mean over the held-out pairs (at the trained size, or at
 `--size`: the map and its tuning always come from the trained size, as one map serves every resolution).
 Also prints, per N, the Spearman rank correlation of the candidates' scores between the held-out pairs
@@ -21,6 +22,8 @@ import functools
 import importlib
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +31,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.quality.methods import FEWER_STEP_SAMPLERS  # noqa: E402
 from benchmarks.quality.models import MODELS as SPECS  # noqa: E402
 from harness import node_pack, sampling  # noqa: E402
 from harness.metrics import latent_psnr  # noqa: E402
@@ -43,41 +47,50 @@ def mean_psnr(output: torch.Tensor, reference: torch.Tensor) -> float:
     return sum(latent_psnr(o, r) for o, r in zip(output, reference)) / len(reference)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@dataclass
+class Probed:
+    """A reference model calibrated on the probe pair, and how to sample it: `held_out(patched)` the
+    held-out pairs, `one(patched, seed)` the probe's class with one seed."""
+
+    pack: object
+    reference: object  # the harness module of the model
+    model: object
+    steps: int
+    cfg: float
+    solver_map: object
+    probe_out: dict
+    probe_cpu: float
+    held_out: Callable
+    one: Callable
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--model", choices=sorted(MODELS), default="wan")
     parser.add_argument("--pairs", type=int, default=12, help="held-out (class, seed) pairs")
     parser.add_argument("--steps", type=int, help="sampler steps (default: the model's recommended)")
     parser.add_argument("--cfg", type=float, help="guidance (default: the model's recommended)")
     parser.add_argument("--size", type=int, help="held-out image size in px (default: the trained size)")
     parser.add_argument("--out", type=Path, help="also write the report here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def probed(args) -> Probed:
+    """Loads the model and calibrates it as HyCa Calibrate does on the probe pair; fills in args' defaults."""
     reference = importlib.import_module(MODELS[args.model])
     args.steps = args.steps or reference.STEPS
     args.cfg = reference.CFG if args.cfg is None else args.cfg
     spec = SPECS[args.model]
     args.size = args.size or spec.sizes[0]
     torch.set_num_threads(1)  # the model is too small to gain from intra-op threads (harness/demo.py)
-
     pack = node_pack.load()
-    Schedule = pack.hyca_core.schedule.Schedule
-    tuning = pack.hyca_core.tuning
-    apply_hyca = pack.nodes.apply_hyca.apply_hyca
     model = reference.load()
     steps, cfg = args.steps, args.cfg
-    positive, negative = reference.conditioning(PROBE_CLASS), reference.unconditional()
-    latent = {"samples": reference.empty_latent(1)}
-
     start = time.process_time()
-    solver_map, probe_out = pack.nodes.calibrate_node.probe(model, PROBE_SEED, steps, cfg, "euler", "simple",
-                                                            positive, negative, latent, Schedule())
+    solver_map, probe_out = pack.nodes.calibrate_node.probe(
+        model, PROBE_SEED, steps, cfg, "euler", "simple", reference.conditioning(PROBE_CLASS),
+        reference.unconditional(), {"samples": reference.empty_latent(1)}, pack.hyca_core.schedule.Schedule())
     probe_cpu = time.process_time() - start
-    start = time.process_time()
-    tuned_map, result = pack.nodes.tuning_runs.tune(
-        pack.nodes.calibrate_node.KSamplerRuns(model, PROBE_SEED, steps, cfg, "euler", "simple", positive,
-                                               negative, latent), solver_map)
-    tune_cpu = time.process_time() - start
-
     labels = [i % reference.DATA.NUM_CLASSES for i in range(args.pairs)]
     sample_held_out = functools.partial(sampling.class_samples, reference.conditioning,
                                         reference.unconditional, lambda batch: spec.latent(batch, args.size))
@@ -88,16 +101,38 @@ def main(argv=None) -> None:
     def one(patched, seed, sampler="euler", count=steps):
         return reference.sample(patched, [PROBE_CLASS], seed=seed, steps=count, cfg=cfg, sampler=sampler)
 
+    return Probed(pack, reference, model, steps, cfg, solver_map, probe_out, probe_cpu, held_out, one)
+
+
+def heading(args) -> str:
+    return (f"reference {args.model} model, {args.steps} steps euler/simple, cfg {args.cfg}; "
+            f"calibrated on (class {PROBE_CLASS}, seed {PROBE_SEED}) at {SPECS[args.model].sizes[0]} px; "
+            f"{args.pairs} held-out pairs (classes 0-9, batch seed {HELD_OUT_SEED}) at {args.size} px")
+
+
+def main(argv=None) -> None:
+    args = parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    probe = probed(args)
+    pack, reference, model, steps, cfg = probe.pack, probe.reference, probe.model, probe.steps, probe.cfg
+    solver_map, probe_out, held_out, one = probe.solver_map, probe.probe_out, probe.held_out, probe.one
+    Schedule = pack.hyca_core.schedule.Schedule
+    tuning = pack.hyca_core.tuning
+    apply_hyca = pack.nodes.apply_hyca.apply_hyca
+    start = time.process_time()
+    tuned_map, result = pack.nodes.tuning_runs.tune(
+        pack.nodes.calibrate_node.KSamplerRuns(model, PROBE_SEED, steps, cfg, "euler", "simple",
+                                               reference.conditioning(PROBE_CLASS), reference.unconditional(),
+                                               {"samples": reference.empty_latent(1)}), solver_map)
+    tune_cpu = time.process_time() - start
+
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
     candidates = [tuning.Candidate(w, p) for w in tuning.WARMUPS for p in tuning.PLACEMENTS]
-    lines = [f"reference {args.model} model, {steps} steps euler/simple, cfg {cfg}; "
-             f"calibrated on (class {PROBE_CLASS}, seed {PROBE_SEED}) at {spec.sizes[0]} px; "
-             f"{args.pairs} held-out pairs (classes 0-9, batch seed {HELD_OUT_SEED}) at {args.size} px",
+    lines = [heading(args),
              f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "
              f"(budget {result.budget}); tuned N: "
              + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items())),
-             f"CPU time: probe and calibration {probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
+             f"CPU time: probe and calibration {probe.probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
              f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
              f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'tuned - best':>12} "
              f"{'rho probe':>10} "
@@ -118,7 +153,7 @@ def main(argv=None) -> None:
         source_n, chosen = tuning.nearest(result.tuned, n) or (n, None)
         used = f"N={source_n} w{chosen.candidate.warmup} {chosen.candidate.placement[:3]}" if chosen else "-"
         fixed = held[tuning.Candidate(2, "fixed")]
-        plain = {s: mean_psnr(held_out(model, s, computed), full) for s in tuning.PLAIN_SAMPLERS}
+        plain = {s: mean_psnr(held_out(model, s, computed), full) for s in FEWER_STEP_SAMPLERS}
         sampler = max(plain, key=plain.get)
         best = max(held, key=held.get)
         order = list(held)
@@ -164,7 +199,8 @@ def main(argv=None) -> None:
               "miss: held-out dB lost by the candidate the probe's replay / the one seed ranks first, among "
               "those at no more full steps than the every-N schedule.",
               "lead: the fixed default's dB over the best plain sampler on the probe's replay / the one "
-              "seed / the held-out pairs.",
+              "seed (the tuning's: " + ", ".join(tuning.PLAIN_SAMPLERS) + ") / the held-out pairs (fewer "
+              "steps: " + ", ".join(FEWER_STEP_SAMPLERS) + ").",
               "verdict: the map's lead of HyCa over plain sampling at this N (hyca_core.tuning.verdict); "
               f"right: whether it recommends HyCa (lead >= {tuning.LEAD:g} dB) exactly where the held-out "
               f"pairs show the tuned HyCa {TARGET_LEAD:g} dB or more ahead."]

@@ -91,6 +91,16 @@ def run_map(solver_map: SolverMap, step_sigmas: np.ndarray, schedule: Schedule,
         forced = replace(schedule, interval=len(step_sigmas) + 1).mask(len(step_sigmas), min_warmup=history)
         warmup = max(schedule.warmup, history, 1)
         mask = _calibrated_mask(solver_map, step_sigmas, budget, warmup, forced, pool)
+    return for_mask(solver_map, step_sigmas, mask, pool, fitted, per_position, single_solver)
+
+
+def for_mask(solver_map: SolverMap, step_sigmas: np.ndarray, mask: np.ndarray, pool,
+             fitted: bool = defaults.FITTED, per_position: bool = True,
+             single_solver: tuple[str, str] | None = None) -> FixedRunMap:
+    """`run_map` for a given mask (True = full compute) and pool (`warmup_pool` of the warm-up): the
+    solvers re-selected (and fitted) for the steps it predicts; a step whose weights are not `stable`
+    computes instead."""
+    step_sigmas = np.asarray(step_sigmas, dtype=np.float64)
     while not mask.all():
         step_weights = step_weights_for(mask, step_sigmas, pool=pool)
         tables = {}
