@@ -4,7 +4,7 @@ One process, the same (class, seed) pairs for every method, per model:
 
 - calibration: HyCa Calibrate's ``probe`` on ONE (class, seed) pair, 50 steps euler / simple, cfg 1;
 - evaluation: one batch of (class, seed) pairs sampled at once (each latent gets the noise a
-  batch-1 KSampler run with its own seed would get), at the trained size and a larger one;
+  batch-1 KSampler run with its own seed would get), at the trained size (``--sizes`` adds others);
 - methods: full compute, HyCa (fixed and fitted solvers, calibrated placement, the earlier warm-up),
   FORA / Taylor / TaylorSeer and every single pool solver, fewer steps (euler, dpmpp_2m,
   res_multistep) at HyCa's compute and at HyCa's measured time, ComfyUI's EasyCache and LazyCache,
@@ -55,8 +55,8 @@ def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", choices=sorted(MODELS), action="append",
                         help="the model(s) to run (repeatable; default: every model)")
-    parser.add_argument("--quick", action="store_true", help="fewer methods and thresholds, 16 pairs (at "
-                        "most), the main table at the trained size only")
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer methods, intervals and thresholds, 16 pairs (at most)")
     parser.add_argument("--weights", type=Path, help="the model's weights file (with a single --model)")
     parser.add_argument("--classifier", type=Path,
                         help="its classifier's weights file (with a single --model)")

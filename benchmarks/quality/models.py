@@ -36,9 +36,10 @@ class ModelSpec:
     sizes: tuple[int, ...]  # image sizes in px, the trained one first
     classifier_size: int  # the size the classifier was trained at
     # the whole benchmark's evaluation batch and how many of `sizes` its main tables cover (the sampler
-    # matrix always runs two): sized so that every model's run fits the benchmark's 90 minutes
+    # matrix always samples two): sized so that the run of every model fits 90 minutes on 2 cores (a
+    # main table at a second size took 40 minutes of the FLUX model's run, README)
     pairs: int = 32
-    main_sizes: int = 2
+    main_sizes: int = 1
 
 
 def classify(spec: ModelSpec, classifier, images: torch.Tensor) -> torch.Tensor:
@@ -92,11 +93,10 @@ FLUX = reference(reference_flux, "reference FLUX-layout DiT, cfg 1 (harness/refe
 
 # SD3's MMDiT: joint blocks over the image and text streams, sampled with real CFG against a negative
 # prompt; every pass starts with the image patch embedding. A run of it costs about 7 of the Wan
-# model's (64 px, a doubled batch for CFG): the whole benchmark gives it 12 pairs and its main tables
-# at the trained size only (the sampler matrix still samples both sizes).
+# model's (64 px, a doubled batch for CFG): the whole benchmark gives it 12 pairs.
 SD3 = reference(reference_sd3, "reference SD3-layout MMDiT, cfg 4 (harness/reference_sd3.py)",
                 blocks=lambda model: list(model.model.diffusion_model.joint_blocks),
                 entry=lambda model: model.model.diffusion_model.x_embedder, frames=False,
-                main_cfg=reference_sd3.CFG, pairs=12, main_sizes=1)
+                main_cfg=reference_sd3.CFG, pairs=12)
 
 MODELS: dict[str, ModelSpec] = {"wan": WAN, "flux": FLUX, "sd3": SD3}
