@@ -37,7 +37,7 @@ class ModelSpec:
     classifier_size: int  # the size the classifier was trained at
     # the whole benchmark's evaluation batch and how many of `sizes` its main tables cover (the sampler
     # matrix always samples two): sized so that the run of every model fits 90 minutes on 2 cores (a
-    # main table at a second size took 40 minutes of the FLUX model's run, README)
+    # main table at a second size took 1,299 s of the FLUX model's 2,549 s, README)
     pairs: int = 32
     main_sizes: int = 1
 
