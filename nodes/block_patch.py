@@ -76,12 +76,14 @@ class BlockPatch:
         return out
 
     def _predicted(self, state: RunState, call: Call, x: torch.Tensor, stream: str) -> torch.Tensor | None:
-        """The stream's input plus its predicted residual, its finiteness queued for `RunState.faults`. A
-        stream with no history is one the block does not output (Wan/LTX-Video get the text as "txt" but
-        return only "img"; SD3's last joint block returns "txt" None): None, as computed."""
+        """The stream's input plus its predicted residual, its finiteness queued for `RunState.faults` once
+        the run has had a fault (`RunState.checking`). A stream with no history is one the block does not
+        output (Wan/LTX-Video get the text as "txt" but return only "img"; SD3's last joint block returns
+        "txt" None): None, as computed."""
         key = self.unit.key(stream)
         if key not in call.branch.histories:
             return None
         out = state.predicted_output(call, key, x)
-        state.check(call, self.unit.name, out, x)
+        if state.checking:
+            state.check(call, self.unit.name, out, x)
         return out

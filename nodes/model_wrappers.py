@@ -92,6 +92,12 @@ def apply_model_wrapper(executor, *args, **kwargs):
     counts = state.computed, state.predicted, state.fallbacks
     with call_scope(transformer_options, call):
         out = executor(*args, **kwargs)
+        if call.predict and not state.checking and not state.output_finite(out):
+            # A non-finite prediction reaches the output (one that does not reach it harms nothing): from
+            # now on in this run every predicted unit checks itself, and this call runs again to find it.
+            state.checking = True
+            state.computed, state.predicted, state.fallbacks = counts
+            out = executor(*args, **kwargs)
         faults = state.faults(call)
         while faults:
             # A prediction depends on the cached history only, not on the call's input: running the call

@@ -103,6 +103,9 @@ class RunState:
         self.predicted = 0
         self.fallbacks = 0  # block calls computed because their prediction was not finite
         self.faults_logged = False
+        # Predicted units check their own output only after a predicted call's output was not finite: until
+        # then one check of each predicted call's output stands for them all (no pass per block).
+        self.checking = False
         self.extra_calls = 0  # model calls with other nodes' patches (Skip Layer Guidance ...)
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, device)
@@ -119,7 +122,7 @@ class RunState:
     def holds_run_data(self) -> bool:
         """Whether anything of a run is here: never true of a template on a MODEL."""
         return bool(self.started or self.branches or self.weights or self.patches or self.peak_bytes
-                    or self.computed or self.predicted or self.fallbacks or self.extra_calls)
+                    or self.computed or self.predicted or self.fallbacks or self.extra_calls or self.checking)
 
     def finish(self, completed: bool, rerun=None) -> None:
         """Called once when the sampling run ends; ``completed`` is False if it was cancelled or failed.
@@ -209,6 +212,11 @@ class RunState:
         residual, formed in one pass) is, or its input ``x`` already was not, a fault upstream in the call
         that the upstream unit's own check reports. `faults` reads a call's checks at its end."""
         call.checks.append((unit, finite(out) | ~finite(x)))
+
+    @staticmethod
+    def output_finite(out) -> bool:
+        """Whether a model call's output is finite (one reduction and one sync per predicted call)."""
+        return not isinstance(out, torch.Tensor) or bool(finite(out))
 
     def faults(self, call: Call) -> frozenset[str]:
         """The units whose prediction in this call was not finite.

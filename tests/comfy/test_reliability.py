@@ -242,6 +242,27 @@ def test_inf_weights_for_one_unit_compute_that_unit_only(pack, flux, solver_map,
     assert f"{unit} at step {step} is not finite" in caplog.text
 
 
+def test_units_check_themselves_only_after_a_fault_reaches_the_output(pack, flux, solver_map, conditioning,
+                                                                       monkeypatch):
+    """A clean run checks each predicted call's output once and no unit (no pass per block); a fault at step
+    4 turns the units' own checks on from that call to the run's end."""
+    RunState = pack.nodes.run_state.RunState
+    checked_steps = []
+    check = RunState.check
+
+    def counting(self, call, unit, out, x):
+        checked_steps.append(int(call.step))
+        return check(self, call, unit, out, x)
+
+    monkeypatch.setattr(RunState, "check", counting)
+    _sample(_apply(pack, flux, solver_map), conditioning)
+    assert checked_steps == []
+    _sample(_poison(pack, _apply(pack, flux, solver_map), lambda unit, step: step == 4), conditioning)
+    predicted = np.flatnonzero(~pack.hyca_core.schedule.Schedule(N, WARMUP).mask(STEPS))
+    assert checked_steps and min(checked_steps) == 4
+    assert set(checked_steps) == {int(s) for s in predicted if s >= 4}
+
+
 def test_an_overflowing_fp16_history_computes_that_block(pack, solver_map, conditioning, caplog):
     """A block whose residual exceeds fp16's 65504 (FLUX's outlier channels can): its fp16 history holds
     inf, so every prediction of it falls back; the others are predicted as usual."""
