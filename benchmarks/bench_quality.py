@@ -139,7 +139,8 @@ def benchmark(name: str, args, pack) -> bool:
             say(line)
         ok, line = report.timing_check(section)
         timing_ok &= ok
-        verdicts += [line, report.amdahl_lines(section, plan.intervals)]
+        verdicts += [line, report.amdahl_lines(section, plan.intervals),
+                     report.predicted_step_line(section, plan.intervals)]
         verdicts += report.targets(section, plan.intervals, [s.name for s in pack.hyca_core.solvers.POOL])
     say()
     say(f"=== HyCa under each sampler (Apply's defaults: fixed solvers, warm-up {run.WARMUP}; "

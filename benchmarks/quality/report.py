@@ -301,6 +301,25 @@ def amdahl_lines(section: Section, intervals) -> str:
             f"({1 - section.share:.1%} of a full run outside the blocks): " + "; ".join(parts))
 
 
+PREDICTED_STEP_TARGET = 0.10  # issue 17, on the reference models: a predicted step's share of a full one
+
+
+def predicted_step_line(section: Section, intervals) -> str:
+    """What a predicted step costs against a full one, from HyCa fixed's wall-clock speed-up: its run takes
+    k + (S - k) p full steps' time for k computed steps of S, so p = (S / wall - k) / (S - k). The sampler's
+    own work per step is in both; the figure carries the timing's noise (the +- columns)."""
+    steps, parts, shares = section.full.steps, [], []
+    for n in intervals:
+        h = section.at("HyCa fixed", n)
+        computed = steps / h.compute_x
+        shares.append((steps / h.wall_x - computed) / (steps - computed))
+        parts.append(f"N={n}: {shares[-1]:.1%}")
+    holds = all(p <= PREDICTED_STEP_TARGET for p in shares)
+    return (f"[{section.size} px] a predicted step's time as a share of a full step's (HyCa fixed, sampler "
+            f"included; target <= {PREDICTED_STEP_TARGET:.0%}): {'HOLDS' if holds else 'FAILS'}; "
+            + "; ".join(parts))
+
+
 # ----------------------------------------------------------------------------------------------
 # sampler matrix
 

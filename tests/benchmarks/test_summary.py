@@ -82,3 +82,10 @@ def test_the_summary_names_every_loss_and_every_unmeasured_cell(tmp_path):
 def test_no_results_file_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no results file"):
         summary.write({"flux": tmp_path / "quality-flux-quick.txt"}, tmp_path / "summary-quick")
+
+
+def test_a_predicted_steps_share_comes_from_hycas_speed_up_and_computed_steps():
+    """HyCa fixed at N=6 computes 10 of 50 steps (5.00x) and runs 3.0x faster: 50 / 3 = 16.67 full steps'
+    time, 10 of them computed, so each of the 40 predicted ones costs (16.67 - 10) / 40 = 16.7%."""
+    line = report.predicted_step_line(section(), (6, 8))
+    assert line.endswith("target <= 10%): FAILS; N=6: 16.7%; N=8: 20.6%")
