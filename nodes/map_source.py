@@ -80,10 +80,11 @@ class MapSource:
         tuned = self.tuned(schedule.interval)
         if tuned is not None and self.options.tuned_warmup:
             followed = replace(schedule, warmup=tuned[1].candidate.warmup)
+            steps = len(step_sigmas)
             # a tuned warm-up moves full steps and never adds one, as in the tuning; followed at another
             # N a longer one could: calibrated placement keeps the count (`budget`), fixed the asked warm-up
             if (self.placement(schedule.interval) == "calibrated"
-                    or self.budget(followed, len(step_sigmas)) == followed.mask(len(step_sigmas)).sum()):
+                    or followed.mask(steps).sum() <= schedule.mask(steps).sum()):
                 schedule = followed
         return schedule
 

@@ -90,23 +90,26 @@ def apply_model_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     call = begin_call(state, args[0], transformer_options)
     counts = state.computed, state.predicted, state.fallbacks
+
+    def again():  # the call run once more, its block counts as before it
+        state.computed, state.predicted, state.fallbacks = counts
+        return executor(*args, **kwargs)
+
     with call_scope(transformer_options, call):
         out = executor(*args, **kwargs)
         if call.predict and not state.checking and not state.output_finite(out):
             # A non-finite prediction reaches the output (one that does not reach it harms nothing): from
             # now on in this run every predicted unit checks itself, and this call runs again to find it.
             state.checking = True
-            state.computed, state.predicted, state.fallbacks = counts
-            out = executor(*args, **kwargs)
+            out = again()
         faults = state.faults(call)
         while faults:
             # A prediction depends on the cached history only, not on the call's input: running the call
             # again with the faulty units computed gives what computing them in the first place would have.
             # Faults are rare: paying another (mostly predicted) call for them beats a sync per block. A unit
             # after a faulty one got a non-finite input and reports nothing: the next run shows its own fault.
-            state.computed, state.predicted, state.fallbacks = counts
             call.fallback |= faults
-            out = executor(*args, **kwargs)
+            out = again()
             faults = state.faults(call)
     state.log_faults(call)
     state.end_call(call)
