@@ -92,25 +92,39 @@ class TrajectoryRecorder(Mapping):
         self.seed = seed
         self.dtype = dtype
         self._tracks: dict[str, _Track] = {}
+        self._shares: dict[tuple[str, float], dict[int, torch.Tensor]] = {}  # steps whose shares are coming
 
-    def record(self, key: str, sigma: float, residual: torch.Tensor) -> None:
+    def record(self, key: str, sigma: float, residual: torch.Tensor, share: tuple[int, int] = (0, 1)) -> None:
         """Keep the sampled tokens of ``residual`` (shape ``(..., T, D)``) at time ``sigma``.
 
         Leading dimensions are flattened into rows. The sampled rows are copied to CPU in
         the recorder's dtype right away, so later in-place changes to ``residual`` do not
         reach the recording. Each key must keep its token count, width and row count, and
         must not see the same sigma twice (samplers that call the model twice per step must
-        be deduplicated by the caller).
+        be deduplicated by the caller). ``share`` (i, n): ``residual`` is the i-th of n shares of
+        the step's rows (a batch the sampler split across model calls); the step is kept once
+        all n have come, their rows in share order.
         """
         if residual.ndim < 2:
             raise ValueError(f"{key}: residual must be (..., tokens, channels), "
                              f"got shape {tuple(residual.shape)}")
         sigma = float(sigma)
         num_tokens, width = residual.shape[-2], residual.shape[-1]
-        rows = math.prod(residual.shape[:-2]) * min(self.tokens, num_tokens)
         track = self._tracks.get(key)
+        indices = sample_token_indices(num_tokens, self.tokens, self.seed) if track is None else track.indices
+        # index_select copies, so the kept rows never alias the caller's tensor.
+        sampled = residual.detach().index_select(-2, indices.to(residual.device)).reshape(-1, width)
+        sampled = sampled.to("cpu", torch.float32)  # a few KB: scaled and rounded on the CPU
+        index, count = share
+        if count > 1:
+            shares = self._shares.setdefault((key, sigma), {})
+            shares[index] = sampled
+            if len(shares) < count:
+                return
+            del self._shares[key, sigma]
+            sampled = torch.cat([shares[i] for i in range(count)])
+        rows = len(sampled)
         if track is None:
-            indices = sample_token_indices(num_tokens, self.tokens, self.seed)
             track = self._tracks[key] = _Track(num_tokens, width, rows, indices)
         elif (num_tokens, width, rows) != (track.num_tokens, track.width, track.rows):
             raise ValueError(
@@ -120,9 +134,6 @@ class TrajectoryRecorder(Mapping):
         if sigma in track.sigmas:
             raise ValueError(f"{key}: sigma {sigma!r} was already recorded; the caller must "
                              "record each step once")
-        # index_select copies, so the kept rows never alias the caller's tensor.
-        sampled = residual.detach().index_select(-2, track.indices.to(residual.device)).reshape(rows, width)
-        sampled = sampled.to("cpu", torch.float32)  # a few KB: scaled and rounded on the CPU
         scale = _scale(float(sampled.abs().max()), self.dtype)
         track.steps.append((sampled / scale).to(self.dtype))
         track.scales.append(scale)

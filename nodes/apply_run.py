@@ -50,30 +50,25 @@ class ApplyRunState(RunState):
             self.run_sigmas = transformer_options["sample_sigmas"].detach().double().cpu().numpy()
         return super().begin_call(x, transformer_options, variant)
 
-    def store(self, call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
-        if self.run_map is not None and call.decision.keeps and key not in call.branch.histories:
-            self._place_history(key, after)
-        super().store(call, key, after, before)
-
-    def _place_history(self, key: str, residual: torch.Tensor) -> None:
+    def new_history(self, key: str, residual: torch.Tensor):
         """Before a new history is allocated: the run's placement if all fit there, else the least costly
-        fallback (the histories held so far move with it), else no more prediction in this run."""
+        fallback (the histories held so far move with it), else none: no more prediction in this run."""
         asked = Placement(torch.device(self.offload_device or residual.device),
                           self.history_dtype or residual.dtype)
         current = self.memory.placement or asked
         placement = self.memory.admit(self.run_map.history(key), residual, asked)
-        if placement == current:
-            return
-        log_fallback(placement, self.spare_device)
-        self.weights.clear()  # weights are prepared for the histories' dtype
-        if placement is None:
-            self.run_map = self.make_run_map = None  # every later call computes; nothing more is cached
+        if placement != current:
+            log_fallback(placement, self.spare_device)
+            self.weights.clear()  # weights are prepared for the histories' dtype
+            if placement is None:
+                self.run_map = self.make_run_map = None  # every later call computes; nothing more is cached
+                for branch in self.branches.values():
+                    branch.histories.clear()
+                return None
+            self.offload_device, self.history_dtype = placement.device, placement.dtype
             for branch in self.branches.values():
-                branch.histories.clear()
-            return
-        self.offload_device, self.history_dtype = placement.device, placement.dtype
-        for branch in self.branches.values():
-            branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
+                branch.histories = {k: moved(history, placement) for k, history in branch.histories.items()}
+        return super().new_history(key, residual)
 
     def finish(self, completed: bool, rerun=None) -> None:
         if self.recorder is not None and completed and self.source.solver_map is None and len(self.recorder):

@@ -81,7 +81,7 @@ class BlockPatch:
         output (Wan/LTX-Video get the text as "txt" but return only "img"; SD3's last joint block returns
         "txt" None): None, as computed."""
         key = self.unit.key(stream)
-        if key not in call.branch.histories:
+        if key not in call.parts[0].branch.histories:
             return None
         out = state.predicted_output(call, key, x)
         if state.checking:

@@ -2,7 +2,9 @@
 
 The sampling wrappers (model_wrappers.py) clone a run state from the template Apply or Calibrate puts on the
 model, ask it for a `Call` before every model call, and drop it when the run ends. Residual histories are
-keyed by conditioning branch and input shape, never kept on the model.
+kept per conditioning (its rows of the call's batch) and input shape, never on the model: ComfyUI batches a
+step's conditionings into one model call only while free memory allows, so the same run may call the model
+with the positive and negative prompt together at one step and apart at the next.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Decision(Enum):
         return self in (Decision.CACHE, Decision.REPLACE)
 
 
-@dataclass
+@dataclass(eq=False)  # a branch is itself: two with equal contents are still two conditionings
 class Branch:
     """Cached residuals of one conditioning branch and input shape."""
 
@@ -53,14 +55,31 @@ class Branch:
 
 
 @dataclass
+class Part:
+    """The rows of one conditioning in a model call (ComfyUI stacks the call's conditionings along the batch,
+    in equal shares), its branch, and what the call does for that branch."""
+
+    branch: Branch
+    index: int  # the share of the batch: rows [index * n / parts, (index + 1) * n / parts) of every stream
+    decision: Decision
+
+
+def rows(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
+    """Share ``index`` of ``parts`` of a batch-first tensor, a view."""
+    size = tensor.shape[0] // parts
+    return tensor[index * size:(index + 1) * size]
+
+
+@dataclass
 class Call:
     """One model call: its decision, read by every block patch during the call, and what they leave for the
-    call's end."""
+    call's end. The decision is PREDICT where every part predicts; otherwise the call computes and each part
+    keeps its residuals as its own decision says (CACHE where some part caches)."""
 
     decision: Decision
     step: float
     sigma: float
-    branch: Branch | None  # None for a call that keeps nothing apart from the run's branches
+    parts: tuple[Part, ...] = ()  # empty for a call that keeps nothing apart from the run's branches
     unit_inputs: dict = field(default_factory=dict)  # inputs of the unit being computed, by stream
     checks: list = field(default_factory=list)  # (unit, 0-d bool tensor: its predicted residuals are finite)
     fallback: frozenset = frozenset()  # units computed although the call predicts: their prediction was not
@@ -68,6 +87,13 @@ class Call:
     @property
     def predict(self) -> bool:
         return self.decision is Decision.PREDICT
+
+    @staticmethod
+    def deciding(step: float, sigma: float, parts: list[Part]) -> "Call":
+        """The call of these parts: it predicts only if they all do."""
+        kinds = {part.decision for part in parts}
+        decision = next((k for k in (Decision.CACHE, Decision.REPLACE) if k in kinds), Decision.COMPUTE)
+        return Call(Decision.PREDICT if kinds == {Decision.PREDICT} else decision, step, sigma, tuple(parts))
 
 
 def finite(residual: torch.Tensor) -> torch.Tensor:
@@ -110,7 +136,7 @@ class RunState:
         self.peak_bytes = 0
         self.weights: dict[tuple, object] = {}  # prepared weights by (key, step, device)
         self.patches: dict[tuple, object] = {}  # the patches the sampler's own calls run with, by place
-        self.recorded: Branch | None = None  # the branch a calibration records: the run's first
+        self.recorded: tuple[Branch, ...] | None = None  # a calibration records the first call's branches
 
     def clone(self) -> "RunState":
         return RunState(self.make_run_map, self.recorder, self.history_dtype, self.offload_device, self.fused)
@@ -142,15 +168,19 @@ class RunState:
         if variant is None or variant:
             self.extra_calls += 1
         if variant is None:
-            return Call(Decision.COMPUTE, step, sigma, None)
-        key = (tuple(str(u) for u in transformer_options.get("uuids", ())), tuple(x.shape), x.dtype, x.device,
-               variant)
-        branch = self.branches.get(key)
-        if branch is None:
-            branch = self.branches[key] = Branch()
-            if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
-                self.recorded = branch
-        return Call(self._decide_step(branch, step), step, sigma, branch)
+            return Call(Decision.COMPUTE, step, sigma)
+        uuids = tuple(str(u) for u in transformer_options.get("uuids", ()))
+        if not uuids or x.shape[0] % len(uuids):
+            uuids = (uuids,)  # no equal shares to tell apart: the batch is one part
+        shape = (x.shape[0] // len(uuids), *x.shape[1:])
+        branches = []
+        for uuid in uuids:
+            key = (uuid, shape, x.dtype, x.device, variant)
+            branches.append(self.branches.get(key) or self.branches.setdefault(key, Branch()))
+        if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
+            self.recorded = tuple(branches)
+        parts = [Part(branch, i, self._decide_step(branch, step)) for i, branch in enumerate(branches)]
+        return Call.deciding(step, sigma, parts)
 
     def _start(self, sample_sigmas: np.ndarray) -> None:
         self.started = True
@@ -181,31 +211,56 @@ class RunState:
         return Decision.PREDICT if predict else Decision.CACHE
 
     def store(self, call: Call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
-        """Keep a computed unit's residual, ``after - before``, where the call's decision keeps it: written
-        straight into the history's slot, one pass over the activations."""
-        if self.recorder is not None and call.decision is Decision.CACHE and call.branch is self.recorded:
-            # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
-            self.recorder.record(key, call.sigma, (after - before).detach())
+        """Keep a computed unit's residual, ``after - before``, in each part's branch whose decision keeps it:
+        written straight into the history's slot, one pass over the activations."""
+        if self.recorder is not None:
+            self._record(call, key, after, before)
         if self.run_map is None:
             return  # the history holds the newest computation of each computed grid step, in step order
-        history = call.branch.histories.get(key)
-        if history is None:
-            history = call.branch.histories[key] = ResidualHistory(
-                self.run_map.history(key), self.history_dtype, self.offload_device)
-        if call.decision is Decision.REPLACE and len(history):
-            history.drop_newest()
-        history.push_difference(after, before)
+        for part in call.parts:
+            if not part.decision.keeps:
+                continue
+            mine = rows(after, part.index, len(call.parts))
+            history = part.branch.histories.get(key)
+            if history is None:
+                history = self.new_history(key, mine)
+                if history is None:
+                    return
+                part.branch.histories[key] = history
+            if part.decision is Decision.REPLACE and len(history):
+                history.drop_newest()
+            history.push_difference(mine, rows(before, part.index, len(call.parts)))
+
+    def _record(self, call: Call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
+        """Give the recorder a step's residual rows of the recorded branches, in the first call's order,
+        whether the step's calls batch them as that call did or apart."""
+        # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
+        if tuple(p.branch for p in call.parts) == self.recorded:
+            if all(p.decision is Decision.CACHE for p in call.parts):
+                self.recorder.record(key, call.sigma, (after - before).detach())
+            return
+        for p in call.parts:
+            if p.decision is Decision.CACHE and p.branch in self.recorded:
+                share = rows(after, p.index, len(call.parts)) - rows(before, p.index, len(call.parts))
+                self.recorder.record(key, call.sigma, share.detach(),
+                                     (self.recorded.index(p.branch), len(self.recorded)))
+
+    def new_history(self, key: str, residual: torch.Tensor) -> ResidualHistory | None:
+        """An empty history for residuals like ``residual`` of block stream ``key``; None: the run keeps no
+        more."""
+        return ResidualHistory(self.run_map.history(key), self.history_dtype, self.offload_device)
 
     def end_call(self, call: Call) -> None:
-        if not call.decision.keeps or self.run_map is None:
+        if self.run_map is None:
             return
-        branch = call.branch
-        if call.decision is Decision.REPLACE:
-            branch.steps[-1] = int(call.step)
-        else:
-            branch.steps.append(int(call.step))
-            del branch.steps[:-MAX_HISTORY]
-        self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
+        for part in call.parts:
+            if part.decision is Decision.REPLACE:
+                part.branch.steps[-1] = int(call.step)
+            elif part.decision is Decision.CACHE:
+                part.branch.steps.append(int(call.step))
+                del part.branch.steps[:-MAX_HISTORY]
+        if call.decision.keeps:
+            self.peak_bytes = max(self.peak_bytes, sum(b.nbytes() for b in self.branches.values()))
 
     def check(self, call: Call, unit: str, out: torch.Tensor, x: torch.Tensor) -> None:
         """Queue the check that a unit's prediction is finite: its output ``out`` (input plus predicted
@@ -255,9 +310,17 @@ class RunState:
         return weights
 
     def predicted_output(self, call: Call, key: str, x: torch.Tensor) -> torch.Tensor:
-        """The unit's input plus its predicted residual, formed in the same passes (a new tensor)."""
-        history = call.branch.histories[key]
-        return history.predict(self._weights(call, key, history), base=x)
+        """The unit's input plus its predicted residual, formed in the same passes (a new tensor), each part's
+        rows from its own branch's history."""
+        if len(call.parts) == 1:
+            history = call.parts[0].branch.histories[key]
+            return history.predict(self._weights(call, key, history), base=x)
+        out = torch.empty_like(x)
+        for part in call.parts:
+            history = part.branch.histories[key]
+            history.predict(self._weights(call, key, history), base=rows(x, part.index, len(call.parts)),
+                            out=rows(out, part.index, len(call.parts)))
+        return out
 
     def summary(self) -> str | None:
         """The run's counts for the log, None if nothing was predicted or kept apart."""

@@ -58,13 +58,13 @@ def _stacked(pack):
 
 class HistoryAudit:
     """Wraps every HyCa block patch of a model and watches one block. Keeps the residual it computes in each
-    call under that call's branch, and at each call that predicts it, notes whether the history predicted from
-    is exactly the residuals computed in that branch's calls. Tells another node's extra passes from the
-    sampler's own calls (``extra(options, wrappers)``; by default: a dit patch that is not one of these
-    wrappers, as Skip Layer Guidance's) and notes the branches of each."""
+    call under that call's branches (one per conditioning, its rows), and at each call that predicts it, notes
+    whether each history predicted from is exactly the residuals computed for that branch. Tells another
+    node's extra passes from the sampler's own calls (``extra(options, wrappers)``; by default: a dit patch
+    that is not one of these wrappers, as Skip Layer Guidance's) and notes the branches of each."""
 
     def __init__(self, pack, patched, block=("single_block", 0), extra=None):
-        self.current_call = pack.nodes.run_state.current_call
+        self.current_call, self.rows = pack.nodes.run_state.current_call, pack.nodes.run_state.rows
         self.block, self.key = block, f"{block[0]}.{block[1]}.img"
         self.extra = extra or (lambda options, wrappers: any(
             options["patches_replace"]["dit"].get(k) is not w for k, w in wrappers.items()))
@@ -83,17 +83,19 @@ class HistoryAudit:
         if key != self.block or call is None:
             return patch(args, extra)
         kind = "extra" if self.extra(options, self.wrappers) else "own"
-        self.branches[kind].add(id(call.branch))
+        self.branches[kind].add(tuple(id(p.branch) for p in call.parts))
         if call.predict:
-            views = call.branch.histories[self.key].views()
-            expected = [self.residuals.get((id(call.branch), s)) for s in call.branch.steps][-len(views):]
             self.predicted[kind] += 1
-            self.stale += not all(e is not None and torch.equal(v, e) for v, e in zip(views, expected))
+            for part in call.parts:
+                views = part.branch.histories[self.key].views()
+                expected = [self.residuals.get((id(part.branch), s)) for s in part.branch.steps][-len(views):]
+                self.stale += not all(e is not None and torch.equal(v, e) for v, e in zip(views, expected))
             return patch(args, extra)
         before = args["img"].clone()
         out = patch(args, extra)
-        if call.branch is not None:
-            self.residuals[id(call.branch), int(call.step)] = out["img"] - before
+        for part in call.parts:
+            self.residuals[id(part.branch), int(call.step)] = self.rows(out["img"] - before, part.index,
+                                                                        len(call.parts))
         return out
 
 

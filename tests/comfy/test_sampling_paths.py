@@ -17,6 +17,7 @@ import random
 import re
 import uuid
 
+import numpy as np
 import pytest
 import torch
 
@@ -67,14 +68,16 @@ class Watch:
     """Passes every call of a patched model's HyCa block patches through, and notes what happened.
 
     Per block: calls computed and predicted (told apart by the run state's counter). For the first block,
-    every call's step position on the sigma schedule, decision, branch and (batch, tokens) shape; and
-    for each predicted call, whether the residual history it predicts from holds exactly what this block
-    computed at the on-grid steps its branch names (the newest computation at each).
+    every call's step position on the sigma schedule, decision, branches (one per conditioning in the call)
+    and (batch, tokens) shape; and for each predicted call, whether each residual history it predicts from
+    holds exactly what this block computed for that branch's rows at the on-grid steps the branch names (the
+    newest computation at each).
     """
 
     def __init__(self, pack, patched):
         run_state = pack.nodes.run_state
         self.current_call, self.state_key = run_state.current_call, run_state.OPTIONS_KEY
+        self.rows = run_state.rows
         self.history_key = f"{FIRST[0]}.{FIRST[1]}.img"
         replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         self.counts = {key: [0, 0] for key in replaced}
@@ -84,9 +87,9 @@ class Watch:
 
     def reset(self):
         self.counts = {key: [0, 0] for key in self.counts}
-        self.calls = []  # (step, predicted, branch, shape) of the first block
+        self.calls = []  # (step, predicted, branches, shape) of the first block
         self.sample_sigmas = []  # of every run
-        self.residuals = {}  # (branch, step) -> the first block's computed img residual
+        self.residuals = {}  # (branch, step) -> the first block's computed img residual, that branch's rows
         self.stale = []  # steps of predicted calls whose history was not the computed residuals
 
     def _call(self, key, patch, args, extra):
@@ -106,17 +109,22 @@ class Watch:
         predicted = state.predicted > before
         self.counts[key][predicted] += 1
         if first:
-            self.calls.append((call.step, call.predict, id(call.branch), tuple(img.shape[:2])))
-            if call.decision.keeps:  # what the run state keeps: an on-grid step's newest computation
-                self.residuals[id(call.branch), int(call.step)] = out["img"] - img
+            self.calls.append((call.step, call.predict, tuple(id(p.branch) for p in call.parts),
+                               tuple(img.shape[:2])))
+            for part in call.parts:
+                if part.decision.keeps:  # what the run state keeps: an on-grid step's newest computation
+                    self.residuals[id(part.branch), int(call.step)] = self.rows(out["img"] - img, part.index,
+                                                                                len(call.parts))
         return out
 
     def _check_history(self, call):
-        views = call.branch.histories[self.history_key].views()
-        expected = [self.residuals.get((id(call.branch), step)) for step in call.branch.steps][-len(views):]
-        if not views or len(expected) != len(views) or any(
-                e is None or not torch.equal(v, e) for v, e in zip(views, expected)):
-            self.stale.append(call.step)
+        for part in call.parts:
+            views = part.branch.histories[self.history_key].views()
+            computed = [self.residuals.get((id(part.branch), step)) for step in part.branch.steps]
+            expected = computed[-len(views):]
+            if not views or len(expected) != len(views) or any(
+                    e is None or not torch.equal(v, e) for v, e in zip(views, expected)):
+                self.stale.append(call.step)
 
     def per_block(self):
         return {key: tuple(c) for key, c in self.counts.items()}
@@ -296,6 +304,60 @@ def test_shape_batch_and_prompt_changes_between_runs_never_reuse_residuals(pack,
             results[name] = _sample(_apply(pack, flux, solver_map), positive, negative, latent, steps=8)
         assert torch.equal(out, results[name]), name
     assert len({tuple(r.shape) for r in results.values()}) == 3
+
+
+def _short_of_two_prompts(model, monkeypatch):
+    """ComfyUI batches a step's positive and negative prompt into one model call only while its estimate of
+    the call's memory fits what is free then, so under memory pressure one run calls the model with both at
+    one step and apart at the next: here free memory is short of the two at every third step."""
+    estimate, batched = model.memory_required, []
+
+    def memory_required(input_shape, **kwargs):
+        if input_shape[0] == 2:
+            batched.append(input_shape)
+            if len(batched) % 3 == 0:
+                return float("inf")
+        return estimate(input_shape, **kwargs)
+
+    monkeypatch.setattr(model, "memory_required", memory_required)
+
+
+def test_a_batch_split_at_some_steps_predicts_as_the_unsplit_run(pack, flux, solver_map, conditioning,
+                                                                  monkeypatch):
+    """Each prompt's rows keep their own history: a run whose batch splits at some steps decides and
+    predicts every step as the batched run does, and gives its image."""
+    positive, negative = conditioning
+    latent = torch.zeros(LATENT)
+    run = functools.partial(_sample, positive=positive, negative=negative, latent=latent, cfg=3.0)
+    batched_watch = Watch(pack, patched := _apply(pack, flux, solver_map))
+    batched = run(patched)
+    _short_of_two_prompts(flux.model, monkeypatch)
+    split_watch = Watch(pack, patched := _apply(pack, flux, solver_map))
+    split = run(patched)
+    assert {shape[0] for *_, shape in split_watch.calls} == {1, 2}  # both batchings in one run
+    decided = {step: predicted for step, predicted, *_ in batched_watch.calls}
+    assert {step: predicted for step, predicted, *_ in split_watch.calls} == decided
+    assert any(decided.values()) and not split_watch.stale
+    torch.testing.assert_close(split, batched, rtol=1e-5, atol=1e-5)
+
+
+def test_a_probe_split_at_some_steps_records_as_the_unsplit_one(pack, flux, conditioning, monkeypatch):
+    """A calibration records both prompts' rows at every step, in the first call's order, however the steps
+    batch them."""
+    positive, negative = conditioning
+    recorders = []
+    for split in (False, True):
+        if split:
+            _short_of_two_prompts(flux.model, monkeypatch)
+        recorders.append(pack.hyca_core.trajectories.TrajectoryRecorder())
+        state = pack.nodes.run_state.RunState(recorder=recorders[-1])
+        probe = pack.nodes.patching.with_hyca(flux, state, "block")
+        _sample(probe, positive, negative, torch.zeros(LATENT), cfg=3.0)
+    batched, split = recorders
+    assert list(split) == list(batched)
+    for key in batched:
+        assert np.array_equal(split[key].sigmas, batched[key].sigmas) and len(batched[key].sigmas) == STEPS
+        np.testing.assert_allclose(split[key].values, batched[key].values, rtol=1e-3, atol=1e-3)
 
 
 def _interrupt_at(step):

@@ -46,6 +46,20 @@ def test_round_trip_keeps_sampled_rows_in_order():
     assert list(rec) == ["block.0"]
 
 
+def test_a_step_split_into_shares_is_kept_as_the_whole_step():
+    """A batch the sampler split across model calls: its shares, in any order, make the step's rows."""
+    whole, split = (TrajectoryRecorder(tokens=4, seed=1, dtype=torch.float32) for _ in range(2))
+    steps = {sigma: torch.randn(3, 10, 5) for sigma in (1.0, 0.5)}
+    for sigma, residual in steps.items():
+        whole.record("block.0", sigma, residual)
+    split.record("block.0", 1.0, steps[1.0])  # the first step batched
+    for i in (2, 0, 1):
+        assert "block.0" not in split or len(split["block.0"].sigmas) == 1  # not kept before its last share
+        split.record("block.0", 0.5, steps[0.5][i:i + 1], share=(i, 3))
+    np.testing.assert_array_equal(split["block.0"].values, whole["block.0"].values)
+    np.testing.assert_array_equal(split["block.0"].sigmas, [1.0, 0.5])
+
+
 def test_default_dtype_is_half_precision():
     rec = TrajectoryRecorder(tokens=4)
     residual = torch.randn(1, 10, 3)
