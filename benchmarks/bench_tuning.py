@@ -12,7 +12,10 @@ Also prints, per N, the Spearman rank correlation of the candidates' scores betw
 and (a) a replay of the probe's own pair, (b) the tuning's single held-out seed.
 
     python benchmarks/bench_tuning.py [--model wan|flux|sd3] [--pairs 12] [--cfg 2] [--size 40]
-                                      [--out benchmarks/results/tuning-wan.txt]
+                                      [--search 12] [--out benchmarks/results/tuning-wan.txt]
+
+``--search K``: HyCa Calibrate's search, K replays per tuned N (the "tuned" column then runs the searched
+placement at a tuned N).
 """
 
 from __future__ import annotations
@@ -111,7 +114,9 @@ def heading(args) -> str:
 
 
 def main(argv=None) -> None:
-    args = parser(__doc__.split("\n\n")[0]).parse_args(argv)
+    options = parser(__doc__.split("\n\n")[0])
+    options.add_argument("--search", type=int, default=0, help="HyCa Calibrate's search: replays per tuned N")
+    args = options.parse_args(argv)
     probe = probed(args)
     pack, reference, model, steps, cfg = probe.pack, probe.reference, probe.model, probe.steps, probe.cfg
     solver_map, probe_out, held_out, one = probe.solver_map, probe.probe_out, probe.held_out, probe.one
@@ -122,8 +127,10 @@ def main(argv=None) -> None:
     tuned_map, result = pack.nodes.tuning_runs.tune(
         pack.nodes.calibrate_node.KSamplerRuns(model, PROBE_SEED, steps, cfg, "euler", "simple",
                                                reference.conditioning(PROBE_CLASS), reference.unconditional(),
-                                               {"samples": reference.empty_latent(1)}), solver_map)
+                                               {"samples": reference.empty_latent(1)}), solver_map,
+        search=args.search)
     tune_cpu = time.process_time() - start
+    searched = {n: t.searched for n, t in tuning.from_info(tuned_map.info).items() if t.searched}
 
     full = held_out(model)
     tuning_ref = one(model, PROBE_SEED + 1)
@@ -131,7 +138,10 @@ def main(argv=None) -> None:
     lines = [heading(args),
              f"tuning: {result.computed} model steps = {result.computed / steps:.2f}x the probe's {steps} "
              f"(budget {result.budget}); tuned N: "
-             + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items())),
+             + ", ".join(f"{n}: {t.candidate.label()}" for n, t in sorted(result.tuned.items()))
+             + (f"; search: at most {args.search} replays per tuned N, kept at: "
+                + (", ".join(f"N={n} (full steps {' '.join(map(str, s[1]))})" for n, s in searched.items())
+                   or "none") if args.search else ""),
              f"CPU time: probe and calibration {probe.probe_cpu:.1f} s, tuning {tune_cpu:.1f} s", "",
              f"{'N':>2} {'full':>5} {'tuned':>7} {'as':>14} {'fixed default':>14} {'fewer steps':>20} "
              f"{'tuned - fewer':>14} {'best candidate (its full steps)':>36} {'tuned - best':>12} "

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from . import defaults
 from .closeness import latent_psnr
@@ -37,6 +39,7 @@ LEAD = 2.0
 SWITCH_MARGIN = 1.0
 MAX_TUNED = 32  # intervals a map may hold tuning for: bounds the map's info
 MAX_INTERVAL = 10_000
+MAX_STEPS = 10_000  # a searched placement's run length (HyCa Calibrate's steps go as far)
 MAX_PSNR = 1000.0  # a bound for validation only; finite scores stay far below
 
 
@@ -63,22 +66,40 @@ class Tuned:
     computed: int
     plain_sampler: str
     plain_psnr: float
+    # a placement searched from the candidate's (`search`): the full steps of a run of that many steps
+    searched: tuple[int, tuple[int, ...]] | None = None
 
     @property
     def lead(self) -> float:
         """HyCa's dB over the best plain run at the same compute."""
         return self.psnr - self.plain_psnr
 
+    def mask(self, steps: int) -> np.ndarray | None:
+        """The searched placement's mask (True = full compute) for a run of ``steps`` steps, None for
+        another step count or without a search."""
+        if self.searched is None or self.searched[0] != steps:
+            return None
+        mask = np.zeros(steps, dtype=bool)
+        mask[list(self.searched[1])] = True
+        return mask
+
+    def with_mask(self, mask: np.ndarray, psnr: float) -> Tuned:
+        return replace(self, psnr=psnr, searched=(len(mask), tuple(int(s) for s in np.flatnonzero(mask))))
+
     def to_info(self) -> dict:
-        return {"warmup": self.candidate.warmup, "placement": self.candidate.placement,
+        info = {"warmup": self.candidate.warmup, "placement": self.candidate.placement,
                 "psnr": round(self.psnr, 3), "computed": self.computed,
                 "plain": {"sampler": self.plain_sampler, "psnr": round(self.plain_psnr, 3)}}
+        if self.searched is not None:
+            info["searched"] = {"steps": self.searched[0], "full": list(self.searched[1])}
+        return info
 
     @classmethod
     def from_info(cls, entry: dict) -> Tuned:
-        plain = entry["plain"]
+        plain, searched = entry["plain"], entry.get("searched")
         return cls(Candidate(entry["warmup"], entry["placement"]), entry["psnr"], entry["computed"],
-                   plain["sampler"], plain["psnr"])
+                   plain["sampler"], plain["psnr"],
+                   None if searched is None else (searched["steps"], tuple(searched["full"])))
 
 
 @dataclass
@@ -170,6 +191,40 @@ def tune(replay: Callable[[Candidate, int], object], plain: Callable[[str, int],
     return Tuning(tuned, scores, spent, limit)
 
 
+def moves(mask: np.ndarray, warmup: int) -> list[np.ndarray]:
+    """Every mask with one full step after the warm-up moved by one step onto a predicted one (as many full
+    steps as before), earliest first."""
+    out = []
+    for step in np.flatnonzero(mask):
+        for target in (step - 1, step + 1):
+            if step >= warmup and warmup <= target < len(mask) and not mask[target]:
+                moved = mask.copy()
+                moved[[step, target]] = [False, True]
+                out.append(moved)
+    return out
+
+
+def search(start: np.ndarray, start_psnr: float, warmup: int, score: Callable[[np.ndarray], float],
+           replays: int) -> tuple[np.ndarray, float, int]:
+    """Hill-climb from the mask ``start`` (scoring ``start_psnr``) over `moves`, each scored by a replay
+    (``score``: its latent PSNR against the reference), keeping the best move of each round while it
+    improves, until none does or ``replays`` are spent; returns the mask, its score and the replays spent.
+    On the reference models the placement found this way beat both placements on held-out prompts at every
+    N (README, "Placement search")."""
+    best_mask, best, spent = start, start_psnr, 0
+    while spent < replays:
+        trials = moves(best_mask, warmup)[:replays - spent]
+        if not trials:
+            break
+        spent += len(trials)
+        scores = [score(mask) for mask in trials]
+        top = int(np.argmax(scores))
+        if not scores[top] > best:  # NaN (a diverged replay) never wins
+            break
+        best_mask, best = trials[top], scores[top]
+    return best_mask, best, spent
+
+
 def _best(table: dict, keys):
     scored = [k for k in keys if k in table]
     return max(scored, key=table.__getitem__) if scored else None
@@ -251,7 +306,9 @@ def check_info(value) -> None:
         if not (isinstance(n, str) and n.isdecimal() and 1 <= int(n) <= MAX_INTERVAL):
             raise ValueError(f"interval {n!r} is not a number of steps")
         plain = entry.get("plain") if isinstance(entry, dict) else None
-        ok = (isinstance(entry, dict) and entry.keys() == {"warmup", "placement", "psnr", "computed", "plain"}
+        keys = {"warmup", "placement", "psnr", "computed", "plain"}
+        ok = (isinstance(entry, dict) and keys <= entry.keys() <= keys | {"searched"}
+              and _is_searched(entry.get("searched"))
               and entry["warmup"] in WARMUPS and type(entry["warmup"]) is int
               and entry["placement"] in PLACEMENTS
               and _is_int(entry["computed"], MAX_INTERVAL) and _is_score(entry["psnr"])
@@ -259,6 +316,18 @@ def check_info(value) -> None:
               and plain["sampler"] in PLAIN_SAMPLERS and _is_score(plain["psnr"]))
         if not ok:
             raise ValueError(f"the tuning for N={n} is malformed")
+
+
+def _is_searched(value) -> bool:
+    """None, or a searched placement: a step count and its full steps, distinct and in order."""
+    if value is None:
+        return True
+    if not (isinstance(value, dict) and value.keys() == {"steps", "full"}
+            and _is_int(value["steps"], MAX_STEPS) and isinstance(value["full"], list)):
+        return False
+    full = value["full"]
+    return all(type(s) is int for s in full) and full == sorted(set(full)) and all(
+        0 <= s < value["steps"] for s in full)
 
 
 def _is_int(value, most: int) -> bool:

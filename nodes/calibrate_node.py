@@ -20,8 +20,9 @@ from ..hyca_core.schedule import Schedule
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
 from ..hyca_core.trajectories import DEFAULT_TOKENS, TrajectoryRecorder
 from . import checkpoint_path, map_store, prompt_links, tuning_runs, ui_text
-from .apply_options import AUTO, ApplyOptions, map_warmup, mismatch_message
+from .apply_options import AUTO, ApplyOptions, granularity_for, map_warmup, mismatch_message
 from .apply_hyca import patch_model
+from .map_source import MapSource
 from .run_state import RunState
 from .patching import GRANULARITIES, model_architecture, with_hyca
 from .types import CATEGORY, SolverMapType
@@ -84,6 +85,9 @@ class KSamplerRuns:
 
     def plain(self, sampler_name, steps) -> torch.Tensor:
         return self.sample(self.model, sampler_name, steps)
+
+    def source(self, solver_map, options):
+        return MapSource(self.model, solver_map, options, granularity_for(options, solver_map))
 
 
 def check_consumers(node_cls, granularity: str) -> None:
@@ -158,6 +162,10 @@ class HyCaCalibrate(io.ComfyNode):
                                  tooltip="After the probe, try HyCa's settings on one more sampling (another "
                                          "seed) and keep what comes closest, per speed-up; takes up to three "
                                          "more full runs' time."),
+                io.Int.Input("search", default=0, min=0, max=500, optional=True,
+                             tooltip="With tune: replays per tuned speed-up searching where its full steps "
+                                     "go, kept where they come closer (0: off). Each takes about 1/N of a "
+                                     "run; the result serves runs with this step count."),
             ],
             outputs=[
                 SolverMapType.Output(display_name="solver_map",
@@ -171,7 +179,8 @@ class HyCaCalibrate(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                interval, warmup, clusters, granularity, save, recalibrate=False, tune=True) -> io.NodeOutput:
+                interval, warmup, clusters, granularity, save, recalibrate=False, tune=True,
+                search=0) -> io.NodeOutput:
         check_consumers(cls, granularity)
         checkpoint = checkpoint_path.for_node(cls)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None
@@ -194,7 +203,7 @@ class HyCaCalibrate(io.ComfyNode):
             try:
                 runs = KSamplerRuns(model, seed, steps, cfg, sampler_name, scheduler, positive,
                                     negative, latent_image)
-                solver_map, _ = tuning_runs.tune(runs, solver_map)
+                solver_map, _ = tuning_runs.tune(runs, solver_map, search=search)
             except (RuntimeError, ValueError) as error:  # e.g. out of memory: the probe is paid for, keep it
                 logging.warning("HyCa Calibrate: tuning failed (%s); the map is kept untuned", error)
         where = "not saved"

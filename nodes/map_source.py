@@ -14,6 +14,7 @@ from ..hyca_core.schedule import RunSchedule, speedup
 from ..hyca_core import run_maps
 from ..hyca_core.run_maps import FixedRunMap
 from ..hyca_core.solver_map import MIN_PROBE_STEPS, MapError, SolverMap
+from ..hyca_core.solvers import warmup_pool
 from ..hyca_core.trajectories import TrajectoryRecorder
 from ..hyca_core.tuning import Tuned
 from . import map_store, tuning_runs, ui_text
@@ -97,6 +98,16 @@ class MapSource:
         """The map's tuning for this interval or the nearest tuned one, None without tuning."""
         return tuning.nearest(tuning.from_info(self.solver_map.info), interval) if self.solver_map else None
 
+    def searched(self, schedule: RunSchedule, steps: int) -> np.ndarray | None:
+        """The full steps the map's tuning searched for this run (`tuning.search`): at that very N and
+        warm-up, for a run of the probe's step count over the whole denoising; None for any other run."""
+        if self.solver_map is None or self.options.placement != AUTO or self.options.target_speedup:
+            return None
+        tuned = tuning.from_info(self.solver_map.info).get(schedule.interval)
+        if tuned is None or tuned.candidate.warmup != schedule.warmup or self.options.window != (0.0, 1.0):
+            return None
+        return tuned.mask(steps)
+
     def placement(self, interval: int) -> str:
         """The placement a run at this interval uses: the one asked for, else the tuned one, else fixed."""
         if self.options.placement != AUTO:
@@ -114,9 +125,15 @@ class MapSource:
             placement = self.placement(schedule.interval)
             calibrated = placement == "calibrated"
             budget = self.budget(schedule, len(step_sigmas)) if calibrated else None
-            run_map = run_maps.run_map(self.solver_map, np.array(step_sigmas), schedule,
-                                       fitted=self.options.fitted, single_solver=self.options.single_solver,
-                                       budget=budget)
+            searched = self.searched(schedule, len(step_sigmas))
+            fitting = dict(fitted=self.options.fitted, single_solver=self.options.single_solver)
+            if searched is None:
+                run_map = run_maps.run_map(self.solver_map, np.array(step_sigmas), schedule, budget=budget,
+                                           **fitting)
+            else:
+                placement = "searched"
+                run_map = run_maps.for_mask(self.solver_map, np.array(step_sigmas), searched,
+                                            warmup_pool(schedule.warmup), **fitting)
             mask = run_map.mask
             logging.info("HyCa: %d steps, %d computed, %d predicted: %.2fx fewer block computations (N=%d, "
                          "%s placement; first %d and last %d steps computed)", len(mask), mask.sum(),

@@ -20,10 +20,11 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..hyca_core import tuning
+from ..hyca_core import defaults, tuning
+from ..hyca_core.closeness import latent_psnr
 from ..hyca_core.schedule import Schedule
 from ..hyca_core.solver_map import SolverMap
-from .apply_options import ApplyOptions
+from .apply_options import AUTO, ApplyOptions
 
 SEED_RANGE = 2**64  # KSampler's seeds
 
@@ -33,9 +34,14 @@ def reference_seed(probe_seed: int | None) -> int:
     return ((probe_seed or 0) + 1) % SEED_RANGE
 
 
-def candidate_options(candidate: tuning.Candidate, interval: int, options: ApplyOptions = ApplyOptions()):
+def candidate_options(candidate: tuning.Candidate | None, interval: int,
+                      options: ApplyOptions = ApplyOptions()) -> ApplyOptions:
     """The options a replay of ``candidate`` at this interval runs with: the candidate's schedule over the
-    whole denoising, whatever the user's window or target speed-up (a map's tuning serves every graph)."""
+    whole denoising, whatever the user's window or target speed-up (a map's tuning serves every graph).
+    None: what the map's own tuning says at this interval (a searched placement included)."""
+    if candidate is None:
+        return replace(options, schedule=Schedule(interval=interval), placement=AUTO, target_speedup=0.0,
+                       window=(0.0, 1.0), tuned_warmup=True)
     return replace(options, schedule=Schedule(interval=interval, warmup=candidate.warmup),
                    placement=candidate.placement, target_speedup=0.0, window=(0.0, 1.0), tuned_warmup=False)
 
@@ -48,9 +54,12 @@ class Runs(Protocol):
 
     def full(self) -> torch.Tensor: ...
 
-    def replay(self, candidate: tuning.Candidate, interval: int, solver_map: SolverMap) -> torch.Tensor: ...
+    def replay(self, candidate: tuning.Candidate | None, interval: int,
+               solver_map: SolverMap) -> torch.Tensor: ...  # None: the map's own tuning at this interval
 
     def plain(self, sampler_name: str, steps: int) -> torch.Tensor: ...
+
+    def source(self, solver_map: SolverMap, options: ApplyOptions): ...  # the MapSource replays predict with
 
 
 def fewer_sigmas(model_sampling, sigmas: torch.Tensor, steps: int) -> torch.Tensor:
@@ -94,25 +103,59 @@ class ReplayRuns:
     def replay(self, candidate, interval, solver_map) -> torch.Tensor:
         return self.sample(self.state_for(solver_map, candidate_options(candidate, interval, self.options)))
 
+    def source(self, solver_map, options):
+        return self.state_for(solver_map, options).source
+
     def plain(self, sampler_name, steps) -> torch.Tensor:
         sigmas = fewer_sigmas(self.rerun.model_sampling, self.sigmas, steps)
         return self.sample(self.state_for(None, None), sampler=comfy.samplers.sampler_object(sampler_name),
                            sigmas=sigmas)
 
 
-def tune(runs: Runs, solver_map: SolverMap, budget: float = tuning.BUDGET) -> tuple[SolverMap, tuning.Tuning]:
+def tune(runs: Runs, solver_map: SolverMap, budget: float = tuning.BUDGET,
+         search: int = 0) -> tuple[SolverMap, tuning.Tuning]:
     """The map with its tuning in its info ("tuned"), and the tuning itself. The reference is the probe's
     settings sampled at full compute from another seed (``runs.reference_seed``): a run the map was not
-    fitted on."""
+    fitted on. ``search``: replays per tuned N for a local search of its full steps (`tuning.search`), an
+    addition to the budget."""
     steps, seed = runs.steps, runs.reference_seed
     progress = comfy.utils.ProgressBar(int(budget * steps))
-    result = tuning.tune(lambda candidate, n: runs.replay(candidate, n, solver_map), runs.plain, runs.full(),
+    reference = runs.full()
+    result = tuning.tune(lambda candidate, n: runs.replay(candidate, n, solver_map), runs.plain, reference,
                          steps, budget=budget, progress=progress.update_absolute)
-    for n, tuned in sorted(result.tuned.items()):
-        logging.info("HyCa: tuned N=%d: %s, %.1f dB against seed %d (%+.1f dB over plain %s with %d steps)",
-                     n, tuned.candidate.label(), tuned.psnr, seed, tuned.lead, tuned.plain_sampler,
-                     tuned.computed)
+    tuned = with_tuning(solver_map, result.tuned, seed)
+    for n in sorted(result.tuned, key=lambda k: k != defaults.INTERVAL) if search else ():
+        tuned = _searched(runs, tuned, n, reference, search)
+    for n, found in sorted(tuning.from_info(tuned.info).items()):
+        logging.info("HyCa: tuned N=%d: %s%s, %.1f dB against seed %d (%+.1f dB over plain %s with %d steps)",
+                     n, found.candidate.label(), "" if found.searched is None else ", searched", found.psnr,
+                     seed, found.lead, found.plain_sampler, found.computed)
     logging.info("HyCa: tuning computed %d model steps (the probe's %d times %.2f)",
                  result.computed, steps, result.computed / steps)
-    info = {**solver_map.info, "tuned": result.to_info(), "tuned_seed": seed}
-    return replace(solver_map, info=info), result
+    return tuned, result
+
+
+def with_tuning(solver_map: SolverMap, tuned: dict[int, tuning.Tuned], seed: int) -> SolverMap:
+    info = {**solver_map.info, "tuned": {str(n): t.to_info() for n, t in sorted(tuned.items())},
+            "tuned_seed": seed}
+    return replace(solver_map, info=info)
+
+
+def _searched(runs: Runs, solver_map: SolverMap, n: int, reference: torch.Tensor, replays: int) -> SolverMap:
+    """The map with N=n's tuned placement improved by a local search on the reference (`tuning.search`),
+    each move a replay of the map as Apply would run it."""
+    every = tuning.from_info(solver_map.info)
+    found = every[n]
+    options = candidate_options(found.candidate, n)
+    start = runs.source(solver_map, options).for_run(solver_map.probe_sigmas).mask
+
+    def trial(mask, psnr=found.psnr) -> SolverMap:
+        return with_tuning(solver_map, {**every, n: found.with_mask(mask, psnr)}, runs.reference_seed)
+
+    def score(mask) -> float:
+        return latent_psnr(runs.replay(None, n, trial(mask)), reference)
+
+    mask, psnr, spent = tuning.search(start, found.psnr, found.candidate.warmup, score, replays)
+    logging.info("HyCa: N=%d: placement searched in %d replays, %.1f dB against %.1f dB before", n, spent,
+                 psnr, found.psnr)
+    return trial(mask, psnr) if psnr > found.psnr else solver_map

@@ -99,6 +99,20 @@ def test_auto_mode_tunes_on_replays_of_the_users_run_as_calibrate_does(pack, wan
     assert "calibrated and tuned from this run; map saved to" in caplog.text
 
 
+def test_a_search_keeps_a_placement_only_where_apply_then_comes_closer(pack, wan, tuned):
+    """HyCa Calibrate's search: the map's score at N=4 is what Apply's run from the tuning's seed then scores
+    against that seed's full run, searched placement included, and no lower than the tuning's own."""
+    tuned_map, result, _, conditioning = tuned
+    runs = pack.nodes.calibrate_node.KSamplerRuns(wan, SEED, STEPS, CFG, "euler", "simple", *conditioning,
+                                                  {"samples": reference_model.empty_latent(1)})
+    searched_map, _ = pack.nodes.tuning_runs.tune(runs, tuned_map, search=8)
+    found = pack.hyca_core.tuning.from_info(searched_map.info)[4]
+    assert found.searched is not None and found.searched[0] == STEPS  # this model and seed: it pays
+    assert len(found.searched[1]) == result.tuned[4].computed and found.psnr > result.tuned[4].psnr
+    replayed = latent_psnr(runs.replay(None, 4, searched_map), runs.full())
+    assert replayed == pytest.approx(found.psnr, abs=1e-3)
+
+
 def test_a_tuned_map_round_trips_and_a_malformed_tuning_is_refused(pack, tuned, tmp_path):
     tuned_map = tuned[0]
     path = tuned_map.save(tmp_path / "tuned.hyca.safetensors")
@@ -106,8 +120,13 @@ def test_a_tuned_map_round_trips_and_a_malformed_tuning_is_refused(pack, tuned, 
     assert loaded.info["tuned"] == tuned_map.info["tuned"]
     assert pack.hyca_core.tuning.from_info(loaded.info) == pack.hyca_core.tuning.from_info(tuned_map.info)
     entry = next(iter(tuned_map.info["tuned"].values()))
+    searched = {"steps": 12, "full": [0, 1, 5, 9]}
+    assert replace(tuned_map, info={"tuned": {"5": {**entry, "searched": searched}}}).save(
+        tmp_path / "searched.hyca.safetensors").exists()
     for bad in ({"5": {**entry, "placement": "anywhere"}}, {"5": {**entry, "psnr": float("nan")}},
-                {str(n): entry for n in range(1, 40)}, {"five": entry}):
+                {str(n): entry for n in range(1, 40)}, {"five": entry},
+                {"5": {**entry, "searched": {**searched, "full": [5, 1]}}},
+                {"5": {**entry, "searched": {**searched, "full": [0, 12]}}}):
         with pytest.raises(pack.hyca_core.solver_map.MapError, match="info tuned"):
             replace(tuned_map, info={"tuned": bad}).save(tmp_path / "bad.hyca.safetensors")
     assert not (tmp_path / "bad.hyca.safetensors").exists()
@@ -118,6 +137,37 @@ def _tuned_as(solver_map, **entries):
     tuning = {str(n): {"warmup": w, "placement": p, "psnr": x, "computed": 4,
                        "plain": {"sampler": "dpmpp_2m", "psnr": y}} for n, (w, p, x, y) in entries.items()}
     return replace(solver_map, info={**solver_map.info, "tuned": tuning})
+
+
+def test_a_searched_placement_serves_its_n_and_step_count_only(pack, flux, solver_map, conditioning,
+                                                             finished, caplog):
+    """A map whose tuning searched N=4's full steps for 12-step runs: Apply runs exactly those steps there,
+    and the tuned placement at another step count, another N or where the user set a placement."""
+    Schedule, tuning = pack.hyca_core.schedule.Schedule, pack.hyca_core.tuning
+    tuned_map = _tuned_as(solver_map, **{"4": (2, "fixed", 30.0, 25.0)})
+    fixed = Schedule(interval=4, warmup=2).mask(12)
+    moved = tuning.moves(fixed, 2)[-1]
+    found = tuning.from_info(tuned_map.info)[4].with_mask(moved, 31.0)
+    searched = pack.nodes.tuning_runs.with_tuning(tuned_map, {4: found}, seed=1)
+
+    def apply(interval, **options):
+        schedule = Schedule(interval=interval)
+        return pack.nodes.apply_hyca.apply_hyca(flux, searched, schedule, tuned_warmup=True, **options)
+
+    runs = [(apply(4), 4, 12, moved), (apply(4), 4, 16, None), (apply(6), 6, 12, None),
+            (apply(4, placement="fixed"), 4, 12, fixed), (apply(4, window=(0.0, 0.9)), 4, 12, "not searched")]
+    for patched, interval, steps, expected in runs:
+        finished.clear()
+        with caplog.at_level(logging.INFO):
+            sampling.sample(patched, *conditioning, torch.zeros(LATENT), steps=steps)
+        (state,) = finished
+        if isinstance(expected, str):  # a window computes its ends: the tuned placement inside it
+            assert not np.array_equal(state.run_map.mask, moved)
+            continue
+        if expected is None:
+            expected = Schedule(interval=interval, warmup=2).mask(steps)
+        assert np.array_equal(state.run_map.mask, expected), (interval, steps)
+    assert caplog.text.count("searched placement") == 1
 
 
 def test_apply_follows_the_tuning_of_the_nearest_n_and_says_where_fewer_steps_win(
