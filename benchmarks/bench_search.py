@@ -26,18 +26,6 @@ from harness.metrics import latent_psnr  # noqa: E402
 INTERVALS = (4, 6, 8)
 
 
-def moves(mask: np.ndarray, warmup: int) -> list[np.ndarray]:
-    """Every mask with one full step after the warm-up shifted by one step onto a predicted one."""
-    out = []
-    for step in np.flatnonzero(mask):
-        for target in (step - 1, step + 1):
-            if step >= warmup and warmup <= target < len(mask) and not mask[target]:
-                moved = mask.copy()
-                moved[[step, target]] = [False, True]
-                out.append(moved)
-    return out
-
-
 def main(argv=None) -> None:
     options = parser(__doc__.split("\n\n")[0])
     options.add_argument("--replays", type=int, default=60, help="replays the search may spend per N")
@@ -77,16 +65,7 @@ def main(argv=None) -> None:
         start = {"fixed": fixed, "calibrated": calibrated}
         ref = {name: scored(mask) for name, mask in start.items()}
         name = max(ref, key=ref.get)
-        current, best, spent = start[name], ref[name], 0
-        while spent < args.replays:
-            trials = moves(current, warmup)[:args.replays - spent]
-            if not trials:
-                break
-            spent += len(trials)
-            scores = [scored(mask) for mask in trials]
-            if max(scores) <= best:
-                break
-            best, current = max(scores), trials[int(np.argmax(scores))]
+        current, best, spent = hyca_core.tuning.search(start[name], ref[name], warmup, scored, args.replays)
         masks = {**start, "searched": current}
         held, counts = {}, {}
         for key, mask in masks.items():

@@ -8,13 +8,11 @@ from hyca_core.tuning import moves, search
 WARMUP = 2
 
 
-def test_a_move_shifts_one_full_step_after_the_warm_up_to_a_neighbour():
-    mask = Schedule(interval=4, warmup=WARMUP).mask(12)
-    found = moves(mask, WARMUP)
-    assert found
-    for moved in found:
-        (gone,), (new,) = np.flatnonzero(mask & ~moved), np.flatnonzero(moved & ~mask)
-        assert gone >= WARMUP and abs(int(gone) - int(new)) == 1 and moved[:WARMUP].all()
+def test_a_move_shifts_one_full_step_after_the_warm_up_onto_a_predicted_neighbour():
+    mask = np.array([1, 1, 0, 0, 1, 0, 1], dtype=bool)  # warm-up 2, full steps 4 and 6
+    found = {tuple(np.flatnonzero(m)) for m in moves(mask, WARMUP)}
+    assert found == {(0, 1, 3, 6), (0, 1, 5, 6), (0, 1, 4, 5)}
+    assert all(m.sum() == mask.sum() and m[:WARMUP].all() for m in moves(mask, WARMUP))
 
 
 def _distance_to(target):
