@@ -83,8 +83,8 @@ class Tuned:
         mask[list(self.searched[1])] = True
         return mask
 
-    def with_mask(self, mask: np.ndarray, psnr: float) -> Tuned:
-        return replace(self, psnr=psnr, searched=(len(mask), tuple(int(s) for s in np.flatnonzero(mask))))
+    def with_mask(self, mask: np.ndarray) -> Tuned:
+        return replace(self, searched=(len(mask), tuple(int(s) for s in np.flatnonzero(mask))))
 
     def to_info(self) -> dict:
         info = {"warmup": self.candidate.warmup, "placement": self.candidate.placement,

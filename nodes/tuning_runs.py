@@ -143,14 +143,15 @@ def with_tuning(solver_map: SolverMap, tuned: dict[int, tuning.Tuned], seed: int
 
 def _searched(runs: Runs, solver_map: SolverMap, n: int, reference: torch.Tensor, replays: int) -> SolverMap:
     """The map with N=n's tuned placement improved by a local search on the reference (`tuning.search`),
-    each move a replay of the map as Apply would run it."""
+    each move a replay of the map as Apply would run it. The entry keeps the tuning's score: the best of many
+    replays of one run flatters it, and the verdict must not lean on that."""
     every = tuning.from_info(solver_map.info)
     found = every[n]
     options = candidate_options(found.candidate, n)
     start = runs.source(solver_map, options).for_run(solver_map.probe_sigmas).mask
 
-    def trial(mask, psnr=found.psnr) -> SolverMap:
-        return with_tuning(solver_map, {**every, n: found.with_mask(mask, psnr)}, runs.reference_seed)
+    def trial(mask) -> SolverMap:
+        return with_tuning(solver_map, {**every, n: found.with_mask(mask)}, runs.reference_seed)
 
     def score(mask) -> float:
         return latent_psnr(runs.replay(None, n, trial(mask)), reference)
@@ -158,4 +159,4 @@ def _searched(runs: Runs, solver_map: SolverMap, n: int, reference: torch.Tensor
     mask, psnr, spent = tuning.search(start, found.psnr, found.candidate.warmup, score, replays)
     logging.info("HyCa: N=%d: placement searched in %d replays, %.1f dB against %.1f dB before", n, spent,
                  psnr, found.psnr)
-    return trial(mask, psnr) if psnr > found.psnr else solver_map
+    return trial(mask) if psnr > found.psnr else solver_map
