@@ -81,7 +81,9 @@ def tuning_summary(solver_map: SolverMap) -> str:
             continue
         bound = "" if found.kind == "measured" else f" ({found.kind})"
         use = "HyCa" if found.recommended else "fewer plain steps instead"
-        lines.append(f"N={n}: {found.lead:+.1f} dB{bound}: {use}")
+        searched = tuned[n].searched if n in tuned else None
+        where = "" if searched is None else f", its full steps searched for {searched[0]}-step runs"
+        lines.append(f"N={n}: {found.lead:+.1f} dB{bound}: {use}{where}")
     return "\n".join(lines)
 
 

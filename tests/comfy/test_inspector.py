@@ -46,12 +46,14 @@ def test_inspector_shows_where_the_tuning_found_fewer_plain_steps_as_good(pack):
     steps = len(untuned.probe_sigmas)
     computed = {n: pack.hyca_core.tuning.computed_steps(steps, n) for n in (4, 8)}
     entries = {"4": (40.0, 35.0), "8": (30.0, 33.0)}
-    tuned = replace(untuned, info={**untuned.info, "tuned_seed": 1, "tuned": {
-        n: {"warmup": 2, "placement": "fixed", "psnr": h, "computed": computed[int(n)],
-            "plain": {"sampler": "dpmpp_2m", "psnr": p}} for n, (h, p) in entries.items()}})
+    tuning = {n: {"warmup": 2, "placement": "fixed", "psnr": h, "computed": computed[int(n)],
+                  "plain": {"sampler": "dpmpp_2m", "psnr": p}} for n, (h, p) in entries.items()}
+    tuning["4"]["searched"] = {"steps": steps, "full": [0, 1, 4, 9]}  # HyCa Calibrate's search
+    tuned = replace(untuned, info={**untuned.info, "tuned_seed": 1, "tuned": tuning})
     plain_colour = inspector.PLAIN
     image, text = inspector.HyCaSolverInspector.execute(tuned).result
-    assert "N=4: +5.0 dB: HyCa" in text and "N=8: -3.0 dB: fewer plain steps instead" in text
+    assert f"N=4: +5.0 dB: HyCa, its full steps searched for {steps}-step runs" in text
+    assert "N=8: -3.0 dB: fewer plain steps instead\n" in text
     assert "N=6: " in text and "(interpolated): " in text.split("N=6: ")[1].splitlines()[0]
     assert "N=3: +5.0 dB (at least): HyCa" in text
     assert _colour_share(image, plain_colour) > 0
