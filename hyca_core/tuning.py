@@ -111,9 +111,6 @@ class Tuning:
     computed: int  # model computations spent, the reference run included
     budget: int
 
-    def to_info(self) -> dict:
-        return {str(n): t.to_info() for n, t in sorted(self.tuned.items())}
-
 
 def computed_steps(steps: int, interval: int, warmup: int = defaults.WARMUP) -> int:
     """Full computations of a `steps`-step run at this interval and warm-up (calibrated placement keeps
@@ -210,7 +207,7 @@ def search(start: np.ndarray, start_psnr: float, warmup: int, score: Callable[[n
     (``score``: its latent PSNR against the reference), keeping the best move of each round while it
     improves, until none does or ``replays`` are spent; returns the mask, its score and the replays spent.
     On the reference models the placement found this way beat both placements on held-out prompts at every
-    N (README, "Placement search")."""
+    N (README, "A searched placement pays")."""
     best_mask, best, spent = start, start_psnr, 0
     while spent < replays:
         trials = moves(best_mask, warmup)[:replays - spent]
@@ -290,6 +287,11 @@ def verdict(tuned: dict[int, Tuned], interval: int, probe_steps: int) -> Verdict
     if above and tuned[min(above)].lead >= LEAD:
         return Verdict(tuned[min(above)].lead, "at least", (min(above),))
     return None
+
+
+def to_info(tuned: dict[int, Tuned]) -> dict:
+    """A map info's "tuned" entry for this tuning (what `from_info` reads back)."""
+    return {str(n): t.to_info() for n, t in sorted(tuned.items())}
 
 
 def from_info(info: dict) -> dict[int, Tuned]:

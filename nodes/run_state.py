@@ -60,14 +60,8 @@ class Part:
     in equal shares), its branch, and what the call does for that branch."""
 
     branch: Branch
-    index: int  # the share of the batch: rows [index * n / parts, (index + 1) * n / parts) of every stream
+    index: int  # its share of the batch: rows [index * n / parts, (index + 1) * n / parts) (`Call.rows`)
     decision: Decision
-
-
-def rows(tensor: torch.Tensor, index: int, parts: int) -> torch.Tensor:
-    """Share ``index`` of ``parts`` of a batch-first tensor, a view."""
-    size = tensor.shape[0] // parts
-    return tensor[index * size:(index + 1) * size]
 
 
 @dataclass
@@ -87,6 +81,11 @@ class Call:
     @property
     def predict(self) -> bool:
         return self.decision is Decision.PREDICT
+
+    def rows(self, tensor: torch.Tensor, part: Part) -> torch.Tensor:
+        """``part``'s rows of a batch-first tensor of this call (a view)."""
+        size = tensor.shape[0] // len(self.parts)
+        return tensor[part.index * size:(part.index + 1) * size]
 
     @staticmethod
     def deciding(step: float, sigma: float, parts: list[Part]) -> "Call":
@@ -176,7 +175,9 @@ class RunState:
         branches = []
         for uuid in uuids:
             key = (uuid, shape, x.dtype, x.device, variant)
-            branches.append(self.branches.get(key) or self.branches.setdefault(key, Branch()))
+            if key not in self.branches:
+                self.branches[key] = Branch()
+            branches.append(self.branches[key])
         if self.recorded is None:  # the sampler's: other nodes' passes come after its first call
             self.recorded = tuple(branches)
         parts = [Part(branch, i, self._decide_step(branch, step)) for i, branch in enumerate(branches)]
@@ -220,7 +221,7 @@ class RunState:
         for part in call.parts:
             if not part.decision.keeps:
                 continue
-            mine = rows(after, part.index, len(call.parts))
+            mine = call.rows(after, part)
             history = part.branch.histories.get(key)
             if history is None:
                 history = self.new_history(key, mine)
@@ -229,21 +230,17 @@ class RunState:
                 part.branch.histories[key] = history
             if part.decision is Decision.REPLACE and len(history):
                 history.drop_newest()
-            history.push_difference(mine, rows(before, part.index, len(call.parts)))
+            history.push_difference(mine, call.rows(before, part))
 
     def _record(self, call: Call, key: str, after: torch.Tensor, before: torch.Tensor) -> None:
-        """Give the recorder a step's residual rows of the recorded branches, in the first call's order,
-        whether the step's calls batch them as that call did or apart."""
-        # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
-        if tuple(p.branch for p in call.parts) == self.recorded:
-            if all(p.decision is Decision.CACHE for p in call.parts):
-                self.recorder.record(key, call.sigma, (after - before).detach())
-            return
-        for p in call.parts:
-            if p.decision is Decision.CACHE and p.branch in self.recorded:
-                share = rows(after, p.index, len(call.parts)) - rows(before, p.index, len(call.parts))
-                self.recorder.record(key, call.sigma, share.detach(),
-                                     (self.recorded.index(p.branch), len(self.recorded)))
+        """Give the recorder a step's residual rows of the recorded branches, each as its share of the step
+        in the first call's order: the recorder keeps the step once all came, however calls batch them."""
+        for part in call.parts:
+            if part.decision is Decision.CACHE and part.branch in self.recorded:
+                # samplers not run under no_grad (uni_pc, ipndm) must not grow a graph
+                share = (call.rows(after, part) - call.rows(before, part)).detach()
+                index = self.recorded.index(part.branch)
+                self.recorder.record(key, call.sigma, share, (index, len(self.recorded)))
 
     def new_history(self, key: str, residual: torch.Tensor) -> ResidualHistory | None:
         """An empty history for residuals like ``residual`` of block stream ``key``; None: the run keeps no
@@ -318,8 +315,8 @@ class RunState:
         out = torch.empty_like(x)
         for part in call.parts:
             history = part.branch.histories[key]
-            history.predict(self._weights(call, key, history), base=rows(x, part.index, len(call.parts)),
-                            out=rows(out, part.index, len(call.parts)))
+            weights = self._weights(call, key, history)
+            history.predict(weights, base=call.rows(x, part), out=call.rows(out, part))
         return out
 
     def summary(self) -> str | None:

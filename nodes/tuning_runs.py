@@ -136,9 +136,7 @@ def tune(runs: Runs, solver_map: SolverMap, budget: float = tuning.BUDGET,
 
 
 def with_tuning(solver_map: SolverMap, tuned: dict[int, tuning.Tuned], seed: int) -> SolverMap:
-    info = {**solver_map.info, "tuned": {str(n): t.to_info() for n, t in sorted(tuned.items())},
-            "tuned_seed": seed}
-    return replace(solver_map, info=info)
+    return replace(solver_map, info={**solver_map.info, "tuned": tuning.to_info(tuned), "tuned_seed": seed})
 
 
 def _searched(runs: Runs, solver_map: SolverMap, n: int, reference: torch.Tensor, replays: int) -> SolverMap:

@@ -64,7 +64,7 @@ class HistoryAudit:
     that is not one of these wrappers, as Skip Layer Guidance's) and notes the branches of each."""
 
     def __init__(self, pack, patched, block=("single_block", 0), extra=None):
-        self.current_call, self.rows = pack.nodes.run_state.current_call, pack.nodes.run_state.rows
+        self.current_call = pack.nodes.run_state.current_call
         self.block, self.key = block, f"{block[0]}.{block[1]}.img"
         self.extra = extra or (lambda options, wrappers: any(
             options["patches_replace"]["dit"].get(k) is not w for k, w in wrappers.items()))
@@ -94,8 +94,7 @@ class HistoryAudit:
         before = args["img"].clone()
         out = patch(args, extra)
         for part in call.parts:
-            self.residuals[id(part.branch), int(call.step)] = self.rows(out["img"] - before, part.index,
-                                                                        len(call.parts))
+            self.residuals[id(part.branch), int(call.step)] = call.rows(out["img"] - before, part)
         return out
 
 

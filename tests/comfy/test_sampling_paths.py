@@ -77,7 +77,6 @@ class Watch:
     def __init__(self, pack, patched):
         run_state = pack.nodes.run_state
         self.current_call, self.state_key = run_state.current_call, run_state.OPTIONS_KEY
-        self.rows = run_state.rows
         self.history_key = f"{FIRST[0]}.{FIRST[1]}.img"
         replaced = patched.model_options["transformer_options"]["patches_replace"]["dit"]
         self.counts = {key: [0, 0] for key in replaced}
@@ -113,8 +112,7 @@ class Watch:
                                tuple(img.shape[:2])))
             for part in call.parts:
                 if part.decision.keeps:  # what the run state keeps: an on-grid step's newest computation
-                    self.residuals[id(part.branch), int(call.step)] = self.rows(out["img"] - img, part.index,
-                                                                                len(call.parts))
+                    self.residuals[id(part.branch), int(call.step)] = call.rows(out["img"] - img, part)
         return out
 
     def _check_history(self, call):
