@@ -102,7 +102,7 @@ class Row:
     wall_x: float = 1.0  # full compute's median time over the method's, same rounds
     bound: float = 1.0  # Amdahl's bound on wall_x with free prediction
     noise: float = 0.0  # the spread of full compute's runs plus the method's
-    hyca: bool = False  # HyCa's patches (prompt-only layers once per run) or a plain model
+    hyca: bool = False  # HyCa's patches (prompt and position layers once per run) or a plain model
 
 
 def timed(bench: Bench, found, reps: int) -> tuple[list[Row], float]:
@@ -237,8 +237,8 @@ def measure(config: dict, latent: int, text_tokens: int, dtype: torch.dtype, ste
 def report(header: str, rows: list[Row], share: float, split: Split, reps: int) -> list[str]:
     lines = [header, f"{share:.1%} of a full run inside the blocks (its own hooked run); medians of {reps} "
              "interleaved rounds, no hooks; bound: the speed-up with free predictions (HyCa's: with the "
-             "prompt-only layers once per run, from the split below); '!': wall above bound by more than "
-             "the spread; target: "
+             "prompt and position layers once per run, from the split below); '!': wall above bound by more "
+             "than the spread; target: "
              f"wall/compute >= {WALL_TARGET:.0%}",
              f"{'method':34} {'blocks':>6} {'compute':>8} {'wall':>7} {'bound':>7} {'wall/bound':>10} "
              f"{'wall/compute':>13}"]

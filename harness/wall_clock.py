@@ -16,7 +16,7 @@ def amdahl_bound(share: float, blocks_fraction: float, passes_fraction: float, s
     (embeddings, final layer, sampler), which scales at most with the model passes kept. Fractions:
     the method's block executions and model passes over full compute's. ``saved``: the share of full
     compute's time outside the blocks that the method does not spend at equal passes (HyCa computes
-    the prompt-only layers once per run)."""
+    the prompt and position layers once per run)."""
     return 1 / ((1 - share - saved) * passes_fraction + share * blocks_fraction)
 
 

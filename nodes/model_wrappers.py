@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from . import prompt_layers
+from . import run_constant_layers
 from .block_patch import BlockPatch
 from .run_state import OPTIONS_KEY, Call, RunState, call_scope
 
@@ -207,5 +207,5 @@ def outer_sample_wrapper(executor, *args, **kwargs):
             if summary:
                 logging.info(summary)
         finally:
-            prompt_layers.forget(guider.model_patcher)
+            run_constant_layers.forget(guider.model_patcher)
             guider.model_options = original_options

@@ -1,7 +1,8 @@
-"""Layers whose output depends on the prompt alone, computed once per sampling run instead of at every step.
+"""Layers whose output is the same at every step of a sampling run, computed once per run, not every step.
 
 FLUX projects its 4096-wide text tokens (``txt_in``) and embeds its pooled vector (``vector_in``) at every
-model call, from the same conditioning; on a predicted step that is most of what the model still computes
+model call, from the same conditioning, and recomputes the rotary position embedding of the same token
+grid; on a predicted step, whose blocks never attend, that is most of what the model still computes
 outside its blocks (the README's "What a predicted step costs"). Each such layer's ``forward`` is replaced
 through an object patch (its weights stay where LoRA patches find them) by one that returns a copy of the
 output it gave for an equal input earlier in the run. Copies, as the blocks may add into their inputs in
@@ -12,12 +13,15 @@ from __future__ import annotations
 
 import torch
 
-# Layers under diffusion_model that read the conditioning and nothing else, per family package.
-PROMPT_LAYERS = {
-    "comfy.ldm.flux.": ("txt_in", "vector_in"),
+# Layers under diffusion_model, per family package, that read the conditioning or the token positions and
+# nothing else (the rotary embedders hold no weights).
+RUN_CONSTANT_LAYERS = {
+    "comfy.ldm.flux.": ("txt_in", "vector_in", "pe_embedder"),
+    "comfy.ldm.chroma.": ("pe_embedder",),
+    "comfy.ldm.hunyuan_video.": ("pe_embedder",),
     "comfy.ldm.modules.diffusionmodules.mmdit": ("context_embedder", "y_embedder"),
-    "comfy.ldm.wan.": ("text_embedding",),
-    "comfy.ldm.qwen_image.": ("txt_in",),
+    "comfy.ldm.wan.": ("text_embedding", "rope_embedder"),
+    "comfy.ldm.qwen_image.": ("txt_in", "pe_embedder"),
 }
 MAX_INPUTS = 4  # per layer and run: the positive and negative prompt, and a guidance node's own
 
@@ -45,12 +49,13 @@ class OncePerRun:
 
 def _paths(diffusion_model) -> list[str]:
     name = type(diffusion_model).__module__ + "."
-    layers = next((names for package, names in PROMPT_LAYERS.items() if name.startswith(package)), ())
+    layers = next((names for package, names in RUN_CONSTANT_LAYERS.items() if name.startswith(package)), ())
     return [f"diffusion_model.{n}.forward" for n in layers if getattr(diffusion_model, n, None) is not None]
 
 
 def add(patched) -> None:
-    """Put a fresh `OncePerRun` on each prompt layer of the clone ``patched`` (an earlier HyCa's replaced)."""
+    """Put a fresh `OncePerRun` on each run-constant layer of the clone ``patched`` (replacing an earlier
+    HyCa's)."""
     for path in _paths(patched.model.diffusion_model):
         forward = patched.get_model_object(path)
         if isinstance(forward, OncePerRun):
@@ -59,7 +64,7 @@ def add(patched) -> None:
 
 
 def forget(patched) -> None:
-    """Release what the clone's prompt layers hold (at the end of each run)."""
+    """Release what the clone's run-constant layers hold (at the end of each run)."""
     for patch in patched.object_patches.values():
         if isinstance(patch, OncePerRun):
             patch.forget()
