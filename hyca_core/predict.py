@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from . import fused as fused_kernels
@@ -77,7 +78,7 @@ class Weights(NamedTuple):
         return self.fused is not None and fused_kernels.supports(terms) and not one_lerp
 
 
-def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str,
+def prepare(coeffs: torch.Tensor | np.ndarray, dtype: torch.dtype, device: torch.device | str,
             fused: bool = False, with_base: bool = False) -> Weights:
     """(m, D) per-channel weights ready for `predict` on histories of `dtype` on `device`.
 
@@ -93,15 +94,18 @@ def prepare(coeffs: torch.Tensor, dtype: torch.dtype, device: torch.device | str
     not serve: its weights are not derived.
     """
     device = torch.device(device)
-    used = coeffs.ne(0).any(dim=1).nonzero().flatten().tolist() or [len(coeffs) - 1]
-    kept = coeffs[used].to(device)
+    # the rows are picked in numpy: a predicting run prepares weights for every block at every step, and
+    # torch's per-op cost would make this several times slower on a small model
+    table = coeffs.detach().cpu().numpy() if isinstance(coeffs, torch.Tensor) else np.asarray(coeffs)
+    used = np.flatnonzero(table.any(axis=1)).tolist() or [len(table) - 1]
+    kept = torch.from_numpy(table[used])
     accumulate = torch.promote_types(dtype, torch.float32)
     on_cpu = device.type == "cpu"
     # a lerp chain can only be as precise as its weights, held in the history's dtype
     lerp = lerp_weights(kept) if on_cpu and not with_base and len(kept) > 1 and dtype == accumulate else None
-    kept = kept.to(accumulate)
+    kept = kept.to(device=device, dtype=accumulate)
     single = kept if fused and on_cpu and fused_kernels.supports(len(kept) + 1) else None
-    return Weights(dtype, len(coeffs), tuple(used), kept, None if lerp is None else lerp.to(dtype), single)
+    return Weights(dtype, len(table), tuple(used), kept, None if lerp is None else lerp.to(dtype), single)
 
 
 def predict(history: torch.Tensor | Sequence[torch.Tensor], weights: torch.Tensor | Weights,
@@ -299,7 +303,8 @@ class ResidualHistory:
         """The stored residuals oldest first, as views of the storage (no copies)."""
         return [self._buffer[s] for s in self.slots()]
 
-    def prepare(self, coeffs: torch.Tensor, fused: bool = False, with_base: bool = False) -> Weights:
+    def prepare(self, coeffs: torch.Tensor | np.ndarray, fused: bool = False,
+                with_base: bool = False) -> Weights:
         """`prepare` for this history's storage (after the first push)."""
         return prepare(coeffs, self._buffer.dtype, self._buffer.device, fused, with_base)
 

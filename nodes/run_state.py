@@ -302,8 +302,7 @@ class RunState:
             table = self.run_map.coefficients(key, int(call.step))
             # with_base: every prediction is added onto the block's input, so the lerp form, which sums
             # without a base, is not derived
-            weights = self.weights[cache_key] = history.prepare(torch.from_numpy(table), self.fused,
-                                                                with_base=True)
+            weights = self.weights[cache_key] = history.prepare(table, self.fused, with_base=True)
         return weights
 
     def predicted_output(self, call: Call, key: str, x: torch.Tensor) -> torch.Tensor:
