@@ -148,7 +148,7 @@ def main(argv=None) -> None:
              f"{'rho probe':>10} "
              f"{'rho 1 seed':>11} {'miss probe':>11} {'miss 1 seed':>12} "
              f"{'lead probe/1 seed/held':>23} {'verdict':>19} {'right':>5}"]
-    right, behind = [], []
+    right, behind, every = [], [], {}  # every: per N, each candidate's held-out dB
     for n in INTERVALS:
         computed = tuning.computed_steps(steps, n)
         held, probe_scores, seed_scores = {}, {}, {}
@@ -158,6 +158,7 @@ def main(argv=None) -> None:
             held[candidate] = mean_psnr(held_out(patched), full)
             probe_scores[candidate] = latent_psnr(one(patched, PROBE_SEED), probe_out["samples"])
             seed_scores[candidate] = latent_psnr(one(patched, PROBE_SEED + 1), tuning_ref)
+        every[n] = held
         follows = apply_hyca(model, tuned_map, Schedule(interval=n), tuned_warmup=True)
         tuned_score = mean_psnr(held_out(follows), full)
         source_n, chosen = tuning.nearest(result.tuned, n) or (n, None)
@@ -199,7 +200,13 @@ def main(argv=None) -> None:
     lines += ["", f"verdicts: {len(right)} of {len(INTERVALS)} N have one; {sum(right)} of them right",
               f"tuned more than 0.2 dB below the best candidate at equal compute: at "
               f"{sum(b < -0.2 for b in behind)} of {len(INTERVALS)} N (worst {min(behind):+.2f} dB)"]
-    lines += ["full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
+    lines += ["", "held-out dB of every candidate at each N ('*': more full steps than the every-N "
+              "schedule)",
+              f"{'N':>2} " + " ".join(f"{f'w{c.warmup} {c.placement[:3]}':>9}" for c in candidates)]
+    for n, held in every.items():
+        more = {c: tuning.computed_steps(steps, n, c.warmup) > tuning.computed_steps(steps, n) for c in held}
+        lines.append(f"{n:>2} " + " ".join(f"{held[c]:>8.2f}{'*' if more[c] else ' '}" for c in candidates))
+    lines += ["", "full: model computations of the every-N schedule (warm-up 2); fewer steps samples that "
               "many steps.",
               "as: the tuning the run followed (nearest tuned N, warm-up, placement).",
               "tuned - best: the tuned run's held-out dB over the held-out best candidate among those at no "
