@@ -16,7 +16,7 @@ import logging
 
 import comfy.patcher_extension
 
-from . import run_constant_layers
+from . import block_only_layers, run_constant_layers
 from .block_patch import BlockPatch, Unit
 from .families import Block, architecture, patchable_blocks
 from .model_wrappers import MODEL_KEY, apply_model_wrapper, outer_sample_wrapper, whole_model_wrapper
@@ -93,6 +93,7 @@ def with_hyca(model, state: RunState, granularity: str = "block"):
     _keep_foreign(patched, patches)
     patched.model_options["transformer_options"][OPTIONS_KEY] = state
     run_constant_layers.add(patched)
+    block_only_layers.add(patched)
     for patch in patches:
         patched.set_model_patch_replace(patch, "dit", patch.block.block_type, patch.block.index)
     outer, apply_model = WRAPPERS

@@ -10,6 +10,7 @@ with the positive and negative prompt together at one step and apart at the next
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from enum import Enum
@@ -26,6 +27,8 @@ from ..hyca_core.trajectories import TrajectoryRecorder
 
 OPTIONS_KEY = "hyca"  # transformer_options entry holding the run state
 _CALL_KEY = "hyca_call"  # transformer_options entry holding the current call
+# the same call, for layers whose forward sees no transformer_options (block_only_layers.py)
+_RUNNING: contextvars.ContextVar = contextvars.ContextVar("hyca_running_call", default=None)
 
 
 class Decision(Enum):
@@ -81,6 +84,11 @@ class Call:
     @property
     def predict(self) -> bool:
         return self.decision is Decision.PREDICT
+
+    @property
+    def predicts_every_unit(self) -> bool:
+        """No block computes in this call (none falls back): what only the blocks read goes unread."""
+        return self.predict and not self.fallback
 
     def rows(self, tensor: torch.Tensor, part: Part) -> torch.Tensor:
         """``part``'s rows of a batch-first tensor of this call (a view)."""
@@ -339,14 +347,21 @@ def current_call(transformer_options: dict) -> Call | None:
     return transformer_options.get(_CALL_KEY)
 
 
+def running_call() -> Call | None:
+    """The HyCa call the model is running in, for a layer that is given no transformer_options."""
+    return _RUNNING.get()
+
+
 @contextlib.contextmanager
 def call_scope(transformer_options: dict, call: Call):
     """Make ``call`` the current call of these options while the model runs, then restore what was there."""
     previous = transformer_options.get(_CALL_KEY)
     transformer_options[_CALL_KEY] = call
+    token = _RUNNING.set(call)
     try:
         yield call
     finally:
+        _RUNNING.reset(token)
         if previous is None:
             transformer_options.pop(_CALL_KEY, None)
         else:
