@@ -162,11 +162,11 @@ def timed(bench: Bench, found, reps: int) -> tuple[list[Row], float]:
 def set_bounds(rows: list[Row], share: float, split: Split) -> None:
     """Each method's Amdahl bound: plain runs' from the share inside the blocks alone; HyCa's also counts
     the work outside the blocks that a HyCa call no longer does (full compute's outside time per call
-    less a predicted call's, `split.outside`), at every pass."""
+    less a predicted call's, `split.outside`), at every pass. Those times come from the instrumented runs
+    alone, as a share of their own full step: on a loaded machine the timed rounds run at another pace."""
     full = rows[0]
-    full_time = statistics.median(full.runs)
-    outside_per_call = split.full - share * full_time / full.passes
-    saved = max(outside_per_call - split.outside, 0.0) * full.passes / full_time
+    step = split.full + split.sampler  # full compute's time per step (one model pass per step)
+    saved = max(split.full - share * step - split.outside, 0.0) / step
     for row in rows:
         row.bound = amdahl_bound(share, row.blocks / full.blocks, row.passes / full.passes,
                                  saved if row.hyca else 0.0)
