@@ -17,7 +17,7 @@ import torch
 # nothing else (the rotary embedders hold no weights).
 RUN_CONSTANT_LAYERS = {
     "comfy.ldm.flux.": ("txt_in", "vector_in", "pe_embedder"),
-    "comfy.ldm.chroma.": ("pe_embedder",),
+    "comfy.ldm.chroma.": ("txt_in", "pe_embedder"),
     "comfy.ldm.hunyuan_video.": ("pe_embedder",),
     "comfy.ldm.modules.diffusionmodules.mmdit": ("context_embedder", "y_embedder"),
     "comfy.ldm.wan.": ("text_embedding", "rope_embedder"),
