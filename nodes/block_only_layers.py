@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import torch
 
+from .run_constant_layers import LayerForward, wrap_forward
 from .run_state import running_call
 
 BLOCK_ONLY_LAYERS = {"comfy.ldm.wan.model.WanModel": ("time_projection",)}
 
 
-class SkippedWhenPredicted:
+class SkippedWhenPredicted(LayerForward):
     """A layer's forward that returns an uninitialized output of the right shape in a model call that
     predicts every block, and computes otherwise."""
 
     def __init__(self, forward, width: int):
-        self.forward = forward
+        super().__init__(forward)
         self.width = width  # the output's last dimension
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -39,9 +40,6 @@ def add(patched) -> None:
     cls = type(diffusion_model)
     for name in BLOCK_ONLY_LAYERS.get(f"{cls.__module__}.{cls.__qualname__}", ()):
         layer = getattr(diffusion_model, name)
-        path = f"diffusion_model.{name}.forward"
-        forward = patched.get_model_object(path)
-        if isinstance(forward, SkippedWhenPredicted):
-            forward = forward.forward
         width = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
-        patched.add_object_patch(path, SkippedWhenPredicted(forward, width))
+        wrap_forward(patched, f"diffusion_model.{name}.forward",
+                     lambda forward, width=width: SkippedWhenPredicted(forward, width))

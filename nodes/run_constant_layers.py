@@ -26,11 +26,27 @@ RUN_CONSTANT_LAYERS = {
 MAX_INPUTS = 4  # per layer and run: the positive and negative prompt, and a guidance node's own
 
 
-class OncePerRun:
-    """A layer's forward that computes once per distinct input in a run."""
+class LayerForward:
+    """HyCa's object patch of one layer's ``forward``; ``forward`` is the layer's own."""
 
     def __init__(self, forward):
         self.forward = forward
+
+
+def wrap_forward(patched, path: str, wrapper) -> None:
+    """Patch the layer forward at ``path`` of the clone ``patched`` with ``wrapper(forward)`` around the
+    layer's own forward (an earlier HyCa's `LayerForward` taken off)."""
+    forward = patched.get_model_object(path)
+    if isinstance(forward, LayerForward):
+        forward = forward.forward
+    patched.add_object_patch(path, wrapper(forward))
+
+
+class OncePerRun(LayerForward):
+    """A layer's forward that computes once per distinct input in a run."""
+
+    def __init__(self, forward):
+        super().__init__(forward)
         self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +73,7 @@ def add(patched) -> None:
     """Put a fresh `OncePerRun` on each run-constant layer of the clone ``patched`` (replacing an earlier
     HyCa's)."""
     for path in _paths(patched.model.diffusion_model):
-        forward = patched.get_model_object(path)
-        if isinstance(forward, OncePerRun):
-            forward = forward.forward
-        patched.add_object_patch(path, OncePerRun(forward))
+        wrap_forward(patched, path, OncePerRun)
 
 
 def forget(patched) -> None:
